@@ -1,0 +1,199 @@
+"""The seed's augmentation: pad 4 + random crop 32, horizontal flip, one 8x8 cutout filled with the mean,
+then per-channel normalisation with the training set's own mean and std.
+
+Two implementations of the same distribution:
+
+* ``seed_pipeline`` / ``AlbumentationsDataset``: albumentations per sample behind a DataLoader, as the seed
+  projects wrote it. Kept for comparison (``augment="dataloader"``) and for the benchmark's baseline.
+* ``BatchAugmenter``: the default. The padded training set lives on the training device as one uint8 tensor
+  and whole batches are cropped, flipped and cut out with tensor ops (the airbench approach): no per-sample
+  Python, no host round-trips on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would otherwise ask the network
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel mean and std of the training images, on the 0..1 scale."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @classmethod
+    def from_images(cls, images: np.ndarray) -> Normalization:
+        """Computed from uint8 ``(N, H, W, 3)`` images in float64 chunks: exact and memory-bounded."""
+        if len(images) == 0:
+            raise ValueError("cannot compute normalisation statistics of an empty training set")
+        total = np.zeros(3)
+        total_sq = np.zeros(3)
+        for start in range(0, len(images), 4096):
+            chunk = images[start : start + 4096].reshape(-1, 3).astype(np.float64) / 255.0
+            total += chunk.sum(0)
+            total_sq += (chunk**2).sum(0)
+        count = images.shape[0] * images.shape[1] * images.shape[2]
+        mean = total / count
+        std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+        return cls(tuple(float(m) for m in mean), tuple(float(s) for s in std))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    pad: int = 4  # pixels of reflect padding before the random 32x32 crop
+    flip: bool = True  # random horizontal flip, p=0.5
+    cutout: int = 8  # side of the square cutout hole in pixels; 0 turns it off
+    cutout_p: float = 0.5  # probability of a hole per image (albumentations' CoarseDropout default)
+
+
+def seed_pipeline(norm: Normalization, cfg: AugmentConfig = AugmentConfig(), size: int = 32):  # noqa: B008
+    """The seed projects' albumentations Compose: returns a CHW float tensor from an HWC uint8 image."""
+    import albumentations as A
+    import cv2
+    from albumentations.pytorch import ToTensorV2
+
+    fill = tuple(m * 255.0 for m in norm.mean)
+    steps = []
+    if cfg.pad:
+        steps += [
+            A.PadIfNeeded(size + 2 * cfg.pad, size + 2 * cfg.pad, border_mode=cv2.BORDER_REFLECT_101),
+            A.RandomCrop(size, size),
+        ]
+    if cfg.flip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    if cfg.cutout:
+        steps.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 1),
+                hole_height_range=(cfg.cutout, cfg.cutout),
+                hole_width_range=(cfg.cutout, cfg.cutout),
+                fill=fill,
+                p=cfg.cutout_p,
+            )
+        )
+    steps += [A.Normalize(mean=norm.mean, std=norm.std, max_pixel_value=255.0), ToTensorV2()]
+    return A.Compose(steps)
+
+
+def eval_pipeline(norm: Normalization):
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+
+    return A.Compose([A.Normalize(mean=norm.mean, std=norm.std, max_pixel_value=255.0), ToTensorV2()])
+
+
+class AlbumentationsDataset(torch.utils.data.Dataset):
+    """Per-sample albumentations over uint8 HWC arrays, the seed projects' DataLoader path."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(image=self.images[i])["image"], int(self.labels[i])
+
+
+class BatchAugmenter:
+    """Batched augmentation of an in-memory uint8 dataset on ``device``.
+
+    The dataset is reflect-padded once (numpy's ``reflect`` is OpenCV's REFLECT_101, as in the seed pipeline)
+    and kept as ``(N, 3, H+2p, W+2p)`` uint8. Each batch is gathered with random offsets, flipped with a
+    per-image mask, normalised, and cut out by zeroing after normalisation: zero is exactly the training
+    mean, which is what the seed's CoarseDropout fills with.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        norm: Normalization,
+        device: torch.device,
+        cfg: AugmentConfig = AugmentConfig(),  # noqa: B008
+        channels_last: bool = False,
+    ) -> None:
+        self.cfg, self.device, self.channels_last = cfg, device, channels_last
+        p = cfg.pad
+        padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect") if p else images
+        self.images = torch.from_numpy(np.ascontiguousarray(padded.transpose(0, 3, 1, 2))).to(device)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        self.size = images.shape[1]
+        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(norm.std, device=device).view(1, 3, 1, 1) * 255.0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def num_batches(self, batch_size: int) -> int:
+        # Drop the ragged last batch (BatchNorm dislikes tiny batches), unless it is the only one.
+        return max(1, len(self) // batch_size)
+
+    def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``num_batches(batch_size)`` augmented batches of one shuffled epoch."""
+        n = len(self)
+        # Random numbers come from a CPU generator so that runs are reproducible on every device.
+        perm = torch.randperm(n, generator=generator).to(self.device, non_blocking=True)
+        for b in range(self.num_batches(batch_size)):
+            idx = perm[b * batch_size : (b + 1) * batch_size] if n >= batch_size else perm
+            yield self.augment(idx, generator), self.labels[idx]
+
+    def augment(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cfg, s, dev = self.cfg, self.size, self.device
+        batch = self.images[idx]  # (B, 3, S+2p, S+2p) uint8
+        bsz, side = batch.shape[0], batch.shape[-1]
+        if cfg.pad:
+            dy = torch.randint(0, 2 * cfg.pad + 1, (bsz,), generator=generator).to(dev, non_blocking=True)
+            dx = torch.randint(0, 2 * cfg.pad + 1, (bsz,), generator=generator).to(dev, non_blocking=True)
+            ar = torch.arange(s, device=dev)
+            flat = ((dy[:, None, None] + ar[None, :, None]) * side + (dx[:, None, None] + ar[None, None, :])).view(
+                bsz, 1, s * s
+            )
+            batch = torch.gather(batch.view(bsz, 3, side * side), 2, flat.expand(bsz, 3, s * s)).view(bsz, 3, s, s)
+        if cfg.flip:
+            flip = (torch.rand(bsz, generator=generator) < 0.5).to(dev, non_blocking=True)
+            batch = torch.where(flip.view(bsz, 1, 1, 1), batch.flip(3), batch)
+        x = (batch.float() - self.mean) * self.inv_std
+        if cfg.cutout:
+            c = cfg.cutout
+            cy = torch.randint(0, s - c + 1, (bsz,), generator=generator).to(dev, non_blocking=True)
+            cx = torch.randint(0, s - c + 1, (bsz,), generator=generator).to(dev, non_blocking=True)
+            on = (torch.rand(bsz, generator=generator) < cfg.cutout_p).to(dev, non_blocking=True)
+            ar = torch.arange(s, device=dev)
+            rows = (ar[None, :] >= cy[:, None]) & (ar[None, :] < cy[:, None] + c)
+            cols = (ar[None, :] >= cx[:, None]) & (ar[None, :] < cx[:, None] + c)
+            hole = rows[:, :, None] & cols[:, None, :] & on[:, None, None]
+            x = x.masked_fill(hole[:, None], 0.0)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+class EvalBatches:
+    """Normalised, un-augmented batches of a fixed image set, on ``device``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, norm: Normalization, device: torch.device,
+                 channels_last: bool = False) -> None:
+        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(norm.std, device=device).view(1, 3, 1, 1) * 255.0)
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self), batch_size):
+            x = (self.images[start : start + batch_size].float() - self.mean) * self.inv_std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[start : start + batch_size]

@@ -1,0 +1,1 @@
+"""Records on disk, pandas frames, seaborn figures and HTML pages."""

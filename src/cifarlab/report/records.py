@@ -1,0 +1,71 @@
+"""Run and LR-finder records: JSON documents written atomically under the output tree."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from cifarlab.data import atomic_write_text
+
+
+def timestamp() -> str:
+    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def new_record_dir(out: Path, kind: str, name: str) -> Path:
+    """A fresh folder ``out/kind/<time>-<name>[-N]`` for one run's files."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60] or "run"
+    base = Path(out) / kind / f"{timestamp()}-{safe}"
+    path, n = base, 1
+    while True:
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+
+
+def _clean(value: object) -> object:
+    """JSON has no NaN or Infinity: store them as null so every JSON reader accepts the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, doc: dict) -> None:
+    atomic_write_text(Path(path), json.dumps(_clean(doc), indent=2, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_text(Path(path), frame.to_csv(index=False))
+
+
+def read_json(path: Path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def check_writable(out: Path) -> Path:
+    """Create ``out`` if needed and prove it writable, before any long work starts."""
+    from cifarlab.errors import ConfigError
+
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output folder {out} cannot be written ({exc.strerror or exc}); pass a writable --out") from None
+    return out

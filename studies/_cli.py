@@ -1,0 +1,156 @@
+"""What every cifarlab CLI shares: flags built from config dataclasses, data flags, and user-error handling.
+
+A user's mistake ends in one or two lines on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from cifarlab.errors import CifarlabError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (plus a hint) instead of the full usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(run with --help for the valid flags)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def count_or_fraction(text: str) -> int | float:
+    """``5000`` (a count) or ``0.1`` (a fraction of the available images)."""
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"a fraction must lie in (0, 1], got {text}")
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a count must be at least 1, got {value}")
+    return value
+
+
+_TYPES: dict[str, Callable[[str], object]] = {
+    "epochs": positive_int, "batch_size": positive_int, "eval_batch_size": positive_int, "log_every": positive_int,
+    "max_lr": positive_float, "loader_workers": non_negative_int, "cutout": non_negative_int,
+}
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: Iterable[str] = (),
+                            defaults: dict[str, object] | None = None) -> None:
+    """One ``--flag`` per dataclass field, with the field's default and help text."""
+    defaults = defaults or {}
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        help_text = f.metadata.get("help", "") + " (default: %(default)s)"
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=f.metadata.get("help", ""))
+        else:
+            kind = _TYPES.get(f.name) or (finite_float if isinstance(f.default, float) else type(f.default))
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace, **extra: object):
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    values.update(extra)
+    return cls(**values)
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", default=None,
+                       help="ImageFolder tree with train/ and test/, 'torchvision[:ROOT]', or 'synthetic[:N]' "
+                            "(default: $CIFARLAB_DATA, else torchvision's CIFAR10 in the cache folder)")
+    group.add_argument("--val-size", type=count_or_fraction, default=5000,
+                       help="validation hold-out of the training set: a count or a fraction (default: 5000)")
+    group.add_argument("--train-subset", type=count_or_fraction, default=None,
+                       help="train on a seeded, stratified subset: a count or a fraction (default: all)")
+    group.add_argument("--cache-dir", default=None,
+                       help="where decoded arrays are cached (default: $CIFARLAB_CACHE or ~/.cache/cifarlab)")
+
+
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("CIFARLAB_REPORTS", "reports")),
+                        help="root of the output tree (default: reports/)")
+
+
+def load_data(args: argparse.Namespace, seed: int = 0):
+    from cifarlab.data import load_splits
+
+    splits = load_splits(args.data, val_size=args.val_size, seed=seed, cache_dir=args.cache_dir)
+    return splits.with_train_subset(args.train_subset, seed=seed)
+
+
+def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """Parse ``argv`` and call ``body``; a user's error becomes a short message and exit status 2, Ctrl-C 130.
+
+    Returns the exit status instead of raising SystemExit, so tests can call ``main([...])``.
+    """
+    prog = parser.prog
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, message already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        return body(args)
+    except CifarlabError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
