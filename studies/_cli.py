@@ -68,6 +68,8 @@ def count_or_fraction(text: str) -> int | float:
     try:
         value: int | float = int(text)
     except ValueError:
+        value = None
+    if value is None:
         try:
             value = float(text)
         except ValueError:

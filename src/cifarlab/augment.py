@@ -54,7 +54,7 @@ class AugmentConfig:
     cutout_p: float = 0.5  # probability of a hole per image (albumentations' CoarseDropout default)
 
 
-def seed_pipeline(norm: Normalization, cfg: AugmentConfig = AugmentConfig(), size: int = 32):  # noqa: B008
+def seed_pipeline(norm: Normalization, cfg: AugmentConfig = AugmentConfig(), size: int = 32):
     """The seed projects' albumentations Compose: returns a CHW float tensor from an HWC uint8 image."""
     import albumentations as A
     import cv2
@@ -118,7 +118,7 @@ class BatchAugmenter:
         labels: np.ndarray,
         norm: Normalization,
         device: torch.device,
-        cfg: AugmentConfig = AugmentConfig(),  # noqa: B008
+        cfg: AugmentConfig = AugmentConfig(),
         channels_last: bool = False,
     ) -> None:
         self.cfg, self.device, self.channels_last = cfg, device, channels_last

@@ -306,7 +306,9 @@ def _decode(path: Path) -> tuple[np.ndarray, bool]:
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8), resized
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path}: {exc.__class__.__name__}; expected a decodable image file") from None
+        raise DataError(
+            f"cannot read image {path}: {exc.__class__.__name__}; expected a decodable image file"
+        ) from None
 
 
 def _decode_all(split_dir: Path, files: Sequence[tuple[str, int, int, int]]) -> tuple[np.ndarray, np.ndarray, int]:

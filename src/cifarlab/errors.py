@@ -13,7 +13,7 @@ class ConfigError(CifarlabError):
     """A configuration value is out of range or inconsistent with the data."""
 
 
-class TrainingDiverged(CifarlabError):  # noqa: N818 - reads as what happened
+class TrainingDiverged(CifarlabError):
     """The training loss became NaN or infinite."""
 
     def __init__(self, message: str, epoch: int, step: int) -> None:

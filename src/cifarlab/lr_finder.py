@@ -90,7 +90,7 @@ def lr_range_test(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = float(loss)
+            value = float(loss.detach())
             lrs.append(lr)
             losses.append(value)
             if not math.isfinite(value):

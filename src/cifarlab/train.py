@@ -354,7 +354,8 @@ def fit(
             result.stopped_early = True
             break
 
-    kw = dict(device=device, precision=precision, channels_last=channels_last, batch_size=config.eval_batch_size)
+    kw = {"device": device, "precision": precision, "channels_last": channels_last,
+          "batch_size": config.eval_batch_size}
     if test:
         result.test = evaluate(model, splits.test_images, splits.test_labels, norm, **kw)
     if test_tta:

@@ -67,5 +67,6 @@ def check_writable(out: Path) -> Path:
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"output folder {out} cannot be written ({exc.strerror or exc}); pass a writable --out") from None
+        reason = exc.strerror or exc
+        raise ConfigError(f"output folder {out} cannot be written ({reason}); pass a writable --out") from None
     return out

@@ -1,0 +1,26 @@
+"""nox sessions: ``nox -s tests``, ``nox -s lint``; each installs the package into its own virtualenv
+and runs against the installed copy (the Scientific Python development guide's layout)."""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.default_venv_backend = "venv"
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The test suite; real-data tests run when CIFARLAB_DATA names a CIFAR-10 copy."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", *session.posargs, env={"CIFARLAB_DATA": os.environ.get("CIFARLAB_DATA", "")})
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", "--diff", "noxfile.py")

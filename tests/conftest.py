@@ -1,0 +1,61 @@
+"""Shared fixtures. Tests that need the real CIFAR-10 read it from $CIFARLAB_DATA: skipped when the variable is
+unset, failed when it is set and the data is missing (CI sets it)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Decoded-array cache in a per-session temp folder: tests never touch the user's cache."""
+    old = os.environ.get("CIFARLAB_CACHE")
+    os.environ["CIFARLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("CIFARLAB_CACHE", None)
+    else:
+        os.environ["CIFARLAB_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def real_data_path() -> Path:
+    value = os.environ.get("CIFARLAB_DATA")
+    if not value:
+        pytest.skip("CIFARLAB_DATA is not set; set it to a CIFAR-10 ImageFolder copy to run real-data tests")
+    path = Path(value)
+    if not (path / "train").is_dir() or not (path / "test").is_dir():
+        pytest.fail(f"CIFARLAB_DATA={value} is set but holds no train/ and test/ folders")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_splits(real_data_path):
+    from cifarlab.data import load_splits
+
+    return load_splits(real_data_path, val_size=5000, seed=0)
+
+
+def write_image_folder(root: Path, classes_train, classes_test=None, per_class: int = 6, size: int = 32,
+                       ext: str = ".png", seed: int = 0) -> Path:
+    """A small ImageFolder tree with train/ and test/ of random images; returns ``root``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, classes in (("train", classes_train), ("test", classes_test or classes_train)):
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(folder / f"{i:04d}{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "tiny", ["cat", "dog", "frog"])

@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.augment import AugmentConfig, BatchAugmenter, Normalization, seed_pipeline
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def images():
+    return np.random.default_rng(0).integers(0, 256, size=(64, 32, 32, 3), dtype=np.uint8)
+
+
+def test_normalization_is_computed_from_the_images(images):
+    norm = Normalization.from_images(images)
+    flat = images.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(norm.mean, flat.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(norm.std, flat.std(0), rtol=1e-6)
+
+
+def test_batched_output_shape_dtype_and_range(images):
+    norm = Normalization.from_images(images)
+    aug = BatchAugmenter(images, np.arange(64) % 10, norm, CPU)
+    gen = torch.Generator().manual_seed(0)
+    batches = list(aug.epoch(16, gen))
+    assert len(batches) == 4
+    x, y = batches[0]
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (16,)
+    lo = (0 - np.array(norm.mean)) / np.array(norm.std)
+    hi = (1 - np.array(norm.mean)) / np.array(norm.std)
+    for c in range(3):
+        assert x[:, c].min() >= lo[c] - 1e-5 and x[:, c].max() <= hi[c] + 1e-5
+    seen = torch.cat([b[1] for b in batches]).sort().values
+    assert torch.equal(seen, torch.from_numpy(np.sort(np.arange(64) % 10)))  # each image once per epoch
+
+
+def _denorm(x, norm):
+    mean = torch.tensor(norm.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(norm.std).view(1, 3, 1, 1) * 255
+    return (x * std + mean).round().to(torch.uint8)
+
+
+def test_every_batched_crop_is_a_window_of_the_reflect_padded_image(images):
+    norm = Normalization.from_images(images)
+    aug = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(cutout=0, flip=False))
+    out = _denorm(aug.augment(torch.arange(8), torch.Generator().manual_seed(1)), norm)
+    padded = np.pad(images[:8], ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect").transpose(0, 3, 1, 2)
+    offsets = set()
+    for i in range(8):
+        hits = [(dy, dx) for dy in range(9) for dx in range(9)
+                if np.array_equal(padded[i, :, dy:dy + 32, dx:dx + 32], out[i].numpy())]
+        assert hits, f"image {i} is no 32x32 window of its padded source"
+        offsets.add(hits[0])
+    assert len(offsets) > 1  # the offsets are random, not fixed
+
+
+def test_flip_gives_the_image_or_its_mirror_and_both_occur(images):
+    norm = Normalization.from_images(images)
+    aug = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(pad=0, cutout=0))
+    out = _denorm(aug.augment(torch.arange(64), torch.Generator().manual_seed(2)), norm).numpy()
+    src = images.transpose(0, 3, 1, 2)
+    same = [np.array_equal(out[i], src[i]) for i in range(64)]
+    mirrored = [np.array_equal(out[i], src[i][:, :, ::-1]) for i in range(64)]
+    assert all(s or m for s, m in zip(same, mirrored))
+    assert 10 < sum(mirrored) < 54
+
+
+def test_cutout_is_one_square_hole_at_the_mean(images):
+    norm = Normalization.from_images(images)
+    aug = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(pad=0, flip=False, cutout=8, cutout_p=1.0))
+    x = aug.augment(torch.arange(32), torch.Generator().manual_seed(3))
+    holes = (x == 0).all(1)  # zero in every channel == the training mean
+    for i in range(32):
+        rows, cols = torch.nonzero(holes[i], as_tuple=True)
+        assert len(rows) == 64
+        assert rows.max() - rows.min() == 7 and cols.max() - cols.min() == 7
+
+
+def test_seed_albumentations_pipeline_shapes_and_hole(images):
+    norm = Normalization.from_images(images)
+    pipe = seed_pipeline(norm, AugmentConfig(cutout_p=1.0))
+    out = pipe(image=images[0])["image"]
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.abs().max() < 5  # normalised, not 0..255
+    near_mean = (out.abs() < 0.02).all(0).sum().item()  # the hole is filled with the mean: ~0 after normalising
+    assert near_mean >= 64
+
+
+def test_channels_last_output(images):
+    norm = Normalization.from_images(images)
+    aug = BatchAugmenter(images, np.zeros(64), norm, CPU, channels_last=True)
+    x = aug.augment(torch.arange(4), torch.Generator().manual_seed(0))
+    assert x.is_contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,126 @@
+"""The CLIs as a user meets them: exit status, one- or two-line messages, files written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from studies import lrfind as lrfind_cli
+from studies import train as train_cli
+
+SYNTH = ["--data", "synthetic:200:40", "--val-size", "40"]
+FAST = ["--batch-size", "32", "--eval-batch-size", "64", "--precision", "fp32", "--quiet"]
+
+
+def run_main(main, argv, capsys):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--arch", "vgg"], "invalid choice|unknown architecture 'vgg'; valid: custom_resnet, resnet18"),
+        (["--optimizer", "lion"], "unknown optimizer 'lion'"),
+        (["--epochs", "0"], "--epochs: must be at least 1"),
+        (["--epochs", "ten"], "--epochs: expected a whole number"),
+        (["--batch-size", "-4"], "--batch-size: must be at least 1"),
+        (["--max-lr", "0"], "--max-lr: must be greater than 0"),
+        (["--max-lr", "-0.1"], "--max-lr: must be greater than 0"),
+        (["--max-lr", "nan"], "--max-lr: expected a finite number"),
+        (["--train-subset", "0"], "--train-subset: a count must be at least 1"),
+        (["--train-subset", "1.5"], "--train-subset: a fraction must lie in"),
+        (["--data", "/no/such/folder"], "/no/such/folder does not exist"),
+        (["--batch-size", "4096"], "--batch-size 4096 is larger than the training set (160 images)"),
+        (["--precision", "fp8"], "unknown precision 'fp8'"),
+    ],
+)
+def test_train_cli_bad_input(argv, message, capsys):
+    base = SYNTH if "--data" not in argv else []
+    code, _, err = run_main(train_cli.main, [*base, *argv, "--out", "/tmp/cifarlab-never-written"], capsys)
+    assert code == 2
+    assert any(m in err for m in message.split("|")), err
+    assert len(err.strip().splitlines()) <= 2, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda_is_a_user_error(capsys):
+    code, _, err = run_main(train_cli.main, [*SYNTH, "--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA device" in err
+
+
+def test_data_path_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "data.txt"
+    f.write_text("hello")
+    code, _, err = run_main(train_cli.main, ["--data", str(f)], capsys)
+    assert code == 2 and f"{f} is a file" in err
+
+
+def test_unwritable_output_folder(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    code, _, err = run_main(train_cli.main, [*SYNTH, "--out", str(blocker / "sub")], capsys)
+    assert code == 2 and "cannot be written" in err
+
+
+def test_train_cli_writes_a_run_record(tmp_path, capsys):
+    code, out, _ = run_main(train_cli.main, [*SYNTH, *FAST, "--epochs", "2", "--out", str(tmp_path)], capsys)
+    assert code == 0
+    assert "test accuracy:" in out and "augmentation and batching:" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    doc = json.loads((run_dir / "run.json").read_text())
+    assert doc["status"] == "completed" and doc["config"]["epochs"] == 2
+    assert [e["epoch"] for e in doc["epochs"]] == [1, 2]
+    assert doc["data"]["train"] == 160 and doc["data"]["classes"][0] == "class0"
+    assert {"torch", "cpu_model", "torch_threads", "device_name"} <= set(doc["environment"])
+    test = doc["test"]
+    assert 0 <= test["plain"]["accuracy"] <= 1 and 0 <= test["flip_tta"]["accuracy"] <= 1
+    assert sum(map(sum, test["plain"]["confusion"])) == 40
+    assert (run_dir / "epochs.csv").read_text().startswith("epoch,train_loss")
+
+
+def test_train_cli_prints_the_layer_table(tmp_path, capsys):
+    argv = [*SYNTH, "--batch-size", "32", "--precision", "fp32", "--epochs", "1", "--no-test", "--out", str(tmp_path)]
+    code, out, _ = run_main(train_cli.main, argv, capsys)
+    assert code == 0 and "Total params: 6,573,120" in out
+
+
+def test_lrfind_cli_writes_csv_plot_and_suggestions(tmp_path, capsys):
+    argv = [*SYNTH, "--batch-size", "32", "--steps", "12", "--precision", "fp32", "--out", str(tmp_path)]
+    code, out, _ = run_main(lrfind_cli.main, argv, capsys)
+    assert code == 0 and "steepest" in out and "min_div_10" in out
+    (run_dir,) = (tmp_path / "lrfind").iterdir()
+    csv = (run_dir / "lrfind.csv").read_text().splitlines()
+    assert csv[0] == "step,lr,loss,smoothed_loss" and len(csv) >= 4
+    assert (run_dir / "lrfind.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((run_dir / "lrfind.json").read_text())
+    assert set(doc["suggestions"]) == {"steepest", "min_div_10"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--start-lr", "1", "--end-lr", "0.1"], "must be below --end-lr"),
+     (["--steps", "2"], "at least 3"), (["--optimizer", "rmsprop"], "invalid choice"),
+     (["--start-lr", "-1"], "must be greater than 0")],
+)
+def test_lrfind_cli_bad_input(argv, message, capsys):
+    code, _, err = run_main(lrfind_cli.main, [*SYNTH, *argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_modules_run_from_the_repository_root():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for module in ("studies.train", "studies.lrfind"):
+        proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=root, capture_output=True, text=True,
+                              env=env, timeout=120)
+        assert proc.returncode == 0 and "--data" in proc.stdout, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "studies.train", "--epochs", "x"], cwd=root, capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "expected a whole number" in proc.stderr

@@ -1,0 +1,177 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import write_image_folder
+
+from cifarlab.data import load_raw, load_splits, resolve_count, stratified_split
+from cifarlab.errors import ConfigError, DataError
+
+CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@pytest.mark.realdata
+def test_real_copy_counts_per_split_and_class(real_splits):
+    s = real_splits
+    assert s.classes == CIFAR_CLASSES
+    assert s.train_images.shape == (45_000, 32, 32, 3) and s.train_images.dtype == np.uint8
+    assert s.val_images.shape == (5_000, 32, 32, 3)
+    assert s.test_images.shape == (10_000, 32, 32, 3)
+    assert np.bincount(s.train_labels).tolist() == [4_500] * 10
+    assert np.bincount(s.val_labels).tolist() == [500] * 10
+    assert np.bincount(s.test_labels).tolist() == [1_000] * 10
+    assert s.resized == 0
+
+
+@pytest.mark.realdata
+def test_real_validation_split_is_disjoint_and_seeded(real_splits, real_data_path):
+    s = real_splits
+    assert len(np.intersect1d(s.train_indices, s.val_indices)) == 0
+    assert len(np.union1d(s.train_indices, s.val_indices)) == 50_000
+    again = load_splits(real_data_path, val_size=5000, seed=0)
+    assert again.from_cache
+    np.testing.assert_array_equal(again.val_indices, s.val_indices)
+    other = load_splits(real_data_path, val_size=5000, seed=1)
+    assert not np.array_equal(other.val_indices, s.val_indices)
+
+
+def test_image_folder_loads_classes_from_the_tree(image_folder):
+    s = load_splits(image_folder, val_size=3, seed=0)
+    assert s.classes == ("cat", "dog", "frog")
+    assert s.num_classes == 3
+    assert len(s.train_labels) == 15 and len(s.val_labels) == 3 and len(s.test_labels) == 18
+    assert np.bincount(s.val_labels).tolist() == [1, 1, 1]
+    assert s.train_images.dtype == np.uint8 and s.train_images.shape[1:] == (32, 32, 3)
+
+
+def test_decoded_pixels_match_the_files(image_folder):
+    from PIL import Image
+
+    raw = load_raw(image_folder)
+    first = np.asarray(Image.open(image_folder / "train" / "cat" / "0000.png"))
+    np.testing.assert_array_equal(raw.train_images[0], first)
+
+
+def test_second_load_comes_from_cache_and_a_changed_file_is_noticed(image_folder):
+    first = load_raw(image_folder)
+    second = load_raw(image_folder)
+    assert not first.from_cache and second.from_cache
+    np.testing.assert_array_equal(first.train_images, second.train_images)
+    from PIL import Image
+
+    target = image_folder / "train" / "dog" / "0001.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(target)
+    os.utime(target, ns=(1, 1))  # a different mtime even on coarse clocks
+    third = load_raw(image_folder)
+    assert not third.from_cache
+    assert third.train_images[7].max() == 0  # dog/0001 is the 8th training image in sorted order
+
+
+def test_images_that_are_not_32x32_are_resized_and_counted(tmp_path):
+    root = write_image_folder(tmp_path / "big", ["a", "b"], per_class=3, size=48, ext=".jpg")
+    s = load_splits(root, val_size=2)
+    assert s.train_images.shape[1:] == (32, 32, 3)
+    assert s.resized == 12
+    assert s.describe()["resized_images"] == 12
+
+
+def _file(p):
+    (p / "afile").write_text("x")
+    return p / "afile"
+
+
+def _dirs(p, *names):
+    for name in names:
+        (p / name).mkdir(parents=True)
+    return p / names[0].split("/")[0]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p / "nowhere", "does not exist"),
+        (_file, "is a file"),
+        (lambda p: _dirs(p, "t/train", "t/test"), "has no class folders"),
+        (lambda p: write_image_folder(p / "m", ["cat", "dog"], ["cat", "emu"]), "classes differ"),
+        (lambda p: _dirs(p, "e/train/a", "e/test/a"), "holds no images"),
+        (lambda p: (write_image_folder(p / "o", ["a"]) and shutil.rmtree(p / "o" / "test")) or p / "o",
+         "test is missing"),
+    ],
+    ids=["missing", "file", "no-classes", "mismatched-classes", "empty-split", "missing-test"],
+)
+def test_bad_image_folders_are_named_in_the_error(tmp_path, make, message):
+    path = make(tmp_path)
+    with pytest.raises(DataError, match=message) as info:
+        load_raw(path)
+    assert str(path.name) in str(info.value)
+
+
+def test_an_unreadable_image_is_named(image_folder):
+    bad = image_folder / "test" / "dog" / "0003.png"
+    bad.write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match=r"cannot read image .*dog/0003\.png"):
+        load_raw(image_folder)
+
+
+def test_torchvision_without_network_or_local_copy_is_a_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def offline(*args, download=False, **kwargs):
+        if download:
+            raise OSError("network is unreachable")
+        raise RuntimeError("Dataset not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError, match=r"could not download CIFAR-10 to .*empty.* no local copy"):
+        load_raw(f"torchvision:{tmp_path / 'empty'}")
+    with pytest.raises(DataError, match="no CIFAR-10 copy in"):
+        load_raw(f"torchvision:{tmp_path / 'empty'}", download=False)
+
+
+def test_data_flag_falls_back_to_environment(monkeypatch, image_folder):
+    monkeypatch.setenv("CIFARLAB_DATA", str(image_folder))
+    assert load_raw(None).classes == ("cat", "dog", "frog")
+
+
+def test_synthetic_set_is_explicit_and_sized():
+    raw = load_raw("synthetic:200:50")
+    assert raw.train_images.shape == (200, 32, 32, 3) and raw.test_images.shape == (50, 32, 32, 3)
+    assert np.bincount(raw.train_labels).tolist() == [20] * 10
+
+
+def test_stratified_split_is_exact_stratified_and_seeded():
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    take, rest = stratified_split(labels, 40, seed=3)
+    assert len(take) == 40 and len(rest) == 160 and not set(take) & set(rest)
+    assert np.bincount(labels[take]).tolist() == [20, 10, 6, 4]
+    np.testing.assert_array_equal(take, stratified_split(labels, 40, seed=3)[0])
+    assert not np.array_equal(take, stratified_split(labels, 40, seed=4)[0])
+
+
+def test_train_subset_counts_and_fractions():
+    s = load_splits("synthetic:1000:100", val_size=100)
+    assert len(s.with_train_subset(300).train_labels) == 300
+    assert len(s.with_train_subset(0.5).train_labels) == 450
+    sub = s.with_train_subset(300)
+    assert np.isin(sub.train_indices, s.train_indices).all()
+    with pytest.raises(ConfigError, match="asks for 5000 images but only 900"):
+        s.with_train_subset(5000)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True])
+def test_bad_counts_are_refused(bad):
+    with pytest.raises(ConfigError):
+        resolve_count(bad, 100, what="--train-subset")
+
+
+def test_validation_larger_than_training_set_is_refused(image_folder):
+    with pytest.raises(ConfigError, match="validation size 18 leaves no training images"):
+        load_splits(image_folder, val_size=18)
+
+
+def test_cache_survives_a_removed_source_only_until_listing(image_folder):
+    load_raw(image_folder)
+    shutil.rmtree(image_folder / "test")
+    with pytest.raises(DataError, match="test is missing"):
+        load_raw(image_folder)

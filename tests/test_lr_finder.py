@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.lr_finder import lr_range_test, suggest
+from cifarlab.models import create_model
+
+
+def _batches(n=32):
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        yield torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def test_state_is_restored_after_the_sweep():
+    torch.manual_seed(0)
+    model = create_model("custom_resnet")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.123, momentum=0.9)
+    # one real step so the optimizer has momentum buffers to restore
+    x, y = next(_batches())
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_before = {k: v["momentum_buffer"].clone() for k, v in optimizer.state_dict()["state"].items()}
+    result = lr_range_test(model, optimizer, _batches(), torch.nn.CrossEntropyLoss(), num_steps=8,
+                           start_lr=1e-4, end_lr=1.0)
+    assert len(result.lrs) >= 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    state = optimizer.state_dict()
+    assert state["param_groups"][0]["lr"] == 0.123
+    for k, v in state["state"].items():
+        assert torch.equal(v["momentum_buffer"], opt_before[k])
+
+
+def test_sweep_is_exponential_and_stops_on_divergence():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_range_test(model, optimizer, _batches(), torch.nn.CrossEntropyLoss(), num_steps=60,
+                           start_lr=1e-5, end_lr=1e4)
+    ratios = np.diff(np.log(result.lrs))
+    np.testing.assert_allclose(ratios, ratios[0])
+    assert result.diverged and len(result.lrs) < 60
+
+
+def test_suggestions_on_a_known_curve():
+    lrs = np.logspace(-5, 0, 50)
+    loss = 2.5 - 1.5 / (1 + np.exp(-(np.log10(lrs) + 3) * 3))  # falls fastest at 1e-3
+    loss[40:] += np.linspace(0, 5, 10)  # then blows up
+    s = suggest(lrs, loss)
+    assert s["steepest"] == pytest.approx(1e-3, rel=0.3)
+    assert s["min_div_10"] == pytest.approx(lrs[np.argmin(loss)] / 10)

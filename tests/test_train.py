@@ -1,0 +1,120 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cifarlab.data import load_splits
+from cifarlab.errors import ConfigError, TrainingDiverged
+from cifarlab.train import TrainConfig, evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_splits("synthetic:256:64", val_size=64, seed=0)
+
+
+def quick(**kw):
+    base = {"epochs": 2, "batch_size": 64, "max_lr": 0.05, "eval_batch_size": 64, "precision": "fp32", "log_every": 1}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_short_training_on_real_subset_learns(real_data_path):
+    splits = load_splits(real_data_path, val_size=1000, seed=0).with_train_subset(2560, seed=0)
+    result = fit(TrainConfig(epochs=3, batch_size=128, max_lr=0.1, label_smoothing=0.0), splits, test=True)
+    losses = [r.train_loss for r in result.records]
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert result.records[-1].val_accuracy > 0.25  # chance is 0.10
+    assert result.test is not None and result.test.accuracy > 0.25
+    assert all(r.images_per_second > 0 and r.epoch_seconds > 0 for r in result.records)
+
+
+def _metrics(result):
+    return [(r.train_loss, r.train_accuracy, r.val_loss, r.val_accuracy, r.lr) for r in result.records]
+
+
+def test_same_seed_same_metrics_on_cpu(tiny):
+    a = fit(quick(seed=7), tiny)
+    b = fit(quick(seed=7), tiny)
+    assert _metrics(a) == _metrics(b)
+    c = fit(quick(seed=8), tiny)
+    assert _metrics(c) != _metrics(a)
+
+
+def test_record_fields_and_one_cycle_shape(tiny):
+    steps = []
+    result = fit(quick(epochs=3), tiny, on_step=lambda e, s, n, loss, acc: steps.append((e, s, n)))
+    assert [r.epoch for r in result.records] == [1, 2, 3]
+    assert steps[-1] == (3, 3, 3)  # 256 - 64 validation = 192 images / batch 64
+    lrs = [r.lr for r in result.records]
+    assert lrs[0] > lrs[-1] and lrs[-1] == pytest.approx(0.05 / 25 / 1e4)  # annealed to its final value
+    rec = result.records[0]
+    assert rec.epoch_seconds == pytest.approx(rec.train_seconds + rec.eval_seconds)
+    assert 0 <= rec.data_seconds <= rec.train_seconds
+    assert rec.images_per_second == pytest.approx(192 / rec.train_seconds)
+
+
+def test_callback_can_stop_the_run(tiny):
+    result = fit(quick(epochs=5), tiny, on_epoch=lambda rec: rec.epoch >= 2)
+    assert len(result.records) == 2 and result.stopped_early
+
+
+def test_test_set_only_when_asked(tiny):
+    assert fit(quick(epochs=1), tiny).test is None
+    result = fit(quick(epochs=1), tiny, test=True, test_tta=True)
+    assert 0 <= result.test.accuracy <= 1 and result.test_tta.tta
+    assert len(result.test.predictions) == 64
+
+
+def test_evaluate_tta_averages_mirrored_logits(tiny):
+    result = fit(quick(epochs=1), tiny)
+    model, norm = result.model, result.normalization
+    plain = evaluate(model, tiny.test_images, tiny.test_labels, norm, device=torch.device("cpu"))
+    flipped = evaluate(model, tiny.test_images[:, :, ::-1], tiny.test_labels, norm, device=torch.device("cpu"))
+    tta = evaluate(model, tiny.test_images, tiny.test_labels, norm, device=torch.device("cpu"), tta=True)
+    assert math.isfinite(tta.loss) and tta.loss <= max(plain.loss, flipped.loss) + 1e-4
+
+
+def test_diverging_loss_raises_with_its_reason(tiny):
+    with pytest.raises(TrainingDiverged, match="training loss became"):
+        fit(quick(max_lr=1e6, optimizer="sgd", pct_start=0.1), tiny)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_each_optimizer_trains_with_bf16(tiny, optimizer):
+    result = fit(quick(epochs=1, optimizer=optimizer, max_lr=0.01 if optimizer != "sgd" else 0.05,
+                       precision="bf16"), tiny)
+    assert result.precision == "bf16" and result.channels_last
+    assert np.isfinite(result.records[0].train_loss)
+
+
+def test_seed_style_dataloader_path_trains(tiny):
+    result = fit(quick(epochs=1, augment="dataloader", loader_workers=0), tiny)
+    assert result.records[0].train_accuracy > 0
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [({"arch": "vgg"}, "unknown architecture 'vgg'"), ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
+     ({"max_lr": 0.0}, "max-lr must be a positive"), ({"epochs": 0}, "epochs must be at least 1"),
+     ({"pct_start": 1.0}, "pct-start"), ({"precision": "fp8"}, "unknown precision")],
+)
+def test_bad_config_is_refused(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(**kw)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_path_keeps_data_on_device(tiny):
+    from cifarlab.augment import BatchAugmenter, Normalization
+
+    norm = Normalization.from_images(tiny.train_images)
+    aug = BatchAugmenter(tiny.train_images, tiny.train_labels, norm, torch.device("cuda"))
+    x, y = next(aug.epoch(32, torch.Generator().manual_seed(0)))
+    assert x.is_cuda and y.is_cuda
+    result = fit(quick(epochs=1, device="cuda", precision="bf16"), tiny)
+    assert result.device.startswith("cuda")
