@@ -27,6 +27,8 @@ def build_parser():
     p.add_argument("--end-lr", type=_cli.positive_float, default=10.0, help="last LR (default: 10)")
     p.add_argument("--steps", type=_cli.positive_int, default=100, help="steps of the sweep (default: 100)")
     p.add_argument("--label-smoothing", type=_cli.finite_float, default=0.0, help="(default: 0, as the seed)")
+    p.add_argument("--logit-scale", type=_cli.positive_float, default=0.125,
+                   help="logits are multiplied by this before the loss, as in training (default: 0.125)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0)
@@ -95,14 +97,14 @@ def _main(args) -> int:
                   f"{args.start_lr:g} to {args.end_lr:g} over {args.steps} steps, {precision}, {device}")
     result = lr_range_test(model, optimizer, batches(), torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
                            start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
-                           autocast=lambda: autocast(device, precision))
+                           autocast=lambda: autocast(device, precision), logit_scale=args.logit_scale)
     frame = pd.DataFrame({"step": range(len(result.lrs)), "lr": result.lrs, "loss": result.losses,
                           "smoothed_loss": result.smoothed})
     run_dir = new_record_dir(out, "lrfind", args.arch)
     write_csv(run_dir / "lrfind.csv", frame)
     suggestions = result.suggestions
     doc = {"kind": "lrfind", "arch": args.arch, "optimizer": args.optimizer, "batch_size": args.batch_size,
-           "weight_decay": args.weight_decay, "precision": precision, "data": splits.describe(),
+           "weight_decay": args.weight_decay, "logit_scale": args.logit_scale, "precision": precision, "data": splits.describe(),
            "environment": environment(device), **result.to_dict()}
     write_json(run_dir / "lrfind.json", doc)
     lrfind_figure(frame, suggestions, run_dir / "lrfind.png",

@@ -45,7 +45,10 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray, skip_start: int = 10, skip_en
     if len(lrs) < 3:
         raise ConfigError("the LR range test needs at least 3 steps to suggest a learning rate")
     out: dict[str, float] = {"min_div_10": float(lrs[int(np.argmin(smoothed))] / 10.0)}
-    lo, hi = (skip_start, len(lrs) - skip_end) if len(lrs) > skip_start + skip_end + 2 else (0, len(lrs))
+    # The steepest descent is searched only up to the lowest loss: past it the curve is the divergence, whose
+    # recoveries would otherwise pass for descents.
+    end = int(np.argmin(smoothed)) + 1
+    lo, hi = (skip_start, min(end, len(lrs) - skip_end)) if end > skip_start + 2 else (0, max(end, 3))
     grad = np.gradient(smoothed[lo:hi], np.log10(lrs[lo:hi]))
     out["steepest"] = float(lrs[lo + int(np.argmin(grad))])
     return out
@@ -63,6 +66,7 @@ def lr_range_test(
     smoothing: float = 0.98,
     diverge_factor: float = 4.0,
     autocast=None,
+    logit_scale: float = 1.0,
 ) -> LRFindResult:
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"need 0 < start-lr < end-lr, got {start_lr} and {end_lr}")
@@ -86,7 +90,7 @@ def lr_range_test(
             x, y = next(batches)
             ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
             with ctx:
-                loss = criterion(model(x).float(), y)
+                loss = criterion(model(x).float() * logit_scale, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

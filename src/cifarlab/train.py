@@ -45,6 +45,8 @@ class TrainConfig:
     anneal_strategy: str = field(default="linear", metadata={"help": "linear or cos"})
     three_phase: bool = field(default=False, metadata={"help": "OneCycleLR's three-phase variant"})
     label_smoothing: float = field(default=0.2, metadata={"help": "cross-entropy label smoothing in [0, 1)"})
+    logit_scale: float = field(default=0.125, metadata={
+        "help": "multiply logits by this before the loss (DAWNBench's 0.125; 1 for none)"})
     cutout: int = field(default=8, metadata={"help": "cutout hole side in pixels (0: off)"})
     cutout_p: float = field(default=0.5, metadata={"help": "probability of a cutout hole per image"})
     precision: str = field(default="auto", metadata={"help": "auto, bf16 or fp32 (auto: bf16 where fast)"})
@@ -74,6 +76,8 @@ class TrainConfig:
             raise ConfigError(f"pct-start must lie in (0, 1), got {self.pct_start}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if not (self.logit_scale > 0 and math.isfinite(self.logit_scale)):
+            raise ConfigError(f"logit-scale must be a positive number, got {self.logit_scale}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
         if self.div_factor <= 0 or self.final_div_factor <= 0:
@@ -227,7 +231,7 @@ def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization,
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Normalization, *,
              device: torch.device, precision: str = "fp32", channels_last: bool = False,
-             batch_size: int = 1024, tta: bool = False) -> EvalResult:
+             batch_size: int = 1024, tta: bool = False, logit_scale: float = 1.0) -> EvalResult:
     """Loss and accuracy at inference speed: no autograd, the training precision, large batches.
 
     With ``tta`` the logits of each image and its horizontal mirror are averaged.
@@ -241,9 +245,9 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Nor
     data = EvalBatches(images, labels, norm, device, channels_last)
     with torch.inference_mode(), autocast(device, precision):
         for x, y in data.batches(batch_size):
-            logits = model(x).float()
+            logits = model(x).float() * logit_scale
             if tta:
-                logits = 0.5 * (logits + model(x.flip(3)).float())
+                logits = 0.5 * (logits + model(x.flip(3)).float() * logit_scale)
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             preds.append(logits.argmax(1))
     model.train(was_training)
@@ -309,7 +313,8 @@ def fit(
                 t_step = time.perf_counter()
                 with autocast(device, precision):
                     logits = train_model(x)
-                    loss = criterion(logits.float(), y)
+                    logits = logits.float() * config.logit_scale
+                    loss = criterion(logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -335,7 +340,8 @@ def fit(
             raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch}", epoch, step)
         with Timer(device) as eval_timer:
             val = evaluate(model, splits.val_images, splits.val_labels, norm, device=device,
-                           precision=precision, channels_last=channels_last, batch_size=config.eval_batch_size)
+                           precision=precision, channels_last=channels_last, batch_size=config.eval_batch_size,
+                           logit_scale=config.logit_scale)
         record = EpochRecord(
             epoch=epoch,
             train_loss=train_loss,
@@ -355,7 +361,7 @@ def fit(
             break
 
     kw = {"device": device, "precision": precision, "channels_last": channels_last,
-          "batch_size": config.eval_batch_size}
+          "batch_size": config.eval_batch_size, "logit_scale": config.logit_scale}
     if test:
         result.test = evaluate(model, splits.test_images, splits.test_labels, norm, **kw)
     if test_tta:
