@@ -104,7 +104,8 @@ def _main(args) -> int:
     write_csv(run_dir / "lrfind.csv", frame)
     suggestions = result.suggestions
     doc = {"kind": "lrfind", "arch": args.arch, "optimizer": args.optimizer, "batch_size": args.batch_size,
-           "weight_decay": args.weight_decay, "logit_scale": args.logit_scale, "precision": precision, "data": splits.describe(),
+           "weight_decay": args.weight_decay, "logit_scale": args.logit_scale, "precision": precision,
+           "data": splits.describe(),
            "environment": environment(device), **result.to_dict()}
     write_json(run_dir / "lrfind.json", doc)
     lrfind_figure(frame, suggestions, run_dir / "lrfind.png",

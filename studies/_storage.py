@@ -1,0 +1,109 @@
+"""Optuna storages for studies: an embedded SQLite file by default, any Optuna RDB URL with ``--storage``.
+
+The embedded default is SQLite in WAL mode with a long busy timeout: transactional (a Ctrl-C or ``kill -9``
+at any moment leaves the last committed state), shareable by several worker processes on one machine, and
+readable by Optuna's own tools (``optuna studies --storage sqlite:///...``, optuna-dashboard). Trials send
+heartbeats; a trial whose worker died is marked failed with a reason and its configuration enqueued again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sqlite3
+import warnings
+from pathlib import Path
+
+from cifarlab.errors import ConfigError
+
+DEFAULT_DB = "studies.db"
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<tail>@)")
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for every message, log line and record)."""
+    return _PASSWORD_IN_URL.sub(lambda m: m["head"] + "***" + m["tail"], url)
+
+
+def url_password(url: str) -> str | None:
+    m = _PASSWORD_IN_URL.search(url)
+    return m["pw"] if m and m["pw"] else None
+
+
+def scrub(text: str, url: str | None) -> str:
+    """Remove the password of ``url`` from ``text`` wherever it appears (driver errors may quote it)."""
+    text = _PASSWORD_IN_URL.sub(lambda m: m["head"] + "***" + m["tail"], text)
+    pw = url_password(url) if url else None
+    if pw:
+        from urllib.parse import unquote
+
+        for form in {pw, unquote(pw)}:
+            text = text.replace(form, "***")
+    return text
+
+
+def default_url(out: Path) -> str:
+    return f"sqlite:///{(Path(out) / 'studies' / DEFAULT_DB).resolve()}"
+
+
+def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
+    """An Optuna RDBStorage with heartbeats and retry of trials left running by a dead worker."""
+    import optuna
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+
+    if "://" not in url:
+        raise ConfigError(f"--storage {mask_url(url)!r} is not a storage URL; expected e.g. "
+                          "sqlite:///path/studies.db or postgresql://user:password@host/db")
+    engine_kwargs: dict = {"pool_pre_ping": True}
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with sqlite3.connect(path, timeout=120) as con:  # WAL persists in the file: readers never block writers
+                con.execute("PRAGMA journal_mode=WAL")
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"cannot open the study storage {path}: {exc}") from None
+        engine_kwargs = {"connect_args": {"timeout": 120}}
+    elif url.startswith(("postgresql", "mysql")):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=heartbeat_interval * 3,
+            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=retries),
+        )
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise ConfigError(f"--storage {mask_url(url)!r} is not a usable storage URL ({type(exc).__name__})") from None
+    except (OperationalError, SQLAlchemyError) as exc:
+        first = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, url)
+        raise ConfigError(f"cannot reach the study storage {mask_url(url)}: {first}") from None
+    except ImportError as exc:
+        raise ConfigError(f"the driver for {mask_url(url)} is not installed ({exc.name}); "
+                          "pip install 'cifarlab[postgres]' for PostgreSQL") from None
+
+
+def mark_stale_trials(study) -> list[int]:
+    """Fail the trials whose worker stopped sending heartbeats, saying why, and enqueue their configurations.
+
+    Optuna's ``fail_stale_trials`` does the state change and (through ``RetryFailedTrialCallback``) the
+    retry; the reason is written first, while the trial is still RUNNING and so still writable.
+    """
+    import optuna
+
+    storage = study._storage
+    try:
+        stale = storage._get_stale_trial_ids(study._study_id)  # the same query fail_stale_trials runs
+    except AttributeError:  # a storage without heartbeats
+        return []
+    grace = getattr(storage, "grace_period", None)
+    for trial_id in stale:
+        with contextlib.suppress(Exception):  # another worker may have failed it first
+            storage.set_trial_user_attr(
+                trial_id, "fail_reason",
+                f"its worker stopped (no heartbeat for over {grace} s); the configuration is tried again")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return stale

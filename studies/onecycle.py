@@ -1,0 +1,538 @@
+"""Optuna study of the one-cycle recipe: ``python -m studies.onecycle --trials 30``.
+
+For each architecture (one study each, ``<study-name>-<arch>``, side by side in one storage) it sweeps the
+optimizer (sgd, adam, adamw), the peak learning rate on a log scale over a range that depends on the optimizer,
+and the batch size (128 to 1024). The seed's own configuration (Adam, batch 512, max LR from the LR range test)
+is the first trial of every study. Each trial trains with ``fit()`` and returns its last epoch's validation
+accuracy; the test set is never seen by the sampler or the pruner. Running the same command again tops each
+study up to ``--trials`` finished (complete or pruned) trials; it never starts over and never overshoots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from studies import _cli
+from studies._storage import default_url, mark_stale_trials, mask_url, open_storage, scrub
+
+PROG = "python -m studies.onecycle"
+ARCHS = ("custom_resnet", "resnet18")
+BATCH_SIZES = (128, 256, 512, 1024)
+# Peak-LR ranges per optimizer (log-uniform). SGD's brackets the range test's smooth descent (with the 0.125
+# logit scale) up to its divergence; Adam's the seed projects' LR finder results.
+LR_RANGES = {"sgd": (0.02, 2.0), "adam": (1e-4, 3e-2), "adamw": (1e-4, 3e-2)}
+SEED_CONFIG = {"optimizer": "adam", "batch_size": 512}
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    epochs: int
+    train_subset: int | float | None  # None: the whole training split
+    val_size: int | float
+    lrfind_steps: int
+
+
+BUDGETS = {
+    # smoke: seconds per trial, for tests and a first look.
+    "smoke": Budget("smoke", epochs=1, train_subset=256, val_size=256, lrfind_steps=8),
+    # quick: sized for a 2-core CPU: 30 trials per architecture in about an hour for both.
+    "quick": Budget("quick", epochs=4, train_subset=2048, val_size=1000, lrfind_steps=30),
+    # full: the recipe's real length on the whole training split, for a GPU.
+    "full": Budget("full", epochs=10, train_subset=None, val_size=5000, lrfind_steps=100),
+}
+
+
+def build_parser():
+    from cifarlab.train import TrainConfig
+
+    d = TrainConfig()
+    p = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--trials", type=_cli.positive_int, default=30,
+                   help="finished (complete or pruned) trials per architecture (default: 30)")
+    p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated architectures (default: both)")
+    p.add_argument("--budget", default="auto", choices=(*BUDGETS, "auto"),
+                   help="trial cost preset; auto: full on CUDA, quick on CPU (default: auto)")
+    p.add_argument("--epochs", type=_cli.positive_int, default=None, help="epochs per trial (overrides the budget)")
+    p.add_argument("--train-subset", type=_cli.count_or_fraction, default=None,
+                   help="training images per trial: a count or a fraction (overrides the budget)")
+    p.add_argument("--val-size", type=_cli.count_or_fraction, default=None,
+                   help="validation hold-out: a count or a fraction (default: from the budget)")
+    p.add_argument("--weight-decay", type=_cli.finite_float, default=d.weight_decay)
+    p.add_argument("--pct-start", type=_cli.finite_float, default=d.pct_start)
+    p.add_argument("--label-smoothing", type=_cli.finite_float, default=d.label_smoothing)
+    p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"))
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of every trial (default: 0)")
+    p.add_argument("--seed-max-lr", type=_cli.positive_float, default=None,
+                   help="max LR of the seed trial (default: the newest stored Adam LR range test, else run one)")
+    p.add_argument("--pruner", default="median", choices=("none", "median", "hyperband"),
+                   help="prune weak trials once the LR peak has passed (default: median)")
+    p.add_argument("--storage", default=None,
+                   help="Optuna storage URL, e.g. postgresql://user:pw@host/db for several machines "
+                        "(default: sqlite file <out>/studies/studies.db)")
+    p.add_argument("--study-name", default="onecycle", help="study name prefix; studies are <name>-<arch>")
+    p.add_argument("--workers", type=_cli.positive_int, default=1,
+                   help="worker processes on this machine sharing each study (default: 1)")
+    p.add_argument("--final", action="store_true",
+                   help="retrain each architecture's best configuration on the whole training split; test accuracy")
+    p.add_argument("--final-epochs", type=_cli.positive_int, default=24, help="epochs of --final runs (default: 24)")
+    p.add_argument("--final-seeds", type=_cli.positive_int, default=1, help="--final runs per architecture")
+    p.add_argument("--heartbeat", type=_cli.positive_int, default=15,
+                   help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried")
+    p.add_argument("--worker-index", type=int, default=None, help=_cli.argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    _cli.add_out_argument(p)
+    p.add_argument("--data", default=None, help="data source, as for studies.train (default: $CIFARLAB_DATA)")
+    p.add_argument("--cache-dir", default=None, help="decoded-array cache folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    raw = list(sys.argv[1:] if argv is None else argv)
+    return _cli.run(parser, lambda args: _main(args, raw), argv)
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def resolve_budget(args, device) -> Budget:
+    name = args.budget
+    if name == "auto":
+        name = "full" if device.type == "cuda" else "quick"
+    b = BUDGETS[name]
+    return Budget(name, epochs=args.epochs or b.epochs,
+                  train_subset=args.train_subset if args.train_subset is not None else b.train_subset,
+                  val_size=args.val_size if args.val_size is not None else b.val_size,
+                  lrfind_steps=b.lrfind_steps)
+
+
+def parse_archs(text: str) -> list[str]:
+    from cifarlab.errors import ConfigError
+    from cifarlab.models import list_models
+
+    archs = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in archs if a not in list_models()]
+    if bad or not archs:
+        raise ConfigError(f"unknown architecture {', '.join(bad) or repr(text)}; valid: {', '.join(list_models())}")
+    return list(dict.fromkeys(archs))
+
+
+def study_spec(args, budget: Budget, arch: str) -> dict:
+    """What defines a study; a stored study with another spec is refused rather than mixed."""
+    return {
+        "arch": arch,
+        "search_space": {"optimizer": list(LR_RANGES), "max_lr": {k: list(v) for k, v in LR_RANGES.items()},
+                         "batch_size": list(BATCH_SIZES)},
+        "budget": asdict(budget),
+        "fixed": {"weight_decay": args.weight_decay, "pct_start": args.pct_start,
+                  "label_smoothing": args.label_smoothing, "seed": args.seed},
+    }
+
+
+def make_pruner(kind: str, epochs: int, pct_start: float):
+    """Pruning starts only once the one-cycle LR peak has passed: before it, every trial is still warming up."""
+    import optuna
+
+    peak_epoch = max(1, math.ceil(pct_start * epochs))
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=peak_epoch)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=peak_epoch, max_resource=max(epochs, peak_epoch),
+                                              reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(storage, name: str, args, spec: dict, *, create: bool):
+    import optuna
+
+    from cifarlab.errors import ConfigError
+
+    sampler = optuna.samplers.TPESampler(seed=args.seed + (args.worker_index or 0), n_startup_trials=8)
+    pruner = make_pruner(args.pruner, spec["budget"]["epochs"], args.pct_start)
+    if create:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
+        stored = study.user_attrs.get("spec")
+        if stored is None:
+            study.set_user_attr("spec", spec)
+        elif stored != spec:
+            diff = sorted(k for k in spec if stored.get(k) != spec[k])
+            raise ConfigError(f"study {name!r} exists with another {' and '.join(diff)}; "
+                              "rerun with its original flags or pick a new --study-name")
+        return study
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def counts(study) -> dict[str, int]:
+    from optuna.trial import TrialState
+
+    out = {s.name.lower(): 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name.lower()] += 1
+    out["finished"] = out["complete"] + out["pruned"]
+    return out
+
+
+def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> tuple[float, str]:
+    """--seed-max-lr, else the newest stored Adam range test for ``arch``, else a short range test now."""
+    import json
+
+    if args.seed_max_lr is not None:
+        return args.seed_max_lr, "--seed-max-lr"
+    records = sorted((out / "lrfind").glob(f"*-{arch}*/lrfind.json"), reverse=True)
+    for path in records:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("optimizer") == "adam" and doc.get("suggestions", {}).get("steepest"):
+            return float(doc["suggestions"]["steepest"]), f"LR range test {path.parent.name}"
+    console.print(f"{arch}: no stored Adam LR range test; running a {budget.lrfind_steps}-step one for the seed trial")
+    from studies import lrfind
+
+    argv = ["--arch", arch, "--optimizer", "adam", "--steps", str(budget.lrfind_steps), "--start-lr", "1e-5",
+            "--end-lr", "1", "--batch-size", str(min(512, len(splits.train_labels))), "--out", str(out),
+            "--val-size", str(budget.val_size), "--device", args.device, "--precision", args.precision]
+    if args.data:
+        argv += ["--data", args.data]
+    if budget.train_subset is not None:
+        argv += ["--train-subset", str(budget.train_subset)]
+    if args.cache_dir:
+        argv += ["--cache-dir", args.cache_dir]
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        code = lrfind.main(argv)
+    records = sorted((out / "lrfind").glob(f"*-{arch}*/lrfind.json"), reverse=True)
+    if code != 0 or not records:
+        raise RuntimeError(f"the LR range test for the seed trial of {arch} failed (exit {code})")
+    doc = json.loads(records[0].read_text())
+    lr = doc["suggestions"].get("steepest") or doc["suggestions"].get("min_div_10")
+    return float(lr), f"LR range test {records[0].parent.name}"
+
+
+# --------------------------------------------------------------------------------------------- objective
+
+
+def surplus(trial, target: int) -> bool:
+    """Whether the study already has ``target`` trials finished, or running and started before this one.
+
+    Two workers can pass the loop's check at the same moment; the later trial then stands down, so the study
+    never overshoots.
+    """
+    from optuna.trial import TrialState
+
+    n = 0
+    for t in trial.study.get_trials(deepcopy=False):
+        finished = t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        if finished or (t.state == TrialState.RUNNING and t.number < trial.number):
+            n += 1
+    return n >= target
+
+
+def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, target: int | None = None):
+    import optuna
+    import torch
+
+    from cifarlab.errors import TrainingDiverged
+    from cifarlab.train import TrainConfig, fit
+
+    def objective(trial: optuna.Trial) -> float:
+        if target is not None and surplus(trial, target):
+            trial.set_user_attr("fail_reason", f"not needed: the study already reached {target} trials")
+            return float("nan")
+        optimizer = trial.suggest_categorical("optimizer", list(LR_RANGES))
+        lo, hi = LR_RANGES[optimizer]
+        max_lr = trial.suggest_float("max_lr", lo, hi, log=True)
+        batch_size = trial.suggest_categorical("batch_size", list(BATCH_SIZES))
+        config = TrainConfig(arch=arch, epochs=budget.epochs, batch_size=batch_size, optimizer=optimizer,
+                             max_lr=max_lr, weight_decay=args.weight_decay, pct_start=args.pct_start,
+                             label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,
+                             seed=args.seed + trial.number)
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("train_images", len(splits.train_labels))
+        records: list[dict] = []
+
+        def on_epoch(rec) -> bool:
+            records.append(rec.to_dict())
+            trial.set_user_attr("epochs", records)  # stored every epoch: a pruned or killed trial keeps them
+            trial.report(rec.val_accuracy, rec.epoch)
+            if progress_cb:
+                progress_cb(trial.number, rec.epoch, budget.epochs, rec.val_accuracy)
+            return trial.should_prune()
+
+        try:
+            result = fit(config, splits, on_epoch=on_epoch)
+        except TrainingDiverged as exc:
+            trial.set_user_attr("pruned_reason", f"diverged: {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the command to resume")
+            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            raise
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            trial.set_user_attr("fail_reason", f"out of memory at batch size {batch_size}")
+            return float("nan")  # Optuna records a FAIL; the study goes on
+        epoch_seconds = [r["epoch_seconds"] for r in records]
+        trial.set_user_attr("epoch_seconds", epoch_seconds)
+        trial.set_user_attr("images_per_second", statistics.median(r["images_per_second"] for r in records))
+        trial.set_user_attr("device", result.device)
+        trial.set_user_attr("precision", result.precision)
+        if result.stopped_early:
+            trial.set_user_attr("pruned_reason", f"pruned after epoch {len(records)} by the {args.pruner} pruner "
+                                                 f"(val accuracy {records[-1]['val_accuracy']:.3f})")
+            raise optuna.TrialPruned()
+        return records[-1]["val_accuracy"]
+
+    return objective
+
+
+def run_worker(study, objective, target: int, *, heartbeat: int, on_trial_done=None) -> None:
+    """Run trials until the study holds ``target`` finished ones; never start one past it.
+
+    Running trials (this machine's other workers, other machines) count towards the target while they run;
+    a trial whose worker died goes stale, is failed with a reason and re-enqueued, and the loop goes on.
+    """
+    while True:
+        mark_stale_trials(study)
+        c = counts(study)
+        if c["finished"] >= target:
+            return
+        if c["finished"] + c["running"] >= target:
+            time.sleep(min(heartbeat, 5))  # others are finishing the last trials; wait for them or their staleness
+            continue
+
+        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True,
+                       callbacks=[on_trial_done] if on_trial_done else None)
+
+
+# ----------------------------------------------------------------------------------------------- running
+
+
+def _main(args, raw_argv: list[str]) -> int:
+    import optuna
+    from rich.console import Console
+
+    from cifarlab.errors import ConfigError
+    from cifarlab.report.records import check_writable
+    from cifarlab.timing import resolve_device
+
+    console = Console(highlight=False)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    archs = parse_archs(args.arch)
+    device = resolve_device(args.device)
+    if not 0 < args.pct_start < 1:
+        raise ConfigError(f"--pct-start must lie in (0, 1), got {args.pct_start}")
+    if not 0 <= args.label_smoothing < 1:
+        raise ConfigError(f"--label-smoothing must lie in [0, 1), got {args.label_smoothing}")
+    if args.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if not args.study_name.strip():
+        raise ConfigError("--study-name must not be empty")
+    budget = resolve_budget(args, device)
+    out = check_writable(args.out)
+    url = args.storage or default_url(out)
+    try:
+        storage = open_storage(url, heartbeat_interval=args.heartbeat)
+    except ConfigError as exc:
+        raise ConfigError(scrub(str(exc), url)) from None
+    is_worker = args.worker_index is not None
+
+    if not is_worker:
+        console.print(f"budget: {budget.name}{' (auto: ' + device.type + ')' if args.budget == 'auto' else ''} — "
+                      f"{budget.epochs} epochs on {budget.train_subset or 'all'} training images, "
+                      f"validation {budget.val_size}; storage {mask_url(url)}")
+    splits = _load(args, budget)
+
+    for arch in archs:
+        name = f"{args.study_name}-{arch}"
+        spec = study_spec(args, budget, arch)
+        study = load_study(storage, name, args, spec, create=not is_worker)
+        if not is_worker:
+            _prepare(study, args, arch, splits, budget, out, console)
+        if args.workers > 1 and not is_worker:
+            _spawn_workers(args, raw_argv, arch, study, console)
+        else:
+            _run_here(study, arch, splits, budget, args, console, quiet=args.quiet or is_worker)
+    if is_worker:
+        return 0
+    for arch in archs:
+        study = load_study(storage, f"{args.study_name}-{arch}", args, study_spec(args, budget, arch), create=False)
+        _summary(study, arch, console)
+    if args.final:
+        _final(args, archs, storage, budget, out, console)
+    console.print(f"storage: {mask_url(url)} (optuna studies --storage {mask_url(url)})")
+    return 0
+
+
+def _load(args, budget: Budget):
+    from cifarlab.data import load_splits
+
+    splits = load_splits(args.data, val_size=budget.val_size, seed=args.seed, cache_dir=args.cache_dir)
+    return splits.with_train_subset(budget.train_subset, seed=args.seed)
+
+
+def _prepare(study, args, arch, splits, budget, out, console) -> None:
+    """Enqueue the seed configuration as the first trial of a new study."""
+    if study.get_trials(deepcopy=False):
+        return
+    lr, source = seed_max_lr(args, arch, splits, budget, out, console)
+    lo, hi = LR_RANGES["adam"]
+    clipped = min(max(lr, lo), hi)
+    study.set_user_attr("seed_trial", {**SEED_CONFIG, "max_lr": clipped, "max_lr_found": lr, "source": source})
+    study.enqueue_trial({**SEED_CONFIG, "max_lr": clipped}, user_attrs={"seed_config": True}, skip_if_exists=True)
+    console.print(f"{arch}: seed trial enqueued: adam, batch 512, max LR {clipped:.3g} (from {source})")
+
+
+def _run_here(study, arch, splits, budget, args, console, *, quiet: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    target = args.trials
+    progress = Progress(TextColumn(f"{arch}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[best]}  {task.fields[current]}"), TimeElapsedColumn(),
+                        console=console, disable=quiet)
+    task = progress.add_task(arch, total=target, completed=min(counts(study)["finished"], target),
+                             best=_best_text(study), current="")
+
+    def on_epoch(number, epoch, epochs, val):
+        progress.update(task, current=f"trial {number}: epoch {epoch}/{epochs}, val {val:.1%}")
+
+    def on_done(study_, trial_):
+        progress.update(task, completed=min(counts(study_)["finished"], target), best=_best_text(study_))
+        state = trial_.state.name.lower()
+        value = f" val {trial_.value:.2%}" if trial_.value is not None else ""
+        reason = trial_.user_attrs.get("pruned_reason") or trial_.user_attrs.get("fail_reason") or ""
+        p = trial_.params
+        progress.console.print(
+            f"{arch} trial {trial_.number}: {state}{value} — {p.get('optimizer')}, max LR {p.get('max_lr', 0):.3g}, "
+            f"batch {p.get('batch_size')}{' — ' + reason if reason else ''}")
+
+    objective = make_objective(arch, splits, budget, args, progress_cb=on_epoch, target=target)
+    with progress:
+        run_worker(study, objective, target, heartbeat=args.heartbeat, on_trial_done=on_done)
+
+
+def _best_text(study) -> str:
+    try:
+        return f"best {study.best_value:.2%}"
+    except ValueError:
+        return "best —"
+
+
+def _spawn_workers(args, raw_argv, arch, study, console) -> None:
+    """K processes on this machine, one study; on several GPUs each worker sees only its own."""
+    import torch
+
+    argv = _strip_flags(raw_argv, {"--workers", "--arch", "--final", "--worker-index"})
+    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    procs = []
+    for i in range(args.workers):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        cmd = [sys.executable, "-m", "studies.onecycle", *argv, "--arch", arch, "--workers", "1",
+               "--worker-index", str(i)]
+        procs.append(subprocess.Popen(cmd, env=env))
+    console.print(f"{arch}: {args.workers} workers started ({threads} threads each"
+                  f"{', one GPU each' if gpus > 1 else ''})")
+    try:
+        while any(p.poll() is None for p in procs):
+            time.sleep(2)
+    except KeyboardInterrupt:
+        for p in procs:
+            p.terminate()
+        raise
+    bad = [p.returncode for p in procs if p.returncode != 0]
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {args.workers} workers failed (exit {bad}); rerun to resume")
+
+
+def _strip_flags(argv: list[str], names: set[str]) -> list[str]:
+    out, skip = [], False
+    valueless = {"--final", "--quiet"}
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        name = tok.split("=", 1)[0]
+        if name in names:
+            skip = "=" not in tok and name not in valueless
+            continue
+        out.append(tok)
+    return out
+
+
+def _summary(study, arch, console) -> None:
+    from rich.table import Table
+
+    c = counts(study)
+    trials = study.get_trials(deepcopy=False)
+    seed = next((t for t in trials if t.user_attrs.get("seed_config") and t.value is not None), None)
+    table = Table(title=f"{study.study_name}: {c['finished']} finished ({c['complete']} complete, "
+                        f"{c['pruned']} pruned), {c['fail']} failed")
+    for col in ("", "optimizer", "max LR", "batch", "val accuracy"):
+        table.add_column(col, justify="right")
+    try:
+        best = study.best_trial
+        table.add_row("best", best.params["optimizer"], f"{best.params['max_lr']:.3g}",
+                      str(best.params["batch_size"]), f"{best.value:.2%}")
+    except ValueError:
+        table.add_row("best", "—", "—", "—", "no complete trial")
+    if seed is not None:
+        table.add_row("seed", seed.params["optimizer"], f"{seed.params['max_lr']:.3g}", str(seed.params["batch_size"]),
+                      f"{seed.value:.2%}")
+    console.print(table)
+
+
+def _final(args, archs, storage, budget, out, console) -> None:
+    """Retrain each best configuration on the whole training split; report test accuracy over seeds."""
+    from cifarlab.data import load_splits
+    from cifarlab.report.records import new_record_dir, write_json
+    from cifarlab.train import TrainConfig, fit
+    from studies.train import run_record
+
+    splits = load_splits(args.data, val_size=5000, seed=args.seed, cache_dir=args.cache_dir)
+    for arch in archs:
+        study = load_study(storage, f"{args.study_name}-{arch}", args, study_spec(args, budget, arch), create=False)
+        try:
+            best = study.best_trial
+        except ValueError:
+            console.print(f"{arch}: no complete trial to retrain")
+            continue
+        runs = []
+        for k in range(args.final_seeds):
+            config = TrainConfig(arch=arch, epochs=args.final_epochs, batch_size=best.params["batch_size"],
+                                 optimizer=best.params["optimizer"], max_lr=best.params["max_lr"],
+                                 weight_decay=args.weight_decay, pct_start=args.pct_start,
+                                 label_smoothing=args.label_smoothing, precision=args.precision,
+                                 device=args.device, seed=args.seed + 1000 + k)
+            t0 = time.perf_counter()
+            result = fit(config, splits, test=True, test_tta=True)
+            run_dir = new_record_dir(out, "runs", f"{arch}-final")
+            doc = run_record(result, splits, status="completed", train_subset=None,
+                             wall_seconds=time.perf_counter() - t0)
+            doc["study"] = {"name": study.study_name, "trial": best.number}
+            write_json(run_dir / "run.json", doc)
+            runs.append({"seed": config.seed, "test_accuracy": result.test.accuracy,
+                         "test_accuracy_tta": result.test_tta.accuracy, "run": str(run_dir)})
+            console.print(f"{arch} final seed {config.seed}: test {result.test.accuracy:.2%} "
+                          f"(flip TTA {result.test_tta.accuracy:.2%})")
+        accs = [r["test_accuracy"] for r in runs]
+        summary = {"epochs": args.final_epochs, "params": best.params, "runs": runs,
+                   "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+        study.set_user_attr("final", summary)
+        console.print(f"{arch}: test accuracy {summary['mean']:.2%} ± {summary['std']:.2%} over {len(accs)} seed(s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
