@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
+import time
 import warnings
 from pathlib import Path
 
@@ -49,7 +50,14 @@ def default_url(out: Path) -> str:
 def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
     """An Optuna RDBStorage with heartbeats and retry of trials left running by a dead worker."""
     import optuna
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+    from sqlalchemy.exc import (
+        ArgumentError,
+        IntegrityError,
+        NoSuchModuleError,
+        OperationalError,
+        ProgrammingError,
+        SQLAlchemyError,
+    )
 
     if "://" not in url:
         raise ConfigError(f"--storage {mask_url(url)!r} is not a storage URL; expected e.g. "
@@ -66,14 +74,26 @@ def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
         engine_kwargs = {"connect_args": {"timeout": 120}}
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
     try:
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=heartbeat_interval * 3,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=retries),
-        )
+        for attempt in range(4):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=heartbeat_interval * 3,
+                    heartbeat_stale_trial_callback=retry,
+                )
+            except (IntegrityError, ProgrammingError):
+                # Workers on several machines starting at once on a new database race to create its tables;
+                # the losers find them a moment later.
+                if attempt == 3:
+                    raise
+                time.sleep(1.0 + attempt)
+        raise AssertionError("unreachable")
     except (ArgumentError, NoSuchModuleError, ValueError) as exc:
         raise ConfigError(f"--storage {mask_url(url)!r} is not a usable storage URL ({type(exc).__name__})") from None
     except (OperationalError, SQLAlchemyError) as exc:

@@ -152,12 +152,46 @@ def make_pruner(kind: str, epochs: int, pct_start: float):
     return optuna.pruners.NopPruner()
 
 
+def seed_first_sampler(base):
+    """``base`` for every trial but number 0, which gets the seed configuration stored on the study.
+
+    Trial numbers come from the storage, so exactly one trial is number 0 however many workers and machines
+    start at once: the seed configuration runs once, first, with no enqueue race.
+    """
+    import optuna
+
+    class SeedFirstSampler(optuna.samplers.BaseSampler):
+        def infer_relative_search_space(self, study, trial):
+            return base.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return {} if trial.number == 0 else base.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            seed = study.user_attrs.get("seed_trial") if trial.number == 0 else None
+            if seed is not None and param_name in seed:
+                return seed[param_name]
+            return base.sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial):
+            base.before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values):
+            base.after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            base.reseed_rng()
+
+    return SeedFirstSampler()
+
+
 def load_study(storage, name: str, args, spec: dict, *, create: bool):
     import optuna
 
     from cifarlab.errors import ConfigError
 
-    sampler = optuna.samplers.TPESampler(seed=args.seed + (args.worker_index or 0), n_startup_trials=8)
+    sampler = seed_first_sampler(
+        optuna.samplers.TPESampler(seed=args.seed + (args.worker_index or 0), n_startup_trials=8))
     pruner = make_pruner(args.pruner, spec["budget"]["epochs"], args.pct_start)
     if create:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
@@ -253,6 +287,9 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
         lo, hi = LR_RANGES[optimizer]
         max_lr = trial.suggest_float("max_lr", lo, hi, log=True)
         batch_size = trial.suggest_categorical("batch_size", list(BATCH_SIZES))
+        retry_of = trial.study._storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        if trial.number == 0 or retry_of == 0:
+            trial.set_user_attr("seed_config", True)
         config = TrainConfig(arch=arch, epochs=budget.epochs, batch_size=batch_size, optimizer=optimizer,
                              max_lr=max_lr, weight_decay=args.weight_decay, pct_start=args.pct_start,
                              label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,
@@ -382,15 +419,14 @@ def _load(args, budget: Budget):
 
 
 def _prepare(study, args, arch, splits, budget, out, console) -> None:
-    """Enqueue the seed configuration as the first trial of a new study."""
-    if study.get_trials(deepcopy=False):
+    """Store the seed configuration on a new study; its sampler gives it to trial 0."""
+    if "seed_trial" in study.user_attrs:
         return
     lr, source = seed_max_lr(args, arch, splits, budget, out, console)
     lo, hi = LR_RANGES["adam"]
     clipped = min(max(lr, lo), hi)
     study.set_user_attr("seed_trial", {**SEED_CONFIG, "max_lr": clipped, "max_lr_found": lr, "source": source})
-    study.enqueue_trial({**SEED_CONFIG, "max_lr": clipped}, user_attrs={"seed_config": True}, skip_if_exists=True)
-    console.print(f"{arch}: seed trial enqueued: adam, batch 512, max LR {clipped:.3g} (from {source})")
+    console.print(f"{arch}: seed trial (trial 0): adam, batch 512, max LR {clipped:.3g} (from {source})")
 
 
 def _run_here(study, arch, splits, budget, args, console, *, quiet: bool) -> None:

@@ -1,0 +1,219 @@
+"""The study runner end to end: smoke studies on real and synthetic data, resume, workers, storage, failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from studies import onecycle
+from studies._storage import mask_url, open_storage, scrub
+
+ROOT = Path(__file__).resolve().parents[1]
+SYNTH = ["--data", "synthetic:400:60", "--val-size", "60", "--budget", "smoke", "--seed-max-lr", "0.003",
+         "--precision", "fp32", "--quiet"]
+
+
+def load(out: Path, arch: str = "custom_resnet", url: str | None = None):
+    storage = url or f"sqlite:///{out / 'studies' / 'studies.db'}"
+    return optuna.load_study(study_name=f"onecycle-{arch}", storage=storage)
+
+
+def states(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+def finished(study) -> int:
+    s = states(study)
+    return s.get("COMPLETE", 0) + s.get("PRUNED", 0)
+
+
+@pytest.mark.realdata
+def test_smoke_study_on_real_subset_end_to_end(real_data_path, tmp_path, capsys):
+    argv = ["--data", str(real_data_path), "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet",
+            "--seed-max-lr", "0.002", "--out", str(tmp_path), "--quiet"]
+    assert onecycle.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "onecycle-custom_resnet: 3 finished" in out and "seed" in out
+    study = load(tmp_path)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 3 and finished(study) == 3
+    first = trials[0]
+    assert first.params == {"optimizer": "adam", "batch_size": 512, "max_lr": 0.002}
+    assert first.user_attrs["seed_config"] is True
+    for t in trials:
+        assert len(t.user_attrs["epochs"]) == 1
+        assert t.user_attrs["epochs"][0]["val_accuracy"] == pytest.approx(t.value)
+        assert t.user_attrs["images_per_second"] > 0 and t.user_attrs["device"] == "cpu"
+        assert t.intermediate_values == {1: t.value}
+    spec = study.user_attrs["spec"]
+    assert spec["budget"]["name"] == "smoke" and spec["search_space"]["batch_size"] == [128, 256, 512, 1024]
+
+
+def test_resume_tops_up_and_never_overshoots(tmp_path):
+    base = [*SYNTH, "--arch", "custom_resnet", "--out", str(tmp_path)]
+    assert onecycle.main([*base, "--trials", "2"]) == 0
+    first = [t.params for t in load(tmp_path).trials]
+    assert onecycle.main([*base, "--trials", "3"]) == 0
+    study = load(tmp_path)
+    assert finished(study) == 3 and len(study.trials) == 3
+    assert [t.params for t in study.trials[:2]] == first  # the stored trials were kept, not redone
+    assert onecycle.main([*base, "--trials", "3"]) == 0  # already complete: nothing runs
+    assert len(load(tmp_path).trials) == 3
+
+
+def test_two_local_workers_share_one_embedded_storage(tmp_path):
+    argv = [sys.executable, "-m", "studies.onecycle", *SYNTH, "--arch", "custom_resnet", "--trials", "4",
+            "--workers", "2", "--out", str(tmp_path)]
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "database is locked" not in proc.stdout + proc.stderr
+    study = load(tmp_path)
+    assert finished(study) == 4
+    assert states(study).get("FAIL", 0) == 0
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert "2 workers started" in proc.stdout
+
+
+def test_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch):
+    from cifarlab import train
+    from cifarlab.errors import TrainingDiverged
+
+    real_fit = train.fit
+    calls = {"n": 0}
+
+    def flaky_fit(config, splits, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise TrainingDiverged("training loss became nan at epoch 1, step 3", 1, 3)
+        return real_fit(config, splits, **kw)
+
+    monkeypatch.setattr(train, "fit", flaky_fit)
+    assert onecycle.main([*SYNTH, "--arch", "custom_resnet", "--trials", "3", "--out", str(tmp_path)]) == 0
+    study = load(tmp_path)
+    assert finished(study) == 3
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert len(pruned) == 1 and "diverged: training loss became nan" in pruned[0].user_attrs["pruned_reason"]
+
+
+def test_out_of_memory_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    import torch
+
+    from cifarlab import train
+
+    real_fit = train.fit
+    calls = {"n": 0}
+
+    def oom_fit(config, splits, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_fit(config, splits, **kw)
+
+    monkeypatch.setattr(train, "fit", oom_fit)
+    assert onecycle.main([*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--out", str(tmp_path)]) == 0
+    study = load(tmp_path)
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert [t.user_attrs["fail_reason"] for t in failed] == ["out of memory at batch size 512"]
+    assert finished(study) == 2
+
+
+def test_a_harness_fault_stops_the_study(tmp_path, monkeypatch, capsys):
+    from cifarlab import train
+
+    def broken_fit(config, splits, **kw):
+        raise AttributeError("'NoneType' object has no attribute 'step'")
+
+    monkeypatch.setattr(train, "fit", broken_fit)
+    with pytest.raises(AttributeError):
+        onecycle.main([*SYNTH, "--arch", "custom_resnet", "--trials", "3", "--out", str(tmp_path)])
+    assert len(load(tmp_path).trials) == 1
+
+
+def test_a_trial_left_running_by_a_dead_worker_is_failed_and_retried(tmp_path):
+    url = f"sqlite:///{tmp_path / 'studies' / 'studies.db'}"
+    base = [*SYNTH, "--arch", "custom_resnet", "--out", str(tmp_path), "--heartbeat", "1"]
+    assert onecycle.main([*base, "--trials", "1"]) == 0
+    storage = open_storage(url, heartbeat_interval=1)
+    study = optuna.load_study(study_name="onecycle-custom_resnet", storage=storage)
+    study.enqueue_trial({"optimizer": "sgd", "max_lr": 0.1, "batch_size": 128})
+    with pytest.warns(UserWarning, match="Heartbeat of storage"):
+        ghost = study.ask({"optimizer": optuna.distributions.CategoricalDistribution(["sgd", "adam", "adamw"]),
+                           "max_lr": optuna.distributions.FloatDistribution(0.02, 2.0, log=True),
+                           "batch_size": optuna.distributions.CategoricalDistribution([128, 256, 512, 1024])})
+    storage.record_heartbeat(ghost._trial_id)  # then its "worker" dies: no more heartbeats
+    time.sleep(3.5)
+    assert onecycle.main([*base, "--trials", "2"]) == 0
+    study = load(tmp_path)
+    dead = study.trials[ghost.number]
+    assert dead.state.name == "FAIL" and "no heartbeat" in dead.user_attrs["fail_reason"]
+    retry = [t for t in study.trials if t.system_attrs.get("failed_trial") == ghost.number]
+    assert len(retry) == 1 and retry[0].params == dead.params
+    assert finished(study) == 2
+
+
+def test_existing_study_with_another_search_space_is_refused(tmp_path, capsys):
+    base = [*SYNTH, "--arch", "custom_resnet", "--out", str(tmp_path), "--trials", "1"]
+    assert onecycle.main(base) == 0
+    before = [(t.number, t.state, t.value, t.params) for t in load(tmp_path).trials]
+    assert onecycle.main([*base, "--weight-decay", "0.01"]) == 2
+    err = capsys.readouterr().err
+    assert "exists with another fixed" in err and len(err.strip().splitlines()) <= 2
+    assert [(t.number, t.state, t.value, t.params) for t in load(tmp_path).trials] == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--trials", "0"], "--trials: must be at least 1"), (["--trials", "many"], "expected a whole number"),
+     (["--pruner", "sometimes"], "invalid choice"), (["--arch", "vgg16"], "unknown architecture vgg16"),
+     (["--budget", "huge"], "invalid choice"), (["--storage", "not-a-url"], "is not a storage URL"),
+     (["--storage", "postgresql://cifar:hunter2secret@127.0.0.1:1/db"], "cannot reach the study storage"),
+     (["--seed-max-lr", "-1"], "must be greater than 0"), (["--pct-start", "1.5"], "--pct-start must lie in")],
+)
+def test_bad_flags(argv, message, tmp_path, capsys):
+    code = onecycle.main([*SYNTH, *argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert "hunter2secret" not in err and "Traceback" not in err
+
+
+def test_urls_are_masked_everywhere():
+    url = "postgresql://cifar:s3cr%40t@db.example:5432/studies"
+    assert mask_url(url) == "postgresql://cifar:***@db.example:5432/studies"
+    assert "s3cr" not in scrub(f"could not connect to {url}; password s3cr@t rejected", url)
+    assert mask_url("sqlite:///tmp/x.db") == "sqlite:///tmp/x.db"
+
+
+@pytest.mark.postgres
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # psycopg's pool at interpreter exit
+def test_postgresql_study_with_two_workers_and_no_password_leak(tmp_path):
+    url = os.environ.get("CIFARLAB_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("CIFARLAB_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
+    password = url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    name = f"pg{int(time.time() * 1000) % 10**9}"
+    argv = [sys.executable, "-m", "studies.onecycle", *SYNTH, "--arch", "custom_resnet", "--trials", "4",
+            "--storage", url, "--study-name", name, "--out", str(tmp_path)]
+    procs = [subprocess.Popen([*argv, "--workers", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}) for _ in range(2)]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = optuna.load_study(study_name=f"{name}-custom_resnet", storage=url)
+    assert finished(study) == 4
+    assert len({tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"}) >= 3
+    text = "".join(o + e for o, e in outputs)
+    assert password not in text and "***" in text
+    attrs = repr(study.user_attrs) + "".join(repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials)
+    assert password not in attrs
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert password.encode() not in path.read_bytes(), path
