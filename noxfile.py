@@ -20,6 +20,16 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def smoke(session: nox.Session) -> None:
+    """A three-trial study on the smoke budget, end to end, into a throw-away output folder."""
+    session.install("-e", ".")
+    out = session.create_tmp()
+    data = os.environ.get("CIFARLAB_DATA") or "synthetic:2000:200"
+    session.run("python", "-m", "studies.onecycle", "--trials", "3", "--budget", "smoke", "--data", data,
+                "--out", out, *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     session.install("ruff>=0.5")
     session.run("ruff", "check", ".")

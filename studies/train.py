@@ -75,7 +75,7 @@ def _main(args) -> int:
 
     import pandas as pd
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from cifarlab.errors import ConfigError
@@ -105,14 +105,16 @@ def _main(args) -> int:
         console.print(model_summary(create_model(config.arch, splits.num_classes)), highlight=False)
 
     progress = Progress(
-        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]} batch {task.fields[batch]}"), BarColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}"), TimeRemainingColumn(),
         console=console, disable=args.quiet, transient=True,
     )
-    task = progress.add_task("train", total=config.epochs, epoch=1, epochs=config.epochs, loss=float("nan"), acc=0.0)
+    task = progress.add_task("train", total=config.epochs, epoch=1, epochs=config.epochs, batch="-",
+                             loss=float("nan"), acc=0.0)
 
     def on_step(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
-        progress.update(task, completed=(epoch - 1) + step / steps, epoch=epoch, loss=loss, acc=acc)
+        progress.update(task, completed=(epoch - 1) + step / steps, epoch=epoch, batch=f"{step}/{steps}",
+                        loss=loss, acc=acc)
 
     def on_epoch(rec) -> None:
         progress.console.print(
