@@ -45,7 +45,7 @@ BUDGETS = {
     # smoke: seconds per trial, for tests and a first look.
     "smoke": Budget("smoke", epochs=1, train_subset=256, val_size=256, lrfind_steps=8),
     # quick: sized for a 2-core CPU: 30 trials per architecture in about an hour for both.
-    "quick": Budget("quick", epochs=4, train_subset=2048, val_size=1000, lrfind_steps=30),
+    "quick": Budget("quick", epochs=3, train_subset=2048, val_size=1000, lrfind_steps=30),
     # full: the recipe's real length on the whole training split, for a GPU.
     "full": Budget("full", epochs=10, train_subset=None, val_size=5000, lrfind_steps=100),
 }
@@ -531,13 +531,14 @@ def _summary(study, arch, console) -> None:
 
 
 def _final(args, archs, storage, budget, out, console) -> None:
-    """Retrain each best configuration on the whole training split; report test accuracy over seeds."""
+    """Retrain each best configuration on the whole training split (no subset); test accuracy over seeds."""
     from cifarlab.data import load_splits
     from cifarlab.report.records import new_record_dir, write_json
     from cifarlab.train import TrainConfig, fit
     from studies.train import run_record
 
-    splits = load_splits(args.data, val_size=5000, seed=args.seed, cache_dir=args.cache_dir)
+    # The study's validation split stays held out (same seed, same size); everything else trains.
+    splits = load_splits(args.data, val_size=budget.val_size, seed=args.seed, cache_dir=args.cache_dir)
     for arch in archs:
         study = load_study(storage, f"{args.study_name}-{arch}", args, study_spec(args, budget, arch), create=False)
         try:

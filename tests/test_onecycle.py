@@ -217,3 +217,38 @@ def test_postgresql_study_with_two_workers_and_no_password_leak(tmp_path):
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert password.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize(("epochs", "pct", "first_prunable"), [(3, 0.25, 1), (10, 0.25, 3), (24, 0.2, 5), (4, 0.5, 2)])
+def test_pruner_warmup_waits_for_the_lr_peak(epochs, pct, first_prunable):
+    median = onecycle.make_pruner("median", epochs, pct)
+    assert median._n_warmup_steps == first_prunable
+    hyperband = onecycle.make_pruner("hyperband", epochs, pct)
+    assert hyperband._min_resource == first_prunable
+    assert isinstance(onecycle.make_pruner("none", epochs, pct), optuna.pruners.NopPruner)
+
+
+def test_pruned_trials_keep_their_records(tmp_path, monkeypatch):
+    # A pruner that prunes every trial as soon as its warm-up (the LR peak) has passed.
+    monkeypatch.setattr(onecycle, "make_pruner",
+                        lambda kind, epochs, pct: optuna.pruners.ThresholdPruner(lower=1.1, n_warmup_steps=1))
+    argv = [*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--epochs", "3", "--out", str(tmp_path)]
+    assert onecycle.main(argv) == 0
+    study = load(tmp_path)
+    assert states(study) == {"PRUNED": 2}
+    for t in study.trials:
+        assert [e["epoch"] for e in t.user_attrs["epochs"]] == [1]
+        assert "pruned after epoch 1" in t.user_attrs["pruned_reason"]
+
+
+def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_path, capsys):
+    base = [*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--out", str(tmp_path)]
+    assert onecycle.main([*base, "--final", "--final-epochs", "1", "--final-seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "over 2 seed(s)" in out
+    study = load(tmp_path)
+    final = study.user_attrs["final"]
+    assert final["params"] == study.best_trial.params and len(final["runs"]) == 2
+    assert 0 <= final["mean"] <= 1 and final["std"] >= 0
+    runs = sorted((tmp_path / "runs").glob("*-custom_resnet-final*/run.json"))
+    assert len(runs) == 2
