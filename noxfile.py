@@ -20,6 +20,14 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Micro-benchmarks; JSON kept under .benchmarks/ (compare two runs: pytest-benchmark compare 0001 0002)."""
+    session.install("-e", ".[dev]")
+    session.run("pytest", "bench", "-p", "no:cacheprovider", "--benchmark-enable", "--benchmark-autosave",
+                "--benchmark-columns=min,median,max,rounds", *session.posargs)
+
+
+@nox.session(python=PYTHON)
 def smoke(session: nox.Session) -> None:
     """A three-trial study on the smoke budget, end to end, into a throw-away output folder."""
     session.install("-e", ".")

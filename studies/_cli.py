@@ -138,6 +138,13 @@ def load_data(args: argparse.Namespace, seed: int = 0):
     return splits.with_train_subset(args.train_subset, seed=seed)
 
 
+def console():
+    """A rich console; wide when writing to a file or pipe, so logs keep whole table rows."""
+    from rich.console import Console
+
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+
+
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
     """Parse ``argv`` and call ``body``; a user's error becomes a short message and exit status 2, Ctrl-C 130.
 

@@ -46,7 +46,6 @@ def _main(args) -> int:
 
     import pandas as pd
     import torch
-    from rich.console import Console
     from rich.table import Table
 
     from cifarlab.augment import BatchAugmenter, Normalization
@@ -64,7 +63,7 @@ def _main(args) -> int:
         resolve_precision,
     )
 
-    console = Console()
+    console = _cli.console()
     if args.start_lr >= args.end_lr:
         raise ConfigError(f"--start-lr ({args.start_lr:g}) must be below --end-lr ({args.end_lr:g})")
     if args.steps < 3:

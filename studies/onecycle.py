@@ -357,13 +357,12 @@ def run_worker(study, objective, target: int, *, heartbeat: int, on_trial_done=N
 
 def _main(args, raw_argv: list[str]) -> int:
     import optuna
-    from rich.console import Console
 
     from cifarlab.errors import ConfigError
     from cifarlab.report.records import check_writable
     from cifarlab.timing import resolve_device
 
-    console = Console(highlight=False)
+    console = _cli.console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     archs = parse_archs(args.arch)
     device = resolve_device(args.device)

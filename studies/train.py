@@ -74,7 +74,6 @@ def _main(args) -> int:
     import time
 
     import pandas as pd
-    from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
@@ -84,7 +83,7 @@ def _main(args) -> int:
     from cifarlab.timing import resolve_device
     from cifarlab.train import TrainConfig, fit
 
-    console = Console(stderr=False)
+    console = _cli.console()
     config = _cli.dataclass_from_args(TrainConfig, args)
     resolve_device(config.device)  # fail on --device cuda without CUDA before loading data
     out = check_writable(args.out)

@@ -12,7 +12,7 @@ import pandas as pd
 import seaborn as sns
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -35,7 +35,7 @@ def lrfind_figure(frame: pd.DataFrame, suggestions: dict[str, float], path: Path
     ax.set_ylabel("training loss (cross-entropy)")
     ax.set_title(title)
     ax.legend(loc="upper left", fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def run_curves_figure(epochs: pd.DataFrame, path: Path, title: str) -> Path:
@@ -52,4 +52,4 @@ def run_curves_figure(epochs: pd.DataFrame, path: Path, title: str) -> Path:
     sns.lineplot(data=epochs, x="epoch", y="lr", marker="o", ax=axes[2])
     axes[2].set(title="learning rate at epoch end", ylabel="learning rate")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)

@@ -1,0 +1,176 @@
+"""Device benchmark: ``python -m bench.devices``.
+
+Times training epochs of each architecture on the CPU and on every CUDA device, the way ``fit()`` trains,
+measures each device's dense matmul peak in the same run, and reports achieved FLOP/s as a share of it.
+Writes a rich table, ``devices.csv`` and ``index.html`` (with seaborn figures) under
+``<out>/devices/<time>/``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from studies import _cli
+
+PROG = "python -m bench.devices"
+
+
+def build_parser():
+    from cifarlab.models import list_models
+
+    p = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default=",".join(list_models()), help="comma-separated architectures (default: all)")
+    p.add_argument("--device", default="all", choices=("cpu", "cuda", "all"), help="devices to time (default: all)")
+    p.add_argument("--batch-size", type=_cli.positive_int, nargs="+", default=[512], help="one or several")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 where the device runs it fast, measured (default: auto)")
+    p.add_argument("--threads", type=_cli.positive_int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--images", default="2048",
+                   help="training images timed per repetition, or 'all' for a whole epoch (default: 2048)")
+    p.add_argument("--repeats", type=_cli.positive_int, default=3, help="timed repetitions (default: 3)")
+    p.add_argument("--warmup", type=_cli.non_negative_int, default=5, help="untimed warm-up steps (default: 5)")
+    p.add_argument("--ablation", action="store_true",
+                   help="time the seed-style baseline and each speed technique added in turn")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the ablation ladder")
+    p.add_argument("--data", default=None, help="data source, as for studies.train (default: $CIFARLAB_DATA)")
+    p.add_argument("--val-size", type=_cli.count_or_fraction, default=5000,
+                   help="validation split timed for evaluation: a count or a fraction (default: 5000)")
+    p.add_argument("--cache-dir", default=None)
+    _cli.add_out_argument(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run(build_parser(), _main, argv)
+
+
+def _images(text: str, train: int) -> int:
+    from cifarlab.errors import ConfigError
+
+    if text == "all":
+        return train
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"--images must be a positive count or 'all', got {text!r}") from None
+    if n < 1:
+        raise ConfigError(f"--images must be a positive count or 'all', got {n}")
+    return min(n, train)
+
+
+def _main(args) -> int:
+    import pandas as pd
+    import torch
+    from rich.table import Table
+
+    from cifarlab.bench import Case, ablation_ladder, time_case
+    from cifarlab.data import load_splits
+    from cifarlab.errors import ConfigError
+    from cifarlab.models import create_model
+    from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
+    from cifarlab.timing import environment, matmul_flops_per_second, resolve_precision, training_flops_per_image
+    from studies.onecycle import parse_archs
+
+    console = _cli.console()
+    archs = parse_archs(args.arch)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but this machine has no CUDA device; use --device cpu or all")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = check_writable(args.out)
+    splits = load_splits(args.data, val_size=args.val_size, cache_dir=args.cache_dir)
+    images = _images(args.images, len(splits.train_labels))
+    bad = [b for b in args.batch_size if b > len(splits.train_labels)]
+    if bad:
+        raise ConfigError(f"--batch-size {bad[0]} is larger than the training set ({len(splits.train_labels)})")
+
+    devices = ["cpu"] if args.device in ("cpu", "all") else []
+    if args.device in ("cuda", "all"):
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    rows: list[dict] = []
+    if args.device == "all" and not torch.cuda.is_available():
+        rows.append({"arch": "all", "device": "cuda", "status": "no CUDA device on this machine"})
+    env = environment()
+    console.print(f"{env['cpu_model']}, {env['cpu_count']} cores, {torch.get_num_threads()} threads, "
+                  f"torch {env['torch']}; data {splits.source}; {images} images x {args.repeats} repeats")
+
+    flops = {arch: training_flops_per_image(create_model(arch, splits.num_classes)) for arch in archs}
+    for dev in devices:
+        device = torch.device(dev)
+        n = 2048 if device.type == "cpu" else 8192
+        peaks = {"fp32": matmul_flops_per_second(device, torch.float32, n=n),
+                 "bf16": matmul_flops_per_second(device, torch.bfloat16, n=n)}
+        console.print(f"{dev}: matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f}")
+        precision = resolve_precision(args.precision, device)
+        for arch in archs:
+            for bs in args.batch_size:
+                if args.ablation:
+                    cases = ablation_ladder(arch, dev, bs, with_compile=not args.no_compile)
+                else:
+                    cases = [Case(arch, dev, bs, precision, channels_last=True, step="default")]
+                for case in cases:
+                    result = time_case(case, splits, images=images, repeats=args.repeats, warmup_steps=args.warmup)
+                    row = result.row(train_images=len(splits.train_labels), val_images=len(splits.val_labels),
+                                     flops=flops[arch], peak_flops=peaks[case.precision])
+                    row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" \
+                        else env["cpu_model"]
+                    rows.append(row)
+                    console.print(f"  {arch} {case.step or ''} batch {bs}: {row['images_per_second']:.0f} img/s, "
+                                  f"{row['share_of_peak']:.0%} of {case.precision} peak, "
+                                  f"{row['epoch_50k_seconds'] / 60:.1f} min per 50k ({row['epoch_kind']})")
+    frame = pd.DataFrame(rows)
+    frame = _add_ratios(frame)
+    run_dir = new_record_dir(out, "devices", "bench")
+    write_csv(run_dir / "devices.csv", frame)
+    write_json(run_dir / "devices.json", {"kind": "devices", "environment": env, "rows": frame.to_dict("records"),
+                                          "args": {k: v for k, v in vars(args).items() if k != "out"}})
+    _print_table(console, frame, Table)
+    from cifarlab.report.devices import devices_page
+
+    devices_page(run_dir, frame, env)
+    console.print(f"written: {run_dir / 'index.html'}")
+    return 0
+
+
+def _add_ratios(frame):
+    """CUDA against CPU, and each ablation step against its baseline, as speed-up ratios."""
+    import numpy as np
+
+    if frame.empty or "images_per_second" not in frame:
+        return frame
+    ok = frame["status"] == "ok"
+    frame["speedup_vs_cpu"] = np.nan
+    frame["speedup_vs_baseline"] = np.nan
+    for (_arch, _bs, _step), grp in frame[ok].groupby(["arch", "batch_size", "step"]):
+        cpu = grp[grp["device"] == "cpu"]["images_per_second"]
+        if len(cpu):
+            frame.loc[grp.index, "speedup_vs_cpu"] = grp["images_per_second"] / cpu.iloc[0]
+    for (_arch, _dev, _bs), grp in frame[ok].groupby(["arch", "device", "batch_size"]):
+        base = grp[grp["step"].str.startswith("seed baseline")]["images_per_second"]
+        if len(base):
+            frame.loc[grp.index, "speedup_vs_baseline"] = grp["images_per_second"] / base.iloc[0]
+    return frame
+
+
+def _print_table(console, frame, Table) -> None:
+    table = Table(title="training throughput")
+    cols = ["arch", "device", "step", "batch", "img/s", "spread", "s / 50k epoch", "data", "share of peak",
+            "vs baseline", "vs CPU", "peak MB"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for _, r in frame.iterrows():
+        if r.get("status") != "ok":
+            table.add_row(str(r["arch"]), str(r["device"]), str(r["status"]), *[""] * (len(cols) - 3))
+            continue
+
+        def fmt(v, spec):
+            return "—" if v != v else format(v, spec)  # NaN
+        table.add_row(r["arch"], r["device"], r["step"], str(int(r["batch_size"])), f"{r['images_per_second']:.0f}",
+                      f"±{r['spread_pct']:.0f}%", f"{r['epoch_50k_seconds']:.0f} ({r['epoch_kind'][0]})",
+                      f"{r['data_share']:.1%}", f"{r['share_of_peak']:.0%}", fmt(r["speedup_vs_baseline"], ".1f"),
+                      fmt(r["speedup_vs_cpu"], ".1f"), f"{r['peak_memory_mb']:.0f}")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

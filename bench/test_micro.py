@@ -1,0 +1,53 @@
+"""One training step per architecture, the augmentation of a batch, and an evaluation batch."""
+
+import pytest
+import torch
+
+from cifarlab.augment import BatchAugmenter, Normalization
+from cifarlab.models import create_model
+from cifarlab.timing import resolve_precision
+from cifarlab.train import TrainConfig, autocast, build_optimizer, evaluate
+
+BATCH = 256
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def norm(splits):
+    return Normalization.from_images(splits.train_images)
+
+
+@pytest.mark.parametrize("arch", ["custom_resnet", "resnet18"])
+def test_train_step(benchmark, splits, norm, arch):
+    precision = resolve_precision("auto", CPU)
+    model = create_model(arch).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(TrainConfig(arch=arch), model)
+    aug = BatchAugmenter(splits.train_images, splits.train_labels, norm, CPU, channels_last=True)
+    x, y = next(aug.epoch(BATCH, torch.Generator().manual_seed(0)))
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.2)
+
+    def step():
+        with autocast(CPU, precision):
+            loss = criterion(model(x).float() * 0.125, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    benchmark.pedantic(step, rounds=5, warmup_rounds=2)
+    benchmark.extra_info.update({"images": BATCH, "precision": precision})
+
+
+def test_augment_batch(benchmark, splits, norm):
+    aug = BatchAugmenter(splits.train_images, splits.train_labels, norm, CPU, channels_last=True)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.arange(BATCH)
+    benchmark(aug.augment, idx, gen)
+
+
+def test_evaluation_batch(benchmark, splits, norm):
+    precision = resolve_precision("auto", CPU)
+    model = create_model("custom_resnet").to(memory_format=torch.channels_last)
+    images, labels = splits.val_images[:1024], splits.val_labels[:1024]
+    benchmark.pedantic(evaluate, args=(model, images, labels, norm),
+                       kwargs={"device": CPU, "precision": precision, "channels_last": True}, rounds=3,
+                       warmup_rounds=1)

@@ -1,0 +1,197 @@
+"""Epoch timing the way ``fit()`` trains: warm-up excluded, device synchronised at every clock read.
+
+Each case trains ``images`` images (``images // batch_size`` steps) ``repeats`` times after ``warmup_steps``
+untimed steps; the median and spread of those repetitions are reported. One further repetition synchronises
+the device around every step to split the time into data/augmentation and forward+backward+step (per-step
+synchronisation removes CPU/GPU overlap, so that repetition is not used for the throughput). Evaluation is
+timed on the validation split at inference speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from cifarlab.augment import AlbumentationsDataset, AugmentConfig, BatchAugmenter, Normalization, seed_pipeline
+from cifarlab.data import DataSplits
+from cifarlab.models import create_model
+from cifarlab.timing import Timer, synchronize
+from cifarlab.train import TrainConfig, autocast, build_optimizer, evaluate
+
+EPOCH_IMAGES = 50_000  # the seeds' "epoch" is the whole CIFAR-10 training set
+
+
+@dataclass(frozen=True)
+class Case:
+    arch: str
+    device: str
+    batch_size: int = 512
+    precision: str = "bf16"  # bf16 or fp32 (resolved, not auto)
+    channels_last: bool = True
+    data_path: str = "batched"  # batched (in-memory, on device) or dataloader (seed: per-sample albumentations)
+    compile: bool = False
+    step: str = ""  # the ablation step's name, when part of a ladder
+    loader_workers: int = 2
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    images_timed: int
+    repeats: int
+    seconds: list[float]  # per repetition, training only
+    data_seconds: float  # of one per-step-synchronised repetition
+    compute_seconds: float
+    eval_seconds_per_image: float
+    peak_memory_mb: float
+    compile_seconds: float | None
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_timed / self.median_seconds
+
+    def row(self, *, train_images: int, val_images: int, flops: dict | None = None,
+            peak_flops: float | None = None) -> dict:
+        ips = self.images_per_second
+        train_s = train_images / ips
+        eval_s = val_images * self.eval_seconds_per_image
+        whole = self.images_timed + self.case.batch_size > train_images  # all full batches of the split
+        split = self.data_seconds + self.compute_seconds
+        row = {
+            **asdict(self.case),
+            "images_timed": self.images_timed,
+            "repeats": self.repeats,
+            "seconds_median": self.median_seconds,
+            "seconds_min": min(self.seconds),
+            "seconds_max": max(self.seconds),
+            "spread_pct": 100 * (max(self.seconds) - min(self.seconds)) / self.median_seconds,
+            "images_per_second": ips,
+            "epoch_seconds": train_s + eval_s,
+            "epoch_50k_seconds": EPOCH_IMAGES / ips,
+            "epoch_kind": "measured" if whole else "projected",
+            "data_share": self.data_seconds / split if split else float("nan"),
+            "compute_share": self.compute_seconds / split if split else float("nan"),
+            "eval_seconds_per_epoch": eval_s,
+            "eval_share": eval_s / (train_s + eval_s),
+            "peak_memory_mb": self.peak_memory_mb,
+            "compile_seconds": self.compile_seconds,
+            "status": "ok",
+        }
+        if flops is not None:
+            achieved = ips * flops["train"]
+            row["train_gflop_per_image"] = flops["train"] / 1e9
+            row["achieved_tflops"] = achieved / 1e12
+            row["peak_tflops"] = peak_flops / 1e12 if peak_flops else float("nan")
+            row["share_of_peak"] = achieved / peak_flops if peak_flops else float("nan")
+        return row
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (kB on Linux)
+
+
+def _batches(case: Case, splits: DataSplits, norm: Normalization, device: torch.device, gen: torch.Generator):
+    """An endless stream of training batches by the case's data path."""
+    if case.data_path == "batched":
+        aug = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, AugmentConfig(),
+                             case.channels_last)
+        while True:
+            yield from aug.epoch(case.batch_size, gen)
+    dataset = AlbumentationsDataset(splits.train_images, splits.train_labels, seed_pipeline(norm))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=case.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=case.loader_workers, generator=gen,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=case.loader_workers > 0)
+    while True:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            if case.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(device, non_blocking=True)
+
+
+def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, warmup_steps: int = 5,
+              eval_images: int = 1024) -> CaseResult:
+    device = torch.device(case.device)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    norm = Normalization.from_images(splits.train_images)
+    config = TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision, device=case.device)
+    model = create_model(case.arch, splits.num_classes).to(device)
+    if case.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model: nn.Module = torch.compile(model) if case.compile else model
+    optimizer = build_optimizer(config, model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    batches = _batches(case, splits, norm, device, gen)
+    steps = max(1, images // case.batch_size)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+        with autocast(device, case.precision):
+            loss = criterion(step_model(x).float() * config.logit_scale, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    compile_seconds = None
+    model.train()
+    for i in range(warmup_steps):  # oneDNN / cuDNN build their kernels on first use; compile happens here too
+        t0 = time.perf_counter()
+        train_step(*next(batches))
+        if i == 0 and case.compile:
+            synchronize(device)
+            compile_seconds = time.perf_counter() - t0
+    seconds = []
+    for _ in range(repeats):
+        with Timer(device) as t:
+            for _ in range(steps):
+                train_step(*next(batches))
+        seconds.append(t.seconds)
+    data_s = compute_s = 0.0
+    for _ in range(steps):  # the breakdown: a synchronised clock read around each part of each step
+        with Timer(device) as td:
+            x, y = next(batches)
+        with Timer(device) as tc:
+            train_step(x, y)
+        data_s += td.seconds
+        compute_s += tc.seconds
+    n_eval = min(eval_images, len(splits.val_labels))
+    eval_kw = {"device": device, "precision": case.precision, "channels_last": case.channels_last,
+               "batch_size": 1024}
+    evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], norm, **eval_kw)  # warm-up
+    with Timer(device) as te:
+        evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], norm, **eval_kw)
+    with contextlib.suppress(StopIteration):
+        batches.close()
+    return CaseResult(case=case, images_timed=steps * case.batch_size, repeats=repeats, seconds=seconds,
+                      data_seconds=data_s, compute_seconds=compute_s, eval_seconds_per_image=te.seconds / n_eval,
+                      peak_memory_mb=peak_memory_mb(device), compile_seconds=compile_seconds)
+
+
+def ablation_ladder(arch: str, device: str, batch_size: int, *, with_compile: bool = True) -> list[Case]:
+    """The seed-style baseline, then each speed technique added in turn."""
+    base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
+                step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
+    steps = [
+        base,
+        Case(arch, device, batch_size, "bf16", False, "dataloader", step="+ bf16 autocast"),
+        Case(arch, device, batch_size, "bf16", True, "dataloader", step="+ channels_last"),
+        Case(arch, device, batch_size, "bf16", True, "batched", step="+ batched in-memory data"),
+    ]
+    if with_compile:
+        steps.append(Case(arch, device, batch_size, "bf16", True, "batched", compile=True, step="+ torch.compile"))
+    return steps

@@ -1,0 +1,64 @@
+"""The device benchmark's page: throughput, ablation ladder and share of peak, drawn from ``devices.csv``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from cifarlab.report import html
+from cifarlab.report.figures import plt, save, sns
+
+
+def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict) -> Path:
+    run_dir = Path(run_dir)
+    ok = frame[frame["status"] == "ok"].copy() if "status" in frame else frame.iloc[0:0]
+    parts = []
+    missing = frame[frame["status"] != "ok"] if "status" in frame else frame.iloc[0:0]
+    for _, r in missing.iterrows():
+        parts.append(f'<p class="note">{html.esc(r["device"])}: {html.esc(r["status"])}</p>')
+    if len(ok):
+        ok["label"] = ok["device"] + " · batch " + ok["batch_size"].astype(str)
+        sns.set_theme(style="whitegrid")
+        default = ok[~ok["step"].str.startswith("+") & ~ok["step"].str.startswith("seed")]
+        fastest = ok.loc[ok.groupby(["arch", "device", "batch_size"])["images_per_second"].idxmax()]
+        shown = default if len(default) else fastest
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        sns.barplot(data=shown, x="arch", y="epoch_50k_seconds", hue="label", ax=ax)
+        ax.set(title="training time per 50,000-image epoch", xlabel="architecture", ylabel="seconds per epoch")
+        save(fig, run_dir / "epoch_time.png")
+        parts.append("<h2>Epoch time</h2>" + html.figure("epoch_time.png", "Seconds per 50,000-image epoch"))
+
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        sns.barplot(data=ok, x="arch", y="share_of_peak", hue="step" if len(ok["step"].unique()) > 1 else "label",
+                    ax=ax)
+        ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+        ax.set(title="achieved training FLOP/s as a share of the measured matmul peak (same precision)",
+               xlabel="architecture", ylabel="share of peak")
+        save(fig, run_dir / "share_of_peak.png")
+        parts.append(html.figure("share_of_peak.png", "Share of the device's measured matmul peak"))
+
+        ladder = ok[ok["step"].str.startswith(("seed", "+"))]
+        if len(ladder):
+            fig, ax = plt.subplots(figsize=(9, 4))
+            sns.barplot(data=ladder, y="step", x="images_per_second", hue="arch", ax=ax)
+            ax.set(title="ablation ladder: each speed technique added in turn", xlabel="images per second",
+                   ylabel="")
+            save(fig, run_dir / "ablation.png")
+            parts.append("<h2>Ablation ladder</h2>" + html.figure("ablation.png", "Images per second by step"))
+        cols = [c for c in ["arch", "device", "device_name", "step", "batch_size", "precision", "channels_last",
+                            "data_path", "images_per_second", "spread_pct", "epoch_seconds", "epoch_50k_seconds",
+                            "epoch_kind", "data_share", "eval_share", "achieved_tflops", "peak_tflops",
+                            "share_of_peak", "speedup_vs_baseline", "speedup_vs_cpu", "peak_memory_mb",
+                            "compile_seconds"] if c in ok]
+        view = ok[cols].rename(columns={"images_per_second": "images/s", "spread_pct": "spread (%)",
+                                        "epoch_seconds": "epoch (s)", "epoch_50k_seconds": "50k epoch (s)",
+                                        "peak_memory_mb": "peak memory (MB)", "compile_seconds": "compile (s)",
+                                        "achieved_tflops": "achieved (TFLOP/s)", "peak_tflops": "peak (TFLOP/s)"})
+        parts.append("<h2>All measurements</h2>" + html.table(view) +
+                     '<p class="note">Epoch = 45,000 training + 5,000 validation images unless stated; "projected" '
+                     'epochs are extrapolated from the images timed. Data share: augmentation and batching, from '
+                     'a repetition synchronised around every step. <a href="devices.csv">devices.csv</a></p>')
+    env_frame = pd.DataFrame({"": list(env), "value": [str(v) for v in env.values()]})
+    parts.append("<h2>Environment</h2>" + html.table(env_frame))
+    return html.write_page(run_dir / "index.html", "cifarlab — device benchmark", "\n".join(parts))

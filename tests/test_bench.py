@@ -1,0 +1,94 @@
+"""bench.devices and the timing helpers it stands on."""
+
+import csv
+
+import pytest
+import torch
+
+from bench import devices
+from cifarlab.models import create_model
+from cifarlab.timing import Timer, training_flops_per_image
+
+
+def test_timer_synchronises_before_each_clock_read():
+    events = []
+    ticks = iter([10.0, 12.5])
+
+    def clock():
+        events.append("clock")
+        return next(ticks)
+
+    def sync(device):
+        events.append(f"sync:{device}")
+
+    with Timer(torch.device("cuda:0"), clock=clock, sync=sync) as t:
+        events.append("work")
+    assert events == ["sync:cuda:0", "clock", "work", "sync:cuda:0", "clock"]
+    assert t.seconds == 2.5
+
+
+@pytest.mark.parametrize(("arch", "gflop"), [("custom_resnet", 0.76), ("resnet18", 1.11)])
+def test_flop_counts_per_image(arch, gflop):
+    flops = training_flops_per_image(create_model(arch))
+    assert flops["forward"] / 1e9 == pytest.approx(gflop, rel=0.01)
+    assert flops["backward"] == pytest.approx(2 * flops["forward"], rel=0.01)
+    assert flops["train"] == pytest.approx(flops["forward"] + flops["backward"])
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+BENCH = ["--data", "synthetic:200:40", "--val-size", "40", "--arch", "custom_resnet", "--images", "64",
+         "--batch-size", "32", "--repeats", "2", "--warmup", "1", "--precision", "fp32"]
+
+
+def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capsys):
+    assert devices.main([*BENCH, "--out", str(tmp_path)]) == 0
+    (run_dir,) = (tmp_path / "devices").iterdir()
+    rows = read_rows(run_dir / "devices.csv")
+    expected = {"arch", "device", "batch_size", "precision", "images_per_second", "seconds_median", "seconds_min",
+                "seconds_max", "epoch_seconds", "epoch_50k_seconds", "epoch_kind", "data_share", "compute_share",
+                "eval_seconds_per_epoch", "peak_memory_mb", "achieved_tflops", "peak_tflops", "share_of_peak",
+                "speedup_vs_cpu", "status"}
+    assert expected <= set(rows[0])
+    cpu = [r for r in rows if r["device"] == "cpu"]
+    assert len(cpu) == 1 and cpu[0]["epoch_kind"] == "projected" and float(cpu[0]["images_per_second"]) > 0
+    assert float(cpu[0]["share_of_peak"]) > 0 and float(cpu[0]["data_share"]) < 1
+    if not torch.cuda.is_available():
+        assert [r["status"] for r in rows if r["device"] == "cuda"] == ["no CUDA device on this machine"]
+    page = (run_dir / "index.html").read_text()
+    assert "<img" in page and "Environment" in page and (run_dir / "epoch_time.png").is_file()
+    assert "img/s" in capsys.readouterr().out
+
+
+def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
+    assert devices.main([*BENCH, "--ablation", "--no-compile", "--out", str(tmp_path)]) == 0
+    (run_dir,) = (tmp_path / "devices").iterdir()
+    rows = [r for r in read_rows(run_dir / "devices.csv") if r["device"] == "cpu"]
+    assert [r["step"] for r in rows] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
+                                         "+ bf16 autocast", "+ channels_last", "+ batched in-memory data"]
+    assert float(rows[0]["speedup_vs_baseline"]) == 1.0
+    assert rows[0]["data_path"] == "dataloader" and rows[-1]["data_path"] == "batched"
+    assert (run_dir / "ablation.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--arch", "vgg"], "unknown architecture vgg"), (["--device", "tpu"], "invalid choice"),
+     (["--batch-size", "0"], "must be at least 1"), (["--images", "-5"], "--images must be a positive count"),
+     (["--images", "lots"], "--images must be a positive count"), (["--repeats", "x"], "expected a whole number"),
+     (["--precision", "fp16"], "invalid choice"), (["--threads", "0"], "must be at least 1"),
+     (["--batch-size", "100000"], "larger than the training set")],
+)
+def test_bad_flags(argv, message, tmp_path, capsys):
+    code = devices.main([*BENCH, *argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_only_without_cuda_is_a_user_error(tmp_path, capsys):
+    assert devices.main([*BENCH, "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
