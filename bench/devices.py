@@ -129,6 +129,7 @@ def _main(args) -> int:
 
     devices_page(run_dir, frame, env)
     console.print(f"written: {run_dir / 'index.html'}")
+    _cli.rebuild_reports(out, console)
     return 0
 
 

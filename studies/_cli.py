@@ -145,6 +145,18 @@ def console():
     return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
+def rebuild_reports(out: Path, console, storage_url: str | None = None) -> None:
+    """Redraw ``<out>/index.html`` after a command stored results; a drawing fault never loses those results."""
+    from studies.report import rebuild
+
+    try:
+        index = rebuild(out, storage_url)
+    except CifarlabError as exc:
+        print(f"reports not rebuilt: {exc}", file=sys.stderr)
+        return
+    console.print(f"reports: {index}")
+
+
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
     """Parse ``argv`` and call ``body``; a user's error becomes a short message and exit status 2, Ctrl-C 130.
 

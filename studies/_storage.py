@@ -80,13 +80,15 @@ def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
     try:
         for attempt in range(4):
             try:
-                return optuna.storages.RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=heartbeat_interval * 3,
-                    heartbeat_stale_trial_callback=retry,
-                )
+                with warnings.catch_warnings():  # heartbeats have been "experimental" since Optuna 2.9
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=heartbeat_interval * 3,
+                        heartbeat_stale_trial_callback=retry,
+                    )
             except (IntegrityError, ProgrammingError):
                 # Workers on several machines starting at once on a new database race to create its tables;
                 # the losers find them a moment later.

@@ -125,6 +125,7 @@ def _main(args) -> int:
         console.print(f"use it as: python -m studies.train --arch {args.arch} --optimizer {args.optimizer} "
                       f"--max-lr {suggestions['steepest']:.3g}")
     console.print(f"written: {run_dir}")
+    _cli.rebuild_reports(out, console)
     return 0
 
 

@@ -407,6 +407,7 @@ def _main(args, raw_argv: list[str]) -> int:
     if args.final:
         _final(args, archs, storage, budget, out, console)
     console.print(f"storage: {mask_url(url)} (optuna studies --storage {mask_url(url)})")
+    _cli.rebuild_reports(out, console, url)
     return 0
 
 
@@ -414,7 +415,10 @@ def _load(args, budget: Budget):
     from cifarlab.data import load_splits
 
     splits = load_splits(args.data, val_size=budget.val_size, seed=args.seed, cache_dir=args.cache_dir)
-    return splits.with_train_subset(budget.train_subset, seed=args.seed)
+    subset = budget.train_subset
+    if args.train_subset is None and isinstance(subset, int) and subset > len(splits.train_labels):
+        subset = None  # a preset's subset on a smaller data set: take it all (a user's count is checked)
+    return splits.with_train_subset(subset, seed=args.seed)
 
 
 def _prepare(study, args, arch, splits, budget, out, console) -> None:

@@ -148,6 +148,7 @@ def _main(args) -> int:
     write_json(run_dir / "run.json", doc)
     write_csv(run_dir / "epochs.csv", epochs)
     console.print(f"run record: {Path(run_dir) / 'run.json'}")
+    _cli.rebuild_reports(out, console)
     return 0
 
 

@@ -1,0 +1,466 @@
+"""Pages drawn from stored records alone: runs, LR range tests, studies, and the index that links them.
+
+Every page is static HTML with its figures as PNG files beside it and a CSV for pandas users; it opens from
+``file://`` with no network. Values that come from users (study names, paths) are escaped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+from cifarlab.report import html
+from cifarlab.report.figures import plt, run_curves_figure, save, sns
+from cifarlab.report.records import read_json, write_csv
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def run_page(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    doc = read_json(run_dir / "run.json")
+    cfg = doc["config"]
+    title = f"run {run_dir.name}: {cfg['arch']}"
+    parts = []
+    test = doc.get("test") or {}
+    plain, tta = test.get("plain"), test.get("flip_tta")
+    summary = {
+        "status": doc.get("status"),
+        "architecture": cfg["arch"],
+        "epochs run": len(doc["epochs"]),
+        "wall time (min)": f"{doc.get('wall_seconds', 0) / 60:.1f}",
+    }
+    if doc["epochs"]:
+        last = doc["epochs"][-1]
+        summary["final val accuracy"] = f"{last['val_accuracy']:.2%}"
+        summary["median images/s"] = f"{np.median([e['images_per_second'] for e in doc['epochs']]):.0f}"
+    if plain:
+        summary["test accuracy"] = f"{plain['accuracy']:.2%}"
+    if tta:
+        summary["test accuracy, flip TTA"] = f"{tta['accuracy']:.2%}"
+    parts.append(html.table(pd.DataFrame({"": list(summary), "value": [str(v) for v in summary.values()]})))
+
+    epochs = pd.DataFrame(doc["epochs"])
+    if len(epochs):
+        write_csv(run_dir / "epochs.csv", epochs)
+        run_curves_figure(
+            epochs,
+            run_dir / "curves.png",
+            f"{cfg['arch']}: {cfg['optimizer']}, max LR {cfg['max_lr']:g}, batch {cfg['batch_size']}",
+        )
+        parts.append(
+            "<h2>Learning curves</h2>" + html.figure("curves.png", "Loss, accuracy and learning rate by epoch")
+        )
+        view = epochs.copy()
+        for c in ("train_accuracy", "val_accuracy"):
+            view[c] = (view[c] * 100).round(2)
+        view = view.rename(
+            columns={
+                "train_accuracy": "train acc (%)",
+                "val_accuracy": "val acc (%)",
+                "epoch_seconds": "epoch (s)",
+                "train_seconds": "train (s)",
+                "data_seconds": "augmentation (s)",
+                "eval_seconds": "eval (s)",
+                "images_per_second": "images/s",
+                "lr": "LR",
+            }
+        )
+        parts.append(
+            "<h2>Per epoch</h2>" + html.table(view) + '<p class="note"><a href="epochs.csv">epochs.csv</a></p>'
+        )
+    if plain:
+        classes = doc["data"]["classes"]
+        per_class = pd.DataFrame(
+            {"class": classes, "accuracy (%)": np.round(np.array(plain["per_class_accuracy"]) * 100, 2)}
+        )
+        if tta:
+            per_class["accuracy, flip TTA (%)"] = np.round(np.array(tta["per_class_accuracy"]) * 100, 2)
+        write_csv(run_dir / "per_class.csv", per_class)
+        parts.append("<h2>Test set by class</h2>" + html.table(per_class))
+        confusion = np.array(plain["confusion"])
+        sns.set_theme(style="white")
+        fig, ax = plt.subplots(figsize=(7, 6))
+        sns.heatmap(
+            confusion,
+            annot=True,
+            fmt="d",
+            cmap="Blues",
+            xticklabels=classes,
+            yticklabels=classes,
+            ax=ax,
+            cbar_kws={"label": "test images"},
+        )
+        ax.set(title="confusion matrix (test set)", xlabel="predicted class", ylabel="true class")
+        save(fig, run_dir / "confusion.png")
+        parts.append(html.figure("confusion.png", "Confusion matrix on the test set"))
+        grid = _misclassified_grid(doc, run_dir / "misclassified.png")
+        if grid:
+            parts.append("<h2>Misclassified test images</h2>" + html.figure(grid, "Misclassified: true → predicted"))
+    config = pd.DataFrame({"setting": list(cfg), "value": [str(v) for v in cfg.values()]})
+    resolved = doc.get("resolved", {})
+    parts.append(
+        "<h2>Configuration</h2>"
+        + html.table(config)
+        + html.table(pd.DataFrame({"resolved": list(resolved), "value": [str(v) for v in resolved.values()]}))
+    )
+    data = doc.get("data", {})
+    parts.append("<h2>Data</h2>" + html.table(pd.DataFrame({"": list(data), "value": [str(v) for v in data.values()]})))
+    env = doc.get("environment", {})
+    parts.append(
+        "<h2>Environment</h2>" + html.table(pd.DataFrame({"": list(env), "value": [str(v) for v in env.values()]}))
+    )
+    return html.write_page(run_dir / "index.html", title, "\n".join(parts))
+
+
+def _misclassified_grid(doc: dict, path: Path, n: int = 24) -> str | None:
+    """A grid of misclassified test images (true → predicted), read back from the run's data source."""
+    from cifarlab.data import load_raw
+    from cifarlab.errors import CifarlabError
+
+    plain = doc["test"]["plain"]
+    try:
+        raw = load_raw(doc["data"]["source"], download=False)
+    except (CifarlabError, OSError):
+        return None
+    preds = np.array(plain["predictions"])
+    if len(preds) != len(raw.test_labels):
+        return None
+    wrong = np.flatnonzero(preds != raw.test_labels)[:n]
+    if not len(wrong):
+        return None
+    classes = doc["data"]["classes"]
+    cols = 8
+    rows = int(np.ceil(len(wrong) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.75))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, i in zip(np.atleast_1d(axes).ravel(), wrong):
+        ax.imshow(raw.test_images[i], interpolation="nearest")
+        ax.set_title(f"{classes[raw.test_labels[i]]}\n→ {classes[preds[i]]}", fontsize=7)
+    fig.suptitle("misclassified test images: true → predicted")
+    save(fig, path)
+    return path.name
+
+
+# ------------------------------------------------------------------------------------------------ lrfind
+
+
+def lrfind_page(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    doc = read_json(run_dir / "lrfind.json")
+    title = f"LR range test {run_dir.name}: {doc['arch']}, {doc['optimizer']}"
+    sugg = pd.DataFrame({"rule": list(doc["suggestions"]), "max LR": list(doc["suggestions"].values())})
+    sugg["LRMIN = max LR / 25"] = sugg["max LR"] / 25
+    facts = {
+        "architecture": doc["arch"],
+        "optimizer": doc["optimizer"],
+        "batch size": doc["batch_size"],
+        "weight decay": doc["weight_decay"],
+        "steps run": len(doc["lrs"]),
+        "of steps": doc["num_steps"],
+        "stopped at divergence": doc["diverged"],
+        "LR range": f"{doc['start_lr']:g} to {doc['end_lr']:g}",
+    }
+    body = (
+        html.table(pd.DataFrame({"": list(facts), "value": [str(v) for v in facts.values()]}))
+        + "<h2>Suggestions</h2>"
+        + html.table(sugg, float_format="{:.3e}")
+        + html.figure("lrfind.png", "Training loss against learning rate (log axis), suggestions marked")
+        + '<p class="note"><a href="lrfind.csv">lrfind.csv</a></p>'
+    )
+    return html.write_page(run_dir / "index.html", title, body)
+
+
+# ------------------------------------------------------------------------------------------------ studies
+
+
+def study_slug(name: str) -> str:
+    """A file-system-safe folder name for a study, unique even when names differ only in odd characters."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:50].strip("._") or "study"
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def study_frame(study) -> pd.DataFrame:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        epochs = t.user_attrs.get("epochs", [])
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "optimizer": t.params.get("optimizer"),
+                "max_lr": t.params.get("max_lr"),
+                "batch_size": t.params.get("batch_size"),
+                "val_accuracy": t.value,
+                "epochs_run": len(epochs),
+                "seconds": t.duration.total_seconds() if t.duration else None,
+                "images_per_second": t.user_attrs.get("images_per_second"),
+                "seed_config": bool(t.user_attrs.get("seed_config")),
+                "reason": t.user_attrs.get("pruned_reason") or t.user_attrs.get("fail_reason") or "",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def study_page(study, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = study_frame(study)
+    write_csv(out_dir / "trials.csv", frame)
+    parts = []
+    done = frame[frame["state"] == "complete"] if len(frame) else frame
+    counts = frame["state"].value_counts().to_dict() if len(frame) else {}
+    parts.append(
+        f'<p class="note">{len(frame)} trials: ' + html.esc(", ".join(f"{v} {k}" for k, v in counts.items())) + "</p>"
+    )
+    if len(done):
+        best = done.loc[done["val_accuracy"].idxmax()]
+        seed = done[done["seed_config"]]
+        cmp = [{"": "best", **{k: best[k] for k in ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")}}]
+        if len(seed):
+            s = seed.iloc[0]
+            cmp.append(
+                {
+                    "": "seed configuration",
+                    **{k: s[k] for k in ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")},
+                }
+            )
+        table = pd.DataFrame(cmp)
+        table["val_accuracy"] = (table["val_accuracy"] * 100).round(2)
+        parts.append(
+            "<h2>Best against the seed</h2>" + html.table(table.rename(columns={"val_accuracy": "val acc (%)"}))
+        )
+        final = study.user_attrs.get("final")
+        if final:
+            parts.append(
+                f"<p>Final retrain ({final['epochs']} epochs, {len(final['runs'])} seed(s)): test accuracy "
+                f"<b>{final['mean']:.2%} ± {final['std']:.2%}</b></p>"
+            )
+        parts.append(_study_figures(study, frame, out_dir))
+    view = frame.copy()
+    if len(view):
+        view["val_accuracy"] = (view["val_accuracy"] * 100).round(2)
+    parts.append(
+        "<h2>Trials</h2>"
+        + html.table(view.rename(columns={"val_accuracy": "val acc (%)", "seconds": "seconds (s)"}))
+        + '<p class="note"><a href="trials.csv">trials.csv</a></p>'
+    )
+    spec = study.user_attrs.get("spec")
+    if spec:
+        parts.append("<h2>Study definition</h2><pre>" + html.esc(json.dumps(spec, indent=2)) + "</pre>")
+    return html.write_page(out_dir / "index.html", f"study {study.study_name}", "\n".join(parts))
+
+
+def _study_figures(study, frame: pd.DataFrame, out_dir: Path) -> str:
+    sns.set_theme(style="whitegrid")
+    parts = []
+    done = frame[frame["state"] == "complete"].copy()
+    done["val acc (%)"] = done["val_accuracy"] * 100
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    sns.scatterplot(
+        data=frame.assign(**{"val acc (%)": frame["val_accuracy"] * 100}),
+        x="trial",
+        y="val acc (%)",
+        hue="state",
+        ax=ax,
+    )
+    ordered = done.sort_values("trial")
+    ax.plot(
+        ordered["trial"], ordered["val acc (%)"].cummax(), color="black", drawstyle="steps-post", label="running best"
+    )
+    ax.legend(fontsize=8)
+    ax.set(title="optimisation history", xlabel="trial number", ylabel="validation accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    save(fig, out_dir / "history.png")
+    parts.append("<h2>Figures</h2>" + html.figure("history.png", "Validation accuracy by trial, with the running best"))
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    sns.scatterplot(data=done, x="max_lr", y="val acc (%)", hue="optimizer", size="batch_size", sizes=(30, 200), ax=ax)
+    ax.set_xscale("log")
+    ax.set(
+        title="max learning rate against validation accuracy",
+        xlabel="max LR (log scale)",
+        ylabel="validation accuracy (%)",
+    )
+    ax.legend(fontsize=7, loc="best")
+    save(fig, out_dir / "max_lr.png")
+    parts.append(
+        html.figure("max_lr.png", "Max LR (log axis) against validation accuracy; colour: optimizer, size: batch size")
+    )
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    sns.stripplot(data=done, x="batch_size", y="val acc (%)", ax=axes[0], size=6)
+    axes[0].set(title="by batch size", xlabel="batch size (images)", ylabel="validation accuracy (%)")
+    sns.stripplot(data=done, x="optimizer", y="val acc (%)", ax=axes[1], size=6)
+    axes[1].set(title="by optimizer", xlabel="optimizer", ylabel="validation accuracy (%)")
+    save(fig, out_dir / "by_param.png")
+    parts.append(html.figure("by_param.png", "Validation accuracy by batch size and by optimizer"))
+
+    top = done.nlargest(5, "val_accuracy")["trial"].tolist()
+    curves = []
+    for t in study.get_trials(deepcopy=False):
+        if t.number in top:
+            curves += [
+                {"trial": str(t.number), "epoch": e["epoch"], "val acc (%)": e["val_accuracy"] * 100}
+                for e in t.user_attrs.get("epochs", [])
+            ]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
+        sns.lineplot(data=pd.DataFrame(curves), x="epoch", y="val acc (%)", hue="trial", marker="o", ax=ax)
+        ax.set(title="learning curves of the top trials", xlabel="epoch", ylabel="validation accuracy (%)")
+        save(fig, out_dir / "curves.png")
+        parts.append(html.figure("curves.png", "Validation accuracy by epoch, top five trials"))
+    importance = _importance(study)
+    if importance:
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        sns.barplot(x=list(importance.values()), y=list(importance), ax=ax)
+        ax.set(title="hyperparameter importance (Optuna fANOVA)", xlabel="importance (share of variance)", ylabel="")
+        save(fig, out_dir / "importance.png")
+        parts.append(html.figure("importance.png", "Hyperparameter importance"))
+    return "\n".join(parts)
+
+
+def _importance(study) -> dict[str, float]:
+    import warnings
+
+    import optuna
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(complete) < 3:
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return optuna.importance.get_param_importances(study)
+    except (RuntimeError, ValueError):  # e.g. a parameter that never varied
+        return {}
+
+
+# ------------------------------------------------------------------------------------------------ index
+
+
+def build_index(out: Path, studies: list | None = None) -> Path:
+    """``out/index.html``: every study, run, LR range test and device benchmark, newest first."""
+    out = Path(out)
+    parts = []
+    if studies:
+        rows = []
+        for study in studies:
+            slug = study_slug(study.study_name)
+            page = study_page(study, out / "studies" / slug)
+            frame = study_frame(study)
+            done = frame[frame["state"] == "complete"] if len(frame) else frame
+            arch = (study.user_attrs.get("spec") or {}).get("arch", "")
+            started = min(
+                (t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start), default=None
+            )
+            rows.append(
+                (
+                    started.isoformat() if started else "",
+                    f'<a href="{html.esc(page.relative_to(out))}">{html.esc(study.study_name)}</a>',
+                    html.esc(arch),
+                    f"{done['val_accuracy'].max():.2%}" if len(done) else "—",
+                    html.esc(", ".join(f"{v} {k}" for k, v in frame["state"].value_counts().items()))
+                    if len(frame)
+                    else "0",
+                )
+            )
+        rows.sort(reverse=True)
+        parts.append(
+            "<h2>Studies</h2>" + _rows(["started", "study", "architecture", "best val accuracy", "trials"], rows)
+        )
+    run_rows = []
+    for path in sorted((out / "runs").glob("*/run.json"), reverse=True):
+        try:
+            doc = read_json(path)
+            page = run_page(path.parent) if _stale(path.parent / "index.html", path) else path.parent / "index.html"
+        except (OSError, ValueError, KeyError):
+            continue
+        test = (doc.get("test") or {}).get("plain")
+        run_rows.append(
+            (
+                html.esc(path.parent.name[:15]),
+                f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>',
+                html.esc(doc["config"]["arch"]),
+                str(len(doc["epochs"])),
+                f"{doc['epochs'][-1]['val_accuracy']:.2%}" if doc["epochs"] else "—",
+                f"{test['accuracy']:.2%}" if test else "—",
+            )
+        )
+    if run_rows:
+        parts.append(
+            "<h2>Runs</h2>"
+            + _rows(["time", "run", "architecture", "epochs", "val accuracy", "test accuracy"], run_rows)
+        )
+    lr_rows = []
+    for path in sorted((out / "lrfind").glob("*/lrfind.json"), reverse=True):
+        try:
+            doc = read_json(path)
+            page = lrfind_page(path.parent) if _stale(path.parent / "index.html", path) else path.parent / "index.html"
+        except (OSError, ValueError, KeyError):
+            continue
+        s = doc.get("suggestions", {})
+        lr_rows.append(
+            (
+                html.esc(path.parent.name[:15]),
+                f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>',
+                html.esc(doc["arch"]),
+                html.esc(doc["optimizer"]),
+                f"{s['steepest']:.3g}" if "steepest" in s else "—",
+                f"{s['min_div_10']:.3g}" if "min_div_10" in s else "—",
+            )
+        )
+    if lr_rows:
+        parts.append(
+            "<h2>LR range tests</h2>"
+            + _rows(["time", "test", "architecture", "optimizer", "steepest", "min / 10"], lr_rows)
+        )
+    dev_rows = []
+    for path in sorted((out / "devices").glob("*/devices.json"), reverse=True):
+        if not (path.parent / "index.html").is_file():
+            continue
+        try:
+            doc = read_json(path)
+        except (OSError, ValueError):
+            continue
+        ok = [r for r in doc.get("rows", []) if r.get("status") == "ok"]
+        best = max((r["images_per_second"] for r in ok), default=None)
+        dev_rows.append(
+            (
+                html.esc(path.parent.name[:15]),
+                f'<a href="{html.esc(path.parent.relative_to(out))}/index.html">{html.esc(path.parent.name)}</a>',
+                html.esc(doc.get("environment", {}).get("cpu_model", "")),
+                str(len(ok)),
+                f"{best:.0f}" if best else "—",
+            )
+        )
+    if dev_rows:
+        parts.append(
+            "<h2>Device benchmarks</h2>"
+            + _rows(["time", "benchmark", "CPU", "measurements", "best images/s"], dev_rows)
+        )
+    if not parts:
+        parts.append(
+            '<p class="note">Nothing stored yet: run <code>python -m studies.train</code> or '
+            "<code>python -m studies.onecycle</code>.</p>"
+        )
+    return html.write_page(out / "index.html", "cifarlab reports", "\n".join(parts))
+
+
+def _stale(page: Path, record: Path) -> bool:
+    """A page is redrawn when it is missing or older than its record."""
+    return not page.is_file() or page.stat().st_mtime < record.stat().st_mtime
+
+
+def _rows(header: list[str], rows: list[tuple]) -> str:
+    """A table from cells that are already escaped HTML (links)."""
+    head = "".join(f"<th>{html.esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,73 @@
+"""Rebuild every report page from stored records alone: ``python -m studies.report``.
+
+Reads ``<out>/runs``, ``<out>/lrfind``, ``<out>/devices`` and the studies in the storage (default: the
+embedded SQLite file under ``<out>/studies``), and writes ``<out>/index.html`` with one page per item.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from studies import _cli
+
+PROG = "python -m studies.report"
+
+
+def build_parser():
+    p = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    _cli.add_out_argument(p)
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: <out>/studies/studies.db if present)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _cli.run(build_parser(), _main, argv)
+
+
+def rebuild(out: Path, storage_url: str | None = None) -> Path:
+    """Write ``out/index.html`` and every page it links; used by every command that stores results."""
+    from cifarlab.report.pages import build_index
+
+    studies = []
+    url = storage_url
+    default_db = Path(out) / "studies" / "studies.db"
+    if url is None and default_db.is_file():
+        url = f"sqlite:///{default_db.resolve()}"
+    if url is not None:
+        import optuna
+
+        from studies._storage import open_storage
+
+        storage = open_storage(url)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+            studies.append(optuna.load_study(study_name=summary.study_name, storage=storage))
+    return build_index(Path(out), studies)
+
+
+def _main(args) -> int:
+    from cifarlab.errors import ConfigError
+    from studies._storage import mask_url, scrub
+
+    out = Path(args.out)
+    if not out.is_dir():
+        raise ConfigError(f"no output folder {out}; pass --out with the folder the commands wrote to")
+    if not (out.stat().st_mode & 0o200) or not _writable(out):
+        raise ConfigError(f"output folder {out} cannot be written; pass a writable --out")
+    try:
+        index = rebuild(out, args.storage)
+    except ConfigError as exc:
+        raise ConfigError(scrub(str(exc), args.storage)) from None
+    print(f"written: {index}" + (f" (studies from {mask_url(args.storage)})" if args.storage else ""))
+    return 0
+
+
+def _writable(out: Path) -> bool:
+    import os
+
+    return os.access(out, os.W_OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Report pages drawn from records made here: they parse, links resolve, images decode, names are escaped,
+and a headless browser loads every image."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import devices
+from studies import lrfind, onecycle, report, train
+
+EVIL = 'x<script>alert("pwn")</script>&"'
+SYNTH = ["--data", "synthetic:200:40", "--val-size", "40"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reports")
+    common = ["--out", str(out)]
+    assert train.main([*SYNTH, "--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--quiet", *common]) == 0
+    assert lrfind.main([*SYNTH, "--steps", "8", "--batch-size", "32", "--precision", "fp32", *common]) == 0
+    assert onecycle.main([*SYNTH, "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet", "--seed-max-lr",
+                          "0.003", "--precision", "fp32", "--study-name", EVIL, "--quiet", *common]) == 0
+    assert devices.main([*SYNTH, "--arch", "custom_resnet", "--images", "32", "--batch-size", "32", "--repeats", "1",
+                         "--warmup", "1", "--precision", "fp32", *common]) == 0
+    return out
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.refs: list[tuple[str, str]] = []
+        self.scripts = 0
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "script":
+            self.scripts += 1
+        for key in ("href", "src"):
+            if attrs.get(key):
+                self.refs.append((tag, attrs[key]))
+
+
+def pages(out: Path) -> list[Path]:
+    return sorted(out.rglob("index.html"))
+
+
+def test_index_lists_every_kind_of_record(out):
+    text = (out / "index.html").read_text()
+    for heading in ("Studies", "Runs", "LR range tests", "Device benchmarks"):
+        assert f"<h2>{heading}</h2>" in text
+    assert len(pages(out)) == 5  # index, run, LR test, study, devices
+
+
+def test_every_page_parses_and_every_link_and_image_resolves(out):
+    checked_images = 0
+    for page in pages(out):
+        parser = Links()
+        parser.feed(page.read_text())
+        assert parser.scripts == 0, page
+        for tag, ref in parser.refs:
+            assert not re.match(r"^[a-z]+://", ref), f"{page}: external reference {ref}"
+            target = (page.parent / ref).resolve()
+            assert target.is_file(), f"{page}: broken link {ref}"
+            if tag == "img":
+                with Image.open(target) as im:
+                    im.verify()
+                checked_images += 1
+    assert checked_images >= 10
+
+
+def test_study_name_with_markup_is_inert(out):
+    for page in pages(out):
+        text = page.read_text()
+        assert "<script>" not in text, page
+    index = (out / "index.html").read_text()
+    assert "x&lt;script&gt;alert(&quot;pwn&quot;)&lt;/script&gt;&amp;&quot;-custom_resnet" in index
+
+
+def test_study_page_has_the_tables_and_figures(out):
+    (study_page,) = [p for p in pages(out) if p.parent.parent.name == "studies"]
+    text = study_page.read_text()
+    assert "Best against the seed" in text and "seed configuration" in text
+    for fig in ("history.png", "max_lr.png", "by_param.png", "curves.png"):
+        assert (study_page.parent / fig).is_file()
+    assert (study_page.parent / "trials.csv").read_text().startswith("trial,state,optimizer,max_lr,batch_size")
+
+
+def test_run_page_has_per_class_table_confusion_and_misclassified_grid(out):
+    (run_page,) = [p for p in pages(out) if p.parent.parent.name == "runs"]
+    text = run_page.read_text()
+    assert "Test set by class" in text and "class9" in text
+    assert (run_page.parent / "confusion.png").is_file() and (run_page.parent / "misclassified.png").is_file()
+    assert (run_page.parent / "per_class.csv").is_file()
+
+
+def test_report_command_rebuilds_from_stored_records_alone(out, capsys):
+    (out / "index.html").unlink()
+    assert report.main(["--out", str(out)]) == 0
+    assert (out / "index.html").is_file() and "written:" in capsys.readouterr().out
+
+
+def test_report_command_bad_out(tmp_path, capsys):
+    assert report.main(["--out", str(tmp_path / "missing")]) == 2
+    assert "no output folder" in capsys.readouterr().err
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--hide-scrollbars"]
+
+
+@pytest.mark.skipif(_chromium() is None and not os.environ.get("CI"), reason="no chromium here (CI installs it)")
+def test_browser_renders_index_and_study_page_with_every_image(out, tmp_path):
+    browser = _chromium()
+    assert browser, "CI must install Debian's chromium for the browser check"
+    study_page = next(p for p in pages(out) if p.parent.parent.name == "studies")
+    for page in (out / "index.html", study_page):
+        # A copy beside the page (same relative paths) that reports unloaded images in its title once loaded.
+        probe = page.with_name("_probe.html")
+        probe.write_text(page.read_text().replace(
+            "</body>", "<script>window.addEventListener('load', () => { const bad = [...document.images]"
+            ".filter(i => !(i.complete && i.naturalWidth > 0)); document.title = 'images:' + "
+            "document.images.length + ' broken:' + bad.length; });</script></body>"))
+        profile = tmp_path / f"profile-{page.parent.name}"
+        dom = subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=10000",
+                              "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+        probe.unlink()
+        title = re.search(r"<title>(images:\d+ broken:\d+)</title>", dom.stdout)
+        assert title, dom.stdout[-500:] + dom.stderr[-500:]
+        n, broken = map(int, re.findall(r"\d+", title.group(1)))
+        assert broken == 0
+        if page != out / "index.html":
+            assert n >= 4
+        shot = tmp_path / f"{page.parent.name}.png"
+        subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", "--window-size=1280,2400",
+                        f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120, check=True)
+        with Image.open(shot) as im:
+            assert im.size == (1280, 2400)
+            assert len(np.unique(np.asarray(im.convert("L")))) > 8  # not a blank page
+        if os.environ.get("CIFARLAB_SCREENSHOTS"):  # keep them for a person to look at
+            shutil.copy(shot, Path(os.environ["CIFARLAB_SCREENSHOTS"]) / shot.name)
