@@ -90,6 +90,7 @@ def build_parser():
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried")
     p.add_argument("--worker-index", type=int, default=None, help=_cli.argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--no-report", action="store_true", help="do not redraw the HTML reports at the end")
     _cli.add_out_argument(p)
     p.add_argument("--data", default=None, help="data source, as for studies.train (default: $CIFARLAB_DATA)")
     p.add_argument("--cache-dir", default=None, help="decoded-array cache folder")
@@ -407,7 +408,8 @@ def _main(args, raw_argv: list[str]) -> int:
     if args.final:
         _final(args, archs, storage, budget, out, console)
     console.print(f"storage: {mask_url(url)} (optuna studies --storage {mask_url(url)})")
-    _cli.rebuild_reports(out, console, url)
+    if not args.no_report:
+        _cli.rebuild_reports(out, console, url)
     return 0
 
 
@@ -498,7 +500,7 @@ def _spawn_workers(args, raw_argv, arch, study, console) -> None:
 
 def _strip_flags(argv: list[str], names: set[str]) -> list[str]:
     out, skip = [], False
-    valueless = {"--final", "--quiet"}
+    valueless = {"--final", "--quiet", "--no-report"}
     for tok in argv:
         if skip:
             skip = False

@@ -363,7 +363,7 @@ def build_index(out: Path, studies: list | None = None) -> Path:
             )
             rows.append(
                 (
-                    started.isoformat() if started else "",
+                    started.strftime("%Y-%m-%d %H:%M") if started else "",
                     f'<a href="{html.esc(page.relative_to(out))}">{html.esc(study.study_name)}</a>',
                     html.esc(arch),
                     f"{done['val_accuracy'].max():.2%}" if len(done) else "—",
@@ -377,12 +377,7 @@ def build_index(out: Path, studies: list | None = None) -> Path:
             "<h2>Studies</h2>" + _rows(["started", "study", "architecture", "best val accuracy", "trials"], rows)
         )
     run_rows = []
-    for path in sorted((out / "runs").glob("*/run.json"), reverse=True):
-        try:
-            doc = read_json(path)
-            page = run_page(path.parent) if _stale(path.parent / "index.html", path) else path.parent / "index.html"
-        except (OSError, ValueError, KeyError):
-            continue
+    for path, doc, page in _records(out, "runs", "run.json", run_page):
         test = (doc.get("test") or {}).get("plain")
         run_rows.append(
             (
@@ -400,12 +395,7 @@ def build_index(out: Path, studies: list | None = None) -> Path:
             + _rows(["time", "run", "architecture", "epochs", "val accuracy", "test accuracy"], run_rows)
         )
     lr_rows = []
-    for path in sorted((out / "lrfind").glob("*/lrfind.json"), reverse=True):
-        try:
-            doc = read_json(path)
-            page = lrfind_page(path.parent) if _stale(path.parent / "index.html", path) else path.parent / "index.html"
-        except (OSError, ValueError, KeyError):
-            continue
+    for path, doc, page in _records(out, "lrfind", "lrfind.json", lrfind_page):
         s = doc.get("suggestions", {})
         lr_rows.append(
             (
@@ -452,6 +442,22 @@ def build_index(out: Path, studies: list | None = None) -> Path:
             "<code>python -m studies.onecycle</code>.</p>"
         )
     return html.write_page(out / "index.html", "cifarlab reports", "\n".join(parts))
+
+
+def _records(out: Path, kind: str, name: str, draw):
+    """(record path, record, page) for each stored record of ``kind``, newest first; pages redrawn when stale.
+
+    An unreadable record is left out of the index rather than failing the whole report.
+    """
+    for path in sorted((out / kind).glob(f"*/{name}"), reverse=True):
+        page = path.parent / "index.html"
+        try:
+            doc = read_json(path)
+            if _stale(page, path):
+                page = draw(path.parent)
+        except (OSError, ValueError, KeyError):
+            continue
+        yield path, doc, page
 
 
 def _stale(page: Path, record: Path) -> bool:
