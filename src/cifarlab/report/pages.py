@@ -132,7 +132,9 @@ def _misclassified_grid(doc: dict, path: Path, n: int = 24) -> str | None:
     preds = np.array(plain["predictions"])
     if len(preds) != len(raw.test_labels):
         return None
-    wrong = np.flatnonzero(preds != raw.test_labels)[:n]
+    wrong = np.flatnonzero(preds != raw.test_labels)
+    # A seeded sample across the whole test set: the first errors would all be of its first class.
+    wrong = np.sort(np.random.default_rng(0).choice(wrong, size=min(n, len(wrong)), replace=False))
     if not len(wrong):
         return None
     classes = doc["data"]["classes"]
