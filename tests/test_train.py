@@ -23,12 +23,11 @@ def quick(**kw):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_short_training_on_real_subset_learns(real_data_path):
-    splits = load_splits(real_data_path, val_size=1000, seed=0).with_train_subset(2560, seed=0)
-    result = fit(TrainConfig(epochs=3, batch_size=128, max_lr=0.1, label_smoothing=0.0), splits, test=True)
+    splits = load_splits(real_data_path, val_size=500, seed=0).with_train_subset(2048, seed=0)
+    result = fit(TrainConfig(epochs=3, batch_size=128, max_lr=0.1, label_smoothing=0.0), splits)
     losses = [r.train_loss for r in result.records]
     assert losses[-1] < losses[0] * 0.9, losses
-    assert result.records[-1].val_accuracy > 0.25  # chance is 0.10
-    assert result.test is not None and result.test.accuracy > 0.25
+    assert result.records[-1].val_accuracy > 0.25  # chance is 0.10 on 500 held-out real images
     assert all(r.images_per_second > 0 and r.epoch_seconds > 0 for r in result.records)
 
 
