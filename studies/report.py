@@ -48,25 +48,19 @@ def rebuild(out: Path, storage_url: str | None = None) -> Path:
 
 def _main(args) -> int:
     from cifarlab.errors import ConfigError
+    from cifarlab.report.records import check_writable
     from studies._storage import mask_url, scrub
 
     out = Path(args.out)
     if not out.is_dir():
         raise ConfigError(f"no output folder {out}; pass --out with the folder the commands wrote to")
-    if not (out.stat().st_mode & 0o200) or not _writable(out):
-        raise ConfigError(f"output folder {out} cannot be written; pass a writable --out")
+    check_writable(out)
     try:
         index = rebuild(out, args.storage)
     except ConfigError as exc:
         raise ConfigError(scrub(str(exc), args.storage)) from None
     print(f"written: {index}" + (f" (studies from {mask_url(args.storage)})" if args.storage else ""))
     return 0
-
-
-def _writable(out: Path) -> bool:
-    import os
-
-    return os.access(out, os.W_OK)
 
 
 if __name__ == "__main__":

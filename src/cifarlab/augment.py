@@ -103,6 +103,13 @@ class AlbumentationsDataset(torch.utils.data.Dataset):
         return self.transform(image=self.images[i])["image"], int(self.labels[i])
 
 
+def _pixel_scale(norm: Normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and 1/std on the 0..255 pixel scale, shaped to broadcast over NCHW batches."""
+    mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255.0
+    inv_std = 1.0 / (torch.tensor(norm.std, device=device).view(1, 3, 1, 1) * 255.0)
+    return mean, inv_std
+
+
 class BatchAugmenter:
     """Batched augmentation of an in-memory uint8 dataset on ``device``.
 
@@ -127,8 +134,7 @@ class BatchAugmenter:
         self.images = torch.from_numpy(np.ascontiguousarray(padded.transpose(0, 3, 1, 2))).to(device)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         self.size = images.shape[1]
-        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(norm.std, device=device).view(1, 3, 1, 1) * 255.0)
+        self.mean, self.inv_std = _pixel_scale(norm, device)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -184,8 +190,7 @@ class EvalBatches:
                  channels_last: bool = False) -> None:
         self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
-        self.mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255.0
-        self.inv_std = 1.0 / (torch.tensor(norm.std, device=device).view(1, 3, 1, 1) * 255.0)
+        self.mean, self.inv_std = _pixel_scale(norm, device)
         self.channels_last = channels_last
 
     def __len__(self) -> int:

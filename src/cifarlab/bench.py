@@ -9,7 +9,6 @@ timed on the validation split at inference speed.
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import statistics
 import time
@@ -175,8 +174,7 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
     evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], norm, **eval_kw)  # warm-up
     with Timer(device) as te:
         evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], norm, **eval_kw)
-    with contextlib.suppress(StopIteration):
-        batches.close()
+    batches.close()  # stops DataLoader workers of the seed-style path
     return CaseResult(case=case, images_timed=steps * case.batch_size, repeats=repeats, seconds=seconds,
                       data_seconds=data_s, compute_seconds=compute_s, eval_seconds_per_image=te.seconds / n_eval,
                       peak_memory_mb=peak_memory_mb(device), compile_seconds=compile_seconds)

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -98,9 +98,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 @dataclass
@@ -373,7 +370,3 @@ def fit(
     result.wall_seconds = time.perf_counter() - wall_start
     return result
 
-
-def with_overrides(config: TrainConfig, **changes: object) -> TrainConfig:
-    """A copy of ``config`` with ``changes`` applied and validated."""
-    return replace(config, **changes)
