@@ -65,6 +65,15 @@ def positive_float(text: str) -> float:
 
 def count_or_fraction(text: str) -> int | float:
     """``5000`` (a count) or ``0.1`` (a fraction of the available images)."""
+    return _count_or_fraction(text, minimum=1)
+
+
+def count_fraction_or_zero(text: str) -> int | float:
+    """As ``count_or_fraction``, and ``0`` for none."""
+    return _count_or_fraction(text, minimum=0)
+
+
+def _count_or_fraction(text: str, *, minimum: int) -> int | float:
     try:
         value: int | float = int(text)
     except ValueError:
@@ -77,8 +86,8 @@ def count_or_fraction(text: str) -> int | float:
         if not 0 < value <= 1:
             raise argparse.ArgumentTypeError(f"a fraction must lie in (0, 1], got {text}")
         return value
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a count must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"a count must be at least {minimum}, got {value}")
     return value
 
 
@@ -113,13 +122,14 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **extra: object):
     return cls(**values)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, allow_no_val: bool = False) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", default=None,
                        help="ImageFolder tree with train/ and test/, 'torchvision[:ROOT]', or 'synthetic[:N]' "
                             "(default: $CIFARLAB_DATA, else torchvision's CIFAR10 in the cache folder)")
-    group.add_argument("--val-size", type=count_or_fraction, default=5000,
-                       help="validation hold-out of the training set: a count or a fraction (default: 5000)")
+    group.add_argument("--val-size", type=count_fraction_or_zero if allow_no_val else count_or_fraction, default=5000,
+                       help="validation hold-out of the training set: a count or a fraction (default: 5000)"
+                            + ("; 0 trains on every training image and validates on none" if allow_no_val else ""))
     group.add_argument("--train-subset", type=count_or_fraction, default=None,
                        help="train on a seeded, stratified subset: a count or a fraction (default: all)")
     group.add_argument("--cache-dir", default=None,

@@ -20,7 +20,7 @@ def build_parser():
 
     parser = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     _cli.add_dataclass_arguments(parser, TrainConfig)
-    _cli.add_data_arguments(parser)
+    _cli.add_data_arguments(parser, allow_no_val=True)
     _cli.add_out_argument(parser)
     parser.add_argument("--test", action=_cli.argparse.BooleanOptionalAction, default=True,
                         help="evaluate on the test set after training (plain and flip-TTA)")

@@ -124,3 +124,15 @@ def test_modules_run_from_the_repository_root():
     proc = subprocess.run([sys.executable, "-m", "studies.train", "--epochs", "x"], cwd=root, capture_output=True,
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "expected a whole number" in proc.stderr
+
+
+def test_val_size_zero_trains_on_every_training_image(tmp_path, capsys):
+    argv = ["--data", "synthetic:200:40", "--val-size", "0", *FAST, "--epochs", "1", "--out", str(tmp_path)]
+    code, out, _ = run_main(train_cli.main, argv, capsys)
+    assert code == 0 and "200 train / 0 val / 40 test" in out
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    doc = json.loads((run_dir / "run.json").read_text())
+    assert doc["data"]["train"] == 200 and doc["epochs"][0]["val_accuracy"] is None
+    assert "none held out" in (run_dir / "index.html").read_text()
+    code, _, err = run_main(train_cli.main, ["--data", "synthetic:200:40", "--val-size", "-1"], capsys)
+    assert code == 2 and "a count must be at least 0" in err

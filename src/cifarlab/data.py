@@ -187,10 +187,15 @@ def load_splits(
     cache_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
 ) -> DataSplits:
-    """Train, validation and test splits; validation is a stratified, seeded hold-out of the training set."""
+    """Train, validation and test splits; validation is a stratified, seeded hold-out of the training set.
+
+    ``val_size=0`` holds nothing out: every training image is trained on and the validation split is empty
+    (for final runs whose only measure is the test set).
+    """
     raw = load_raw(data, cache_dir=cache_dir, download=download)
     n_train = len(raw.train_labels)
-    n_val = resolve_count(val_size, n_train, what="validation size")
+    no_val = not isinstance(val_size, bool) and isinstance(val_size, (int, float)) and val_size == 0
+    n_val = 0 if no_val else resolve_count(val_size, n_train, what="validation size")
     if n_val >= n_train:
         raise ConfigError(
             f"validation size {n_val} leaves no training images ({n_train} in {raw.source}); "

@@ -253,6 +253,9 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Nor
                       predictions=pred, tta=tta)
 
 
+_NO_VALIDATION = EvalResult(loss=float("nan"), accuracy=float("nan"), predictions=np.empty(0, np.int64), tta=False)
+
+
 def fit(
     config: TrainConfig,
     splits: DataSplits,
@@ -339,9 +342,10 @@ def fit(
         if epoch == 1 and result.compile_seconds is not None:
             compute_seconds -= result.compile_seconds
         with Timer(device) as eval_timer:
+            # An empty validation split (``val_size=0``) trains on everything and reports NaN here.
             val = evaluate(model, splits.val_images, splits.val_labels, norm, device=device,
                            precision=precision, channels_last=channels_last, batch_size=config.eval_batch_size,
-                           logit_scale=config.logit_scale)
+                           logit_scale=config.logit_scale) if len(splits.val_labels) else _NO_VALIDATION
         record = EpochRecord(
             epoch=epoch,
             train_loss=train_loss,

@@ -22,6 +22,11 @@ from cifarlab.report.records import read_json, write_csv
 # ------------------------------------------------------------------------------------------------ runs
 
 
+def _percent(value: float | None, missing: str = "—") -> str:
+    """A fraction as a percentage; ``missing`` where there is none (NaN is stored as null in JSON)."""
+    return missing if value is None or value != value else f"{value:.2%}"
+
+
 def run_page(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     doc = read_json(run_dir / "run.json")
@@ -38,7 +43,7 @@ def run_page(run_dir: Path) -> Path:
     }
     if doc["epochs"]:
         last = doc["epochs"][-1]
-        summary["final val accuracy"] = f"{last['val_accuracy']:.2%}"
+        summary["final val accuracy"] = _percent(last.get("val_accuracy"), "none held out")
         summary["median images/s"] = f"{np.median([e['images_per_second'] for e in doc['epochs']]):.0f}"
     if plain:
         summary["test accuracy"] = f"{plain['accuracy']:.2%}"
@@ -387,7 +392,7 @@ def build_index(out: Path, studies: list | None = None) -> Path:
                 f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>',
                 html.esc(doc["config"]["arch"]),
                 str(len(doc["epochs"])),
-                f"{doc['epochs'][-1]['val_accuracy']:.2%}" if doc["epochs"] else "—",
+                _percent(doc["epochs"][-1].get("val_accuracy")) if doc["epochs"] else "—",
                 f"{test['accuracy']:.2%}" if test else "—",
             )
         )
