@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -273,10 +274,14 @@ def surplus(trial, target: int) -> bool:
     return n >= target
 
 
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
 def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, target: int | None = None):
     import optuna
     import torch
 
+    from cifarlab import faults
     from cifarlab.errors import TrainingDiverged
     from cifarlab.train import TrainConfig, fit
 
@@ -297,11 +302,13 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
                              seed=args.seed + trial.number)
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("train_images", len(splits.train_labels))
+        trial.set_user_attr("worker", WORKER)  # host:pid, to tell machines and processes apart in a shared study
         records: list[dict] = []
 
         def on_epoch(rec) -> bool:
             records.append(rec.to_dict())
             trial.set_user_attr("epochs", records)  # stored every epoch: a pruned or killed trial keeps them
+            faults.point("epoch")
             trial.report(rec.val_accuracy, rec.epoch)
             if progress_cb:
                 progress_cb(trial.number, rec.epoch, budget.epochs, rec.val_accuracy)
@@ -329,6 +336,7 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
             trial.set_user_attr("pruned_reason", f"pruned after epoch {len(records)} by the {args.pruner} pruner "
                                                  f"(val accuracy {records[-1]['val_accuracy']:.3f})")
             raise optuna.TrialPruned()
+        faults.point("store")
         return records[-1]["val_accuracy"]
 
     return objective

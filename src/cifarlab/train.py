@@ -281,6 +281,9 @@ def fit(
 
     norm = Normalization.from_images(splits.train_images)
     model = create_model(config.arch, num_classes=splits.num_classes).to(device)
+    # Chance-level cross-entropy is ln(classes); a mean loss ten times that has left any useful basin even when
+    # it is still finite (weights blown up by a huge LR stay finite in fp32 for a while).
+    diverged_above = 10 * math.log(max(splits.num_classes, 2))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     train_model: nn.Module = torch.compile(model) if config.compile else model
@@ -329,9 +332,9 @@ def fit(
                 seen += len(y)
                 if step % config.log_every == 0 or step == steps_per_epoch:
                     mean_loss = float(loss_sum) / seen  # host sync
-                    if not math.isfinite(mean_loss):
+                    if not math.isfinite(mean_loss) or mean_loss > diverged_above:
                         raise TrainingDiverged(
-                            f"training loss became {mean_loss} at epoch {epoch}, step {step} "
+                            f"training loss became {mean_loss:.4g} at epoch {epoch}, step {step} "
                             f"(max LR {config.max_lr:g}, {config.optimizer})", epoch, step)
                     if on_step is not None:
                         on_step(epoch, step, steps_per_epoch, mean_loss, float(correct) / seen)

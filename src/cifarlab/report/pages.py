@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
+from cifarlab import faults
 from cifarlab.report import html
 from cifarlab.report.figures import plt, run_curves_figure, save, sns
 from cifarlab.report.records import read_json, write_csv
@@ -362,6 +363,7 @@ def build_index(out: Path, studies: list | None = None) -> Path:
         for study in studies:
             slug = study_slug(study.study_name)
             page = study_page(study, out / "studies" / slug)
+            faults.point("report")
             frame = study_frame(study)
             done = frame[frame["state"] == "complete"] if len(frame) else frame
             arch = (study.user_attrs.get("spec") or {}).get("arch", "")
@@ -462,6 +464,7 @@ def _records(out: Path, kind: str, name: str, draw):
             doc = read_json(path)
             if _stale(page, path):
                 page = draw(path.parent)
+                faults.point("report")
         except (OSError, ValueError, KeyError):
             continue
         yield path, doc, page

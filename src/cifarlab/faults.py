@@ -1,0 +1,31 @@
+"""Fault injection for the hardening tests, off unless ``CIFARLAB_FAULT`` is set.
+
+``CIFARLAB_FAULT=<point>:<n>[:<signal>]`` sends this process ``signal`` (default ``KILL``; ``INT`` for a
+Ctrl-C) the ``n``-th time it passes ``point``. The points sit where a real fault hurts most:
+
+* ``epoch``: inside a trial, just after its epoch records were stored;
+* ``store``: after a trial's user attributes were stored and before Optuna stores its state and value;
+* ``report``: while the HTML reports are being written, after the first page.
+
+The tests use it to kill a study at those exact moments and prove that a rerun loses nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_passes: dict[str, int] = {}
+
+
+def point(name: str) -> None:
+    spec = os.environ.get("CIFARLAB_FAULT")
+    if not spec:
+        return
+    where, _, rest = spec.partition(":")
+    if where != name:
+        return
+    count, _, sig = rest.partition(":")
+    _passes[name] = _passes.get(name, 0) + 1
+    if _passes[name] == int(count or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
