@@ -152,6 +152,8 @@ def console():
     """A rich console; wide when writing to a file or pipe, so logs keep whole table rows."""
     from rich.console import Console
 
+    if not sys.stdout.isatty() and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # `tail -f` on a long run's log shows each epoch as it ends
     return Console(highlight=False, width=None if sys.stdout.isatty() else 150)
 
 
