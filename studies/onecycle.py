@@ -312,7 +312,8 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
             trial.report(rec.val_accuracy, rec.epoch)
             if progress_cb:
                 progress_cb(trial.number, rec.epoch, budget.epochs, rec.val_accuracy)
-            return trial.should_prune()
+            # A trial that ran its last epoch has its answer: pruning it then would only throw that away.
+            return rec.epoch < budget.epochs and trial.should_prune()
 
         try:
             result = fit(config, splits, on_epoch=on_epoch)

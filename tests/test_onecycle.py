@@ -260,3 +260,15 @@ def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_pat
     assert 0 <= final["mean"] <= 1 and final["std"] >= 0
     runs = sorted((tmp_path / "runs").glob("*-custom_resnet-final*/run.json"))
     assert len(runs) == 2
+
+
+def test_a_trial_that_ran_its_last_epoch_is_never_pruned(tmp_path, monkeypatch):
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)  # the strictest pruner there is
+    argv = [*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--epochs", "2", "--out", str(tmp_path)]
+    assert onecycle.main(argv) == 0
+    trials = load(tmp_path).trials
+    assert [len(t.user_attrs["epochs"]) for t in trials] == [1, 1]  # pruned after epoch 1 of 2
+    assert onecycle.main([*argv[:-6], "--trials", "1", "--study-name", "last", "--out", str(tmp_path)]) == 0
+    (last,) = optuna.load_study(study_name="last-custom_resnet",
+                                storage=f"sqlite:///{tmp_path / 'studies' / 'studies.db'}").trials
+    assert last.state.name == "COMPLETE" and len(last.user_attrs["epochs"]) == 1  # smoke budget: 1 epoch, its last
