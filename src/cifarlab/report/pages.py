@@ -323,6 +323,7 @@ def _study_figures(study, frame: pd.DataFrame, out_dir: Path) -> str:
         fig, ax = plt.subplots(figsize=(7.5, 3.8))
         sns.lineplot(data=pd.DataFrame(curves), x="epoch", y="val acc (%)", hue="trial", marker="o", ax=ax)
         ax.set(title="learning curves of the top trials", xlabel="epoch", ylabel="validation accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         save(fig, out_dir / "curves.png")
         parts.append(html.figure("curves.png", "Validation accuracy by epoch, top five trials"))
     importance = _importance(study)
