@@ -40,6 +40,15 @@ def real_splits(real_data_path):
     return load_splits(real_data_path, val_size=5000, seed=0)
 
 
+@pytest.fixture
+def postgres_url() -> tuple[str, str]:
+    """(URL, password) of the PostgreSQL server that .ci/run starts on loopback; skipped where none is set."""
+    url = os.environ.get("CIFARLAB_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("CIFARLAB_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
+    return url, url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+
+
 def write_image_folder(root: Path, classes_train, classes_test=None, per_class: int = 6, size: int = 32,
                        ext: str = ".png", seed: int = 0) -> Path:
     """A small ImageFolder tree with train/ and test/ of random images; returns ``root``."""

@@ -322,11 +322,8 @@ def test_load_four_workers_on_the_embedded_storage(tmp_path):
 
 @pytest.mark.postgres
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_load_four_workers_on_postgresql(tmp_path):
-    url = os.environ.get("CIFARLAB_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("CIFARLAB_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
-    password = url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+def test_load_four_workers_on_postgresql(tmp_path, postgres_url):
+    url, password = postgres_url
     name = f"load{int(time.time() * 1000) % 10**9}"
     storage = optuna.storages.RDBStorage(url)
     try:

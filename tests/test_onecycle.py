@@ -197,11 +197,8 @@ def test_urls_are_masked_everywhere():
 
 @pytest.mark.postgres
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # psycopg's pool at interpreter exit
-def test_postgresql_study_with_two_workers_and_no_password_leak(tmp_path):
-    url = os.environ.get("CIFARLAB_TEST_POSTGRES_URL")
-    if not url:
-        pytest.skip("CIFARLAB_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server and sets it)")
-    password = url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+def test_postgresql_study_with_two_workers_and_no_password_leak(tmp_path, postgres_url):
+    url, password = postgres_url
     name = f"pg{int(time.time() * 1000) % 10**9}"
     with_reports = [a for a in SYNTH if a != "--no-report"]  # the HTML and CSV are searched for the password too
     argv = [sys.executable, "-m", "studies.onecycle", *with_reports, "--arch", "custom_resnet", "--trials", "4",

@@ -194,8 +194,8 @@ def load_splits(
     """
     raw = load_raw(data, cache_dir=cache_dir, download=download)
     n_train = len(raw.train_labels)
-    no_val = not isinstance(val_size, bool) and isinstance(val_size, (int, float)) and val_size == 0
-    n_val = 0 if no_val else resolve_count(val_size, n_train, what="validation size")
+    n_val = 0 if type(val_size) in (int, float) and val_size == 0 else resolve_count(
+        val_size, n_train, what="validation size")
     if n_val >= n_train:
         raise ConfigError(
             f"validation size {n_val} leaves no training images ({n_train} in {raw.source}); "

@@ -99,7 +99,6 @@ class TrainConfig:
         return asdict(self)
 
 
-
 @dataclass
 class EpochRecord:
     epoch: int
