@@ -568,7 +568,14 @@ def _final(args, archs, storage, budget, out, console) -> None:
                                  label_smoothing=args.label_smoothing, precision=args.precision,
                                  device=args.device, seed=args.seed + 1000 + k)
             t0 = time.perf_counter()
-            result = fit(config, splits, test=True, test_tta=True)
+
+            def on_epoch(rec, arch=arch, k=k) -> None:
+                # A final run is hours on a CPU: one line per epoch shows it is alive and where it stands.
+                console.print(f"{arch} final seed {k + 1}/{args.final_seeds} epoch {rec.epoch}/{args.final_epochs}: "
+                              f"train loss {rec.train_loss:.3f} | val acc {rec.val_accuracy:.1%} | "
+                              f"{rec.epoch_seconds:.0f} s, {rec.images_per_second:.0f} img/s")
+
+            result = fit(config, splits, on_epoch=on_epoch, test=True, test_tta=True)
             run_dir = new_record_dir(out, "runs", f"{arch}-final")
             doc = run_record(result, splits, status="completed", train_subset=None,
                              wall_seconds=time.perf_counter() - t0)
