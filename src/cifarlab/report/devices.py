@@ -18,14 +18,19 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict) -> Path:
     for _, r in missing.iterrows():
         parts.append(f'<p class="note">{html.esc(r["device"])}: {html.esc(r["status"])}</p>')
     if len(ok):
-        ok["label"] = ok["device"] + " · batch " + ok["batch_size"].astype(str)
+        # Rows with a failed status leave NaN in batch_size, which makes the column float: print it as a count.
+        ok["label"] = ok["device"] + " · batch " + ok["batch_size"].map(lambda b: f"{b:.0f}")
         sns.set_theme(style="whitegrid")
-        default = ok[~ok["step"].str.startswith("+") & ~ok["step"].str.startswith("seed")]
+        if "chosen" in ok:
+            default = ok[ok["chosen"].fillna(False).astype(bool)]
+        else:
+            default = ok[ok["step"] == "default"]
         fastest = ok.loc[ok.groupby(["arch", "device", "batch_size"])["images_per_second"].idxmax()]
         shown = default if len(default) else fastest
-        fig, ax = plt.subplots(figsize=(8, 3.8))
+        fig, ax = plt.subplots(figsize=(9, 3.8))
         sns.barplot(data=shown, x="arch", y="epoch_50k_seconds", hue="label", ax=ax)
         ax.set(title="training time per 50,000-image epoch", xlabel="architecture", ylabel="seconds per epoch")
+        _legend_outside(ax)
         save(fig, run_dir / "epoch_time.png")
         parts.append("<h2>Epoch time</h2>" + html.figure("epoch_time.png", "Seconds per 50,000-image epoch"))
 
@@ -35,8 +40,12 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict) -> Path:
         ax.yaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
         ax.set(title="achieved training FLOP/s as a share of the measured matmul peak (same precision)",
                xlabel="architecture", ylabel="share of peak")
+        _legend_outside(ax)
         save(fig, run_dir / "share_of_peak.png")
         parts.append(html.figure("share_of_peak.png", "Share of the device's measured matmul peak"))
+
+        if "chosen" in ok:
+            parts.append(_choice_section(ok, run_dir))
 
         ladder = ok[ok["step"].str.startswith(("seed", "+"))]
         if len(ladder):
@@ -59,6 +68,32 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict) -> Path:
                      '<p class="note">Epoch = 45,000 training + 5,000 validation images unless stated; "projected" '
                      'epochs are extrapolated from the images timed. Data share: augmentation and batching, from '
                      'a repetition synchronised around every step. <a href="devices.csv">devices.csv</a></p>')
-    env_frame = pd.DataFrame({"": list(env), "value": [str(v) for v in env.values()]})
+    shown_env = {k: v for k, v in env.items() if v is not None}  # the benchmark has no single device
+    env_frame = pd.DataFrame({"": list(shown_env), "value": [str(v) for v in shown_env.values()]})
     parts.append("<h2>Environment</h2>" + html.table(env_frame))
     return html.write_page(run_dir / "index.html", "cifarlab — device benchmark", "\n".join(parts))
+
+
+def _legend_outside(ax) -> None:
+    """Legends beside the axes: inside, they cover the bars they name."""
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), frameon=False, fontsize=8, title=None)
+
+
+def _choice_section(ok: pd.DataFrame, run_dir: Path) -> str:
+    """``--choose``: each precision x memory format per architecture, and which one training will use, and why."""
+    choice = ok[ok["chosen"].notna()].copy()
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    sns.barplot(data=choice, x="arch", y="images_per_second", hue="step", ax=ax)
+    ax.set(title="precision and memory format per architecture (batched data path)", xlabel="architecture",
+           ylabel="images per second")
+    _legend_outside(ax)
+    save(fig, run_dir / "choice.png")
+    table = choice[["arch", "device", "batch_size", "step", "images_per_second", "spread_pct", "vs_chosen",
+                    "chosen"]].rename(columns={"step": "precision · memory format", "images_per_second": "images/s",
+                                               "spread_pct": "spread (%)", "vs_chosen": "vs chosen"})
+    return ("<h2>Per-architecture choice</h2>" + html.figure("choice.png", "Images per second by combination")
+            + html.table(table)
+            + '<p class="note">The chosen combination is stored per device and torch version; training with '
+              '<code>--precision auto --channels-last auto</code> uses it. The rule (bf16 where the matmul peak '
+              'favours it, channels_last with bf16) is kept unless another combination is more than 3% faster.</p>')

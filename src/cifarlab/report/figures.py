@@ -50,10 +50,13 @@ def run_curves_figure(epochs: pd.DataFrame, path: Path, title: str) -> Path:
     """Loss, accuracy and learning rate by epoch for one run."""
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    loss = epochs.melt("epoch", ["train_loss", "val_loss"], var_name="split", value_name="loss")
+    # A run with no validation split (--val-size 0) has no val columns worth a line: draw only what exists.
+    loss_cols = [c for c in ("train_loss", "val_loss") if c in epochs and epochs[c].notna().any()]
+    acc_cols = [c for c in ("train_accuracy", "val_accuracy") if c in epochs and epochs[c].notna().any()]
+    loss = epochs.melt("epoch", loss_cols, var_name="split", value_name="loss")
     sns.lineplot(data=loss, x="epoch", y="loss", hue="split", marker="o", ax=axes[0])
     axes[0].set(title="loss", ylabel="cross-entropy")
-    acc = epochs.melt("epoch", ["train_accuracy", "val_accuracy"], var_name="split", value_name="accuracy")
+    acc = epochs.melt("epoch", acc_cols, var_name="split", value_name="accuracy")
     acc["accuracy"] *= 100
     sns.lineplot(data=acc, x="epoch", y="accuracy", hue="split", marker="o", ax=axes[1])
     axes[1].set(title="accuracy", ylabel="accuracy (%)")

@@ -63,8 +63,8 @@ def run_page(run_dir: Path) -> Path:
         parts.append(
             "<h2>Learning curves</h2>" + html.figure("curves.png", "Loss, accuracy and learning rate by epoch")
         )
-        view = epochs.copy()
-        for c in ("train_accuracy", "val_accuracy"):
+        view = epochs.dropna(axis=1, how="all").copy()  # no validation split: no empty val columns
+        for c in [c for c in ("train_accuracy", "val_accuracy") if c in view]:
             view[c] = (view[c] * 100).round(2)
         view = view.rename(
             columns={
