@@ -29,9 +29,13 @@ def build_parser():
                    help="training images timed per repetition, or 'all' for a whole epoch (default: 2048)")
     p.add_argument("--repeats", type=_cli.positive_int, default=3, help="timed repetitions (default: 3)")
     p.add_argument("--warmup", type=_cli.non_negative_int, default=5, help="untimed warm-up steps (default: 5)")
-    p.add_argument("--ablation", action="store_true",
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--ablation", action="store_true",
                    help="time the seed-style baseline and each speed technique added in turn")
     p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the ablation ladder")
+    mode.add_argument("--choose", action="store_true",
+                   help="time fp32/bf16 x NCHW/channels_last per architecture and store the fastest as the choice "
+                        "that training's --precision auto / --channels-last auto use on this device")
     p.add_argument("--data", default=None, help="data source, as for studies.train (default: $CIFARLAB_DATA)")
     p.add_argument("--val-size", type=_cli.count_or_fraction, default=5000,
                    help="validation split timed for evaluation: a count or a fraction (default: 5000)")
@@ -63,12 +67,13 @@ def _main(args) -> int:
     import torch
     from rich.table import Table
 
-    from cifarlab.bench import Case, ablation_ladder, time_case
+    from cifarlab.bench import Case, ablation_ladder, choice_cases, time_case
+    from cifarlab.choices import resolve_speed
     from cifarlab.data import load_splits
     from cifarlab.errors import ConfigError
     from cifarlab.models import create_model
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
-    from cifarlab.timing import environment, matmul_flops_per_second, resolve_precision, training_flops_per_image
+    from cifarlab.timing import environment, matmul_flops_per_second, training_flops_per_image
     from studies.onecycle import parse_archs
 
     console = _cli.console()
@@ -101,23 +106,31 @@ def _main(args) -> int:
         peaks = {"fp32": matmul_flops_per_second(device, torch.float32, n=n),
                  "bf16": matmul_flops_per_second(device, torch.bfloat16, n=n)}
         console.print(f"{dev}: matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f}")
-        precision = resolve_precision(args.precision, device)
         for arch in archs:
             for bs in args.batch_size:
                 if args.ablation:
                     cases = ablation_ladder(arch, dev, bs, with_compile=not args.no_compile)
-                else:
-                    cases = [Case(arch, dev, bs, precision, channels_last=True, step="default")]
+                elif args.choose:
+                    cases = choice_cases(arch, dev, bs)
+                else:  # what training would use: the flags, else a stored measurement, else the rule
+                    speed = resolve_speed(arch, device, args.precision, "auto")
+                    cases = [Case(arch, dev, bs, speed.precision, speed.channels_last, step="default")]
+                timed = []
                 for case in cases:
                     result = time_case(case, splits, images=images, repeats=args.repeats, warmup_steps=args.warmup)
                     row = result.row(train_images=len(splits.train_labels), val_images=len(splits.val_labels),
                                      flops=flops[arch], peak_flops=peaks[case.precision])
                     row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" \
                         else env["cpu_model"]
+                    if not args.ablation and not args.choose:
+                        row["choice_source"] = speed.source
                     rows.append(row)
+                    timed.append(row)
                     console.print(f"  {arch} {case.step or ''} batch {bs}: {row['images_per_second']:.0f} img/s, "
                                   f"{row['share_of_peak']:.0%} of {case.precision} peak, "
                                   f"{row['epoch_50k_seconds'] / 60:.1f} min per 50k ({row['epoch_kind']})")
+                if args.choose:
+                    _store_choice(console, arch, device, bs, timed, args)
     frame = pd.DataFrame(rows)
     frame = _add_ratios(frame)
     run_dir = new_record_dir(out, "devices", "bench")
@@ -131,6 +144,26 @@ def _main(args) -> int:
     console.print(f"written: {run_dir / 'index.html'}")
     _cli.rebuild_reports(out, console)
     return 0
+
+
+def _store_choice(console, arch, device, batch_size, timed, args) -> None:
+    """Mark the fastest combination (the rule's own on a near-tie) and store it for training to use."""
+    from cifarlab.choices import pick_fastest, rule_choice, save_choice
+
+    rule = rule_choice(device)
+    best = pick_fastest(timed, rule)
+    for row in timed:
+        row["chosen"] = row is best
+        row["vs_chosen"] = row["images_per_second"] / best["images_per_second"]
+    alternatives = {r["step"]: round(r["images_per_second"], 1) for r in timed}
+    path = save_choice(arch, device, {
+        "precision": best["precision"], "channels_last": bool(best["channels_last"]), "batch_size": batch_size,
+        "images_per_second": best["images_per_second"], "spread_pct": best["spread_pct"],
+        "alternatives": alternatives, "warmup_steps": args.warmup, "images_timed": best["images_timed"],
+        "rule": {"precision": rule[0], "channels_last": rule[1]},
+    })
+    console.print(f"  {arch}: chose {best['step']} ({best['images_per_second']:.0f} img/s); stored in {path}",
+                  highlight=False)
 
 
 def _add_ratios(frame):

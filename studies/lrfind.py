@@ -49,19 +49,14 @@ def _main(args) -> int:
     from rich.table import Table
 
     from cifarlab.augment import BatchAugmenter, Normalization
+    from cifarlab.choices import resolve_speed
     from cifarlab.errors import ConfigError
     from cifarlab.lr_finder import lr_range_test
     from cifarlab.models import create_model
     from cifarlab.report.figures import lrfind_figure
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
     from cifarlab.timing import environment, resolve_device
-    from cifarlab.train import (
-        TrainConfig,
-        autocast,
-        build_optimizer,
-        resolve_channels_last,
-        resolve_precision,
-    )
+    from cifarlab.train import TrainConfig, autocast, build_optimizer
 
     console = _cli.console()
     if args.start_lr >= args.end_lr:
@@ -77,8 +72,8 @@ def _main(args) -> int:
     if args.batch_size > len(splits.train_labels):
         raise ConfigError(f"--batch-size {args.batch_size} is larger than the training set "
                           f"({len(splits.train_labels)} images)")
-    precision = resolve_precision(args.precision, device)
-    channels_last = resolve_channels_last("auto", device, precision)
+    speed = resolve_speed(args.arch, device, args.precision, "auto")
+    precision, channels_last = speed.precision, speed.channels_last
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     norm = Normalization.from_images(splits.train_images)

@@ -39,7 +39,8 @@ def run_record(result, splits, *, status: str, train_subset, wall_seconds: float
         "status": status,
         "config": result.config.to_dict(),
         "resolved": {"device": result.device, "precision": result.precision,
-                     "channels_last": result.channels_last, "compile_seconds": result.compile_seconds},
+                     "channels_last": result.channels_last, "speed_choice": result.speed_source,
+                     "compile_seconds": result.compile_seconds},
         "environment": environment(resolve_device(result.config.device)),
         "data": {**splits.describe(), "train_subset": train_subset},
         "normalization": {"mean": list(result.normalization.mean), "std": list(result.normalization.std)},
@@ -135,6 +136,8 @@ def _main(args) -> int:
                       f"{r.val_accuracy:.2%}", f"{r.lr:.2e}", f"{r.epoch_seconds:.1f}", f"{r.images_per_second:.0f}",
                       f"{r.data_seconds:.2f}")
     console.print(table)
+    console.print(f"precision {result.precision}, channels_last {'on' if result.channels_last else 'off'}: "
+                  f"{result.speed_source}", highlight=False)
     train_s = epochs["train_seconds"].sum()
     console.print(f"augmentation and batching: {epochs['data_seconds'].mean():.2f} s per epoch "
                   f"({epochs['data_seconds'].sum() / train_s:.1%} of training time, {config.augment} path)")

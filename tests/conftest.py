@@ -22,6 +22,12 @@ def _isolated_cache(tmp_path_factory):
         os.environ["CIFARLAB_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def _isolated_choices(tmp_path_factory, monkeypatch):
+    """Each test starts with no stored speed choice (bench.devices --choose): one test's choice never leaks."""
+    monkeypatch.setenv("CIFARLAB_CHOICES", str(tmp_path_factory.mktemp("choices") / "choices.json"))
+
+
 @pytest.fixture(scope="session")
 def real_data_path() -> Path:
     value = os.environ.get("CIFARLAB_DATA")

@@ -180,6 +180,18 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
                       peak_memory_mb=peak_memory_mb(device), compile_seconds=compile_seconds)
 
 
+CHOICE_STEP = "{precision} · {layout}"
+
+
+def choice_cases(arch: str, device: str, batch_size: int) -> list[Case]:
+    """The four precision x memory-format combinations on the batched data path, for ``bench.devices --choose``."""
+    dev = torch.device(device)
+    precisions = ["fp32"] if dev.type == "cuda" and not torch.cuda.is_bf16_supported() else ["fp32", "bf16"]
+    return [Case(arch, device, batch_size, precision, cl, "batched",
+                 step=CHOICE_STEP.format(precision=precision, layout="channels_last" if cl else "NCHW"))
+            for precision in precisions for cl in (False, True)]
+
+
 def ablation_ladder(arch: str, device: str, batch_size: int, *, with_compile: bool = True) -> list[Case]:
     """The seed-style baseline, then each speed technique added in turn."""
     base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",

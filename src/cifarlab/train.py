@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.augment import AugmentConfig, BatchAugmenter, EvalBatches, Normalization
+from cifarlab.choices import resolve_speed
 from cifarlab.data import DataSplits
 from cifarlab.errors import ConfigError, TrainingDiverged
 from cifarlab.models import create_model, list_models
-from cifarlab.timing import Timer, resolve_device, resolve_precision, synchronize
+from cifarlab.timing import Timer, resolve_device, synchronize
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -135,6 +136,7 @@ class FitResult:
     channels_last: bool
     normalization: Normalization
     stopped_early: bool = False
+    speed_source: str = ""  # why this precision and memory format: flags, a stored measurement or the rule
     compile_seconds: float | None = None
     wall_seconds: float = 0.0
     test: EvalResult | None = None
@@ -151,14 +153,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-def resolve_channels_last(setting: str, device: torch.device, precision: str) -> bool:
-    # channels_last lets oneDNN / cuDNN use their NHWC kernels; measured 1.6x over bf16 alone for the custom
-    # ResNet on the CPU here. Under fp32 on CPU it buys little, so auto ties it to bf16.
-    if setting == "auto":
-        return device.type == "cuda" or precision == "bf16"
-    return setting == "on"
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -269,8 +263,9 @@ def fit(
     The test split is evaluated only when ``test`` (and/or ``test_tta``) is asked for, after training.
     """
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
-    channels_last = resolve_channels_last(config.channels_last, device, precision)
+    # Flags first, then what bench.devices --choose measured for this architecture on this device, then a rule.
+    speed = resolve_speed(config.arch, device, config.precision, config.channels_last)
+    precision, channels_last = speed.precision, speed.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -294,7 +289,7 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     result = FitResult(config=config, records=[], model=model, device=str(device), precision=precision,
-                       channels_last=channels_last, normalization=norm)
+                       channels_last=channels_last, normalization=norm, speed_source=speed.source)
     for epoch in range(1, config.epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device)

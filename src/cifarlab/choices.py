@@ -1,0 +1,131 @@
+"""Per-architecture speed choices (precision and memory format), taken from measurement where there is one.
+
+Which combination of precision (fp32, bf16) and memory format (NCHW, channels_last) trains fastest depends on
+the architecture, the device and the torch build: channels_last with bf16 gave 1.6x over bf16 alone for the
+custom ResNet on this CPU, while ResNet-18's results swung with warm-up length (oneDNN builds its kernels on
+first use). ``python -m bench.devices --choose`` times all four after a warm-up and stores the fastest here,
+per architecture and device. ``--precision auto`` / ``--channels-last auto`` in training then use the stored
+choice and say so; with no measurement for this device they fall back to a rule (bf16 where the device runs it
+fast, channels_last with bf16 or on CUDA).
+
+The file is keyed by device, thread count and torch version: a choice measured elsewhere does not apply.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cifarlab.timing import cpu_model, resolve_precision
+
+CHOICES_ENV = "CIFARLAB_CHOICES"
+# The rule's own combination stays unless another beats it by more than this: closer than that is run-to-run
+# noise on a shared CPU, and a choice that flips with noise is worse than a stable one.
+TIE_MARGIN = 0.03
+
+
+@dataclass(frozen=True)
+class SpeedChoice:
+    precision: str  # bf16 or fp32
+    channels_last: bool
+    source: str  # where the choice came from, for the run record and the console
+
+
+def choices_path() -> Path:
+    """``$CIFARLAB_CHOICES``, else ``choices.json`` in the cache folder (beside the decoded data)."""
+    env = os.environ.get(CHOICES_ENV)
+    if env:
+        return Path(env)
+    from cifarlab.data import default_cache_dir
+
+    return default_cache_dir() / "choices.json"
+
+
+def device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_model()}, {torch.get_num_threads()} threads"
+    return f"{device.type}: {name}; torch {torch.__version__}"
+
+
+def rule_choice(device: torch.device, precision: str = "auto") -> tuple[str, bool]:
+    """The fallback: bf16 where the device runs it fast (measured matmul), channels_last with bf16 or on CUDA."""
+    precision = resolve_precision(precision, device)
+    return precision, device.type == "cuda" or precision == "bf16"
+
+
+def load_choices(path: Path | None = None) -> dict:
+    path = path or choices_path()
+    try:
+        with open(path, encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {}  # an unreadable or half-written file is no measurement; the rule applies
+    return doc if isinstance(doc, dict) else {}
+
+
+def lookup(arch: str, device: torch.device, path: Path | None = None) -> dict | None:
+    entry = load_choices(path).get(device_key(device), {}).get(arch)
+    if not isinstance(entry, dict) or entry.get("precision") not in ("bf16", "fp32"):
+        return None
+    return entry
+
+
+def save_choice(arch: str, device: torch.device, entry: dict, path: Path | None = None) -> Path:
+    """Store one measured choice, keeping every other device's and architecture's (atomic replace)."""
+    from cifarlab.report.records import atomic_write_text
+
+    path = path or choices_path()
+    doc = load_choices(path)
+    doc.setdefault(device_key(device), {})[arch] = {**entry, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def pick_fastest(rows: list[dict], rule: tuple[str, bool], tie_margin: float = TIE_MARGIN) -> dict:
+    """The fastest of the timed combinations (rows with precision, channels_last, images_per_second).
+
+    The rule's combination is kept when the fastest beats it by no more than ``tie_margin``.
+    """
+    if not rows:
+        raise ValueError("no timed combinations to choose from")
+    fastest = max(rows, key=lambda r: r["images_per_second"])
+    for r in rows:
+        if (r["precision"], bool(r["channels_last"])) == rule and \
+                r["images_per_second"] * (1 + tie_margin) >= fastest["images_per_second"]:
+            return r
+    return fastest
+
+
+def resolve_speed(arch: str, device: torch.device, precision: str = "auto", channels_last: str = "auto",
+                  path: Path | None = None) -> SpeedChoice:
+    """Precision and memory format for training ``arch`` on ``device``: flags first, then measurement, then rule."""
+    measured = lookup(arch, device, path) if "auto" in (precision, channels_last) else None
+    if precision == "auto":
+        chosen_precision = measured["precision"] if measured else rule_choice(device)[0]
+    else:
+        chosen_precision = resolve_precision(precision, device)
+    if channels_last == "auto":
+        if measured and measured["precision"] == chosen_precision:
+            chosen_cl = bool(measured["channels_last"])
+        else:
+            chosen_cl = device.type == "cuda" or chosen_precision == "bf16"
+    else:
+        chosen_cl = channels_last == "on"
+    if precision != "auto" and channels_last != "auto":
+        source = "set by flags"
+    elif measured and measured["precision"] == chosen_precision:
+        source = (f"measured by bench.devices --choose on {measured.get('measured_at', '?')}: "
+                  f"{measured.get('images_per_second', float('nan')):.0f} img/s at batch {measured.get('batch_size')}")
+    else:
+        source = "rule (no measurement for this device; run python -m bench.devices --choose)"
+    return SpeedChoice(chosen_precision, chosen_cl, source)

@@ -1,0 +1,117 @@
+"""Per-architecture precision and memory format: measured by bench.devices --choose, used by training."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from bench import devices
+from cifarlab import choices
+from cifarlab.choices import pick_fastest, resolve_speed, save_choice
+from studies import train as train_cli
+
+CPU = torch.device("cpu")
+
+
+def combo(precision, cl, ips):
+    return {"precision": precision, "channels_last": cl, "images_per_second": ips}
+
+
+def test_pick_fastest_takes_the_fastest_combination():
+    rows = [combo("fp32", False, 70), combo("fp32", True, 80), combo("bf16", False, 140), combo("bf16", True, 170)]
+    assert pick_fastest(rows, rule=("fp32", False)) is rows[3]
+
+
+def test_pick_fastest_keeps_the_rule_on_a_near_tie():
+    rows = [combo("bf16", False, 101), combo("bf16", True, 99)]
+    assert pick_fastest(rows, rule=("bf16", True)) is rows[1]  # 2% apart: noise, the rule stays
+    rows = [combo("bf16", False, 110), combo("bf16", True, 99)]
+    assert pick_fastest(rows, rule=("bf16", True)) is rows[0]  # 11% apart: the measurement wins
+
+
+def test_no_measurement_falls_back_to_the_rule():
+    speed = resolve_speed("custom_resnet", CPU, "fp32", "auto")
+    assert (speed.precision, speed.channels_last) == ("fp32", False)
+    assert speed.source.startswith("rule")
+
+
+def test_flags_win_over_a_stored_measurement():
+    save_choice("custom_resnet", CPU, {"precision": "bf16", "channels_last": False, "batch_size": 512,
+                                       "images_per_second": 150.0})
+    speed = resolve_speed("custom_resnet", CPU, "fp32", "on")
+    assert (speed.precision, speed.channels_last, speed.source) == ("fp32", True, "set by flags")
+
+
+def test_a_stored_measurement_is_used_per_architecture_and_says_so():
+    save_choice("custom_resnet", CPU, {"precision": "fp32", "channels_last": True, "batch_size": 512,
+                                       "images_per_second": 123.0})
+    speed = resolve_speed("custom_resnet", CPU)
+    assert (speed.precision, speed.channels_last) == ("fp32", True)
+    assert "measured by bench.devices --choose" in speed.source and "123 img/s" in speed.source
+    # another architecture on the same device has no measurement: the rule
+    assert resolve_speed("resnet18", CPU).source.startswith("rule")
+    # an explicit precision other than the measured one: the measured memory format does not carry over
+    explicit = resolve_speed("custom_resnet", CPU, "bf16", "auto")
+    assert (explicit.precision, explicit.channels_last) == ("bf16", True) and explicit.source.startswith("rule")
+
+
+def test_a_choice_from_another_torch_build_or_a_broken_file_does_not_apply(monkeypatch):
+    save_choice("custom_resnet", CPU, {"precision": "fp32", "channels_last": True})
+    monkeypatch.setattr(torch, "__version__", "0.0.1-other")
+    assert resolve_speed("custom_resnet", CPU, "fp32", "auto").source.startswith("rule")
+    with open(os.environ["CIFARLAB_CHOICES"], "w") as fh:
+        fh.write("{not json")
+    assert resolve_speed("custom_resnet", CPU, "fp32", "auto").source.startswith("rule")
+
+
+def test_saving_one_choice_keeps_the_others():
+    save_choice("custom_resnet", CPU, {"precision": "fp32", "channels_last": True})
+    save_choice("resnet18", CPU, {"precision": "fp32", "channels_last": False})
+    with open(os.environ["CIFARLAB_CHOICES"]) as fh:
+        (entries,) = json.load(fh).values()
+    assert set(entries) == {"custom_resnet", "resnet18"} and entries["custom_resnet"]["channels_last"] is True
+
+
+BENCH = ["--data", "synthetic:200:40", "--val-size", "40", "--arch", "custom_resnet", "--images", "32",
+         "--batch-size", "32", "--repeats", "1", "--warmup", "1", "--device", "cpu"]
+
+
+def test_choose_times_four_combinations_stores_the_fastest_and_training_uses_it(tmp_path, capsys):
+    assert devices.main([*BENCH, "--choose", "--out", str(tmp_path)]) == 0
+    (run_dir,) = (tmp_path / "devices").iterdir()
+    doc = json.loads((run_dir / "devices.json").read_text())
+    rows = doc["rows"]
+    assert sorted((r["precision"], r["channels_last"]) for r in rows) == [
+        ("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)]
+    (chosen,) = [r for r in rows if r["chosen"]]
+    page = (run_dir / "index.html").read_text()
+    assert "Per-architecture choice" in page and (run_dir / "choice.png").is_file()
+    stored = choices.lookup("custom_resnet", CPU)
+    assert (stored["precision"], stored["channels_last"]) == (chosen["precision"], chosen["channels_last"])
+    assert len(stored["alternatives"]) == 4
+    capsys.readouterr()
+
+    # the default benchmark and a training run with --precision auto now use the stored choice
+    assert devices.main([*BENCH, "--out", str(tmp_path)]) == 0
+    default_dir = max((tmp_path / "devices").iterdir())
+    (row,) = json.loads((default_dir / "devices.json").read_text())["rows"]
+    assert (row["precision"], row["channels_last"]) == (chosen["precision"], chosen["channels_last"])
+    assert row["choice_source"].startswith("measured")
+    assert train_cli.main(["--data", "synthetic:64:20", "--val-size", "20", "--epochs", "1", "--batch-size", "32",
+                           "--quiet", "--no-test", "--out", str(tmp_path)]) == 0
+    assert "measured by bench.devices --choose" in capsys.readouterr().out
+    (run,) = (tmp_path / "runs").iterdir()
+    resolved = json.loads((run / "run.json").read_text())["resolved"]
+    assert (resolved["precision"], resolved["channels_last"]) == (chosen["precision"], chosen["channels_last"])
+    assert resolved["speed_choice"].startswith("measured")
+
+
+def test_choose_and_ablation_together_is_a_user_error(tmp_path, capsys):
+    assert devices.main([*BENCH, "--choose", "--ablation", "--out", str(tmp_path)]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_choice_is_keyed_by_the_gpu():
+    assert choices.device_key(torch.device("cuda:0")).startswith("cuda: " + torch.cuda.get_device_name(0))
