@@ -117,3 +117,24 @@ def test_cuda_path_keeps_data_on_device(tiny):
     assert x.is_cuda and y.is_cuda
     result = fit(quick(epochs=1, device="cuda", precision="bf16"), tiny)
     assert result.device.startswith("cuda")
+
+
+def test_ema_weights_are_validated_in_place_of_the_last_steps(tiny):
+    plain = fit(quick(seed=3, epochs=1), tiny)
+    ema = fit(quick(seed=3, epochs=1, ema=0.9), tiny)
+    almost_none = fit(quick(seed=3, epochs=1, ema=1e-12), tiny)
+    # the average trails the trained weights (same trajectory: EMA does not change training) ...
+    assert [r.train_loss for r in ema.records] == [r.train_loss for r in plain.records]
+    pairs = list(zip(plain.model.state_dict().values(), ema.model.state_dict().values(), strict=True))
+    assert any(not torch.allclose(a.float(), b.float()) for a, b in pairs)
+    assert ema.records[-1].val_loss != plain.records[-1].val_loss
+    # ... and with no memory it is the trained model, buffers (BN statistics) included
+    for a, b in zip(plain.model.state_dict().values(), almost_none.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6)
+    assert almost_none.records[-1].val_accuracy == plain.records[-1].val_accuracy
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_ema_out_of_range_is_a_config_error(value):
+    with pytest.raises(ConfigError, match=r"ema must be in \[0, 1\)"):
+        quick(ema=value)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifarlab.augment import AugmentConfig, BatchAugmenter, EvalBatches, Normalization
 from cifarlab.choices import resolve_speed
@@ -50,6 +51,9 @@ class TrainConfig:
         "help": "multiply logits by this before the loss (DAWNBench's 0.125; 1 for none)"})
     cutout: int = field(default=8, metadata={"help": "cutout hole side in pixels (0: off)"})
     cutout_p: float = field(default=0.5, metadata={"help": "probability of a cutout hole per image"})
+    ema: float = field(default=0.0, metadata={
+        "help": "decay per step of an exponential moving average of the weights (and BN statistics), which is "
+                "then validated and tested in their place (0: off; e.g. 0.99)"})
     precision: str = field(default="auto", metadata={"help": "auto, bf16 or fp32 (auto: bf16 where fast)"})
     channels_last: str = field(default="auto", metadata={"help": "auto, on or off"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (compile time reported apart)"})
@@ -73,6 +77,8 @@ class TrainConfig:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not (self.max_lr > 0 and math.isfinite(self.max_lr)):
             raise ConfigError(f"max-lr must be a positive number, got {self.max_lr}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1) (0: off), got {self.ema}")
         if not 0 < self.pct_start < 1:
             raise ConfigError(f"pct-start must lie in (0, 1), got {self.pct_start}")
         if not 0 <= self.label_smoothing < 1:
@@ -288,7 +294,11 @@ def fit(
     scheduler = build_scheduler(config, optimizer, total_steps)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
-    result = FitResult(config=config, records=[], model=model, device=str(device), precision=precision,
+    # EMA of the weights: a smoother model than the last step's, which short schedules benefit from.
+    ema_model = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) \
+        if config.ema else None
+    eval_model = ema_model.module if ema_model is not None else model
+    result = FitResult(config=config, records=[], model=eval_model, device=str(device), precision=precision,
                        channels_last=channels_last, normalization=norm, speed_source=speed.source)
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -315,6 +325,8 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if ema_model is not None:
+                    ema_model.update_parameters(model)
                 if scheduler.last_epoch < total_steps - 1:  # no step past the end: OneCycleLR would extrapolate
                     scheduler.step()
                 if config.compile and result.compile_seconds is None:
@@ -340,7 +352,7 @@ def fit(
             compute_seconds -= result.compile_seconds
         with Timer(device) as eval_timer:
             # An empty validation split (``val_size=0``) trains on everything and reports NaN here.
-            val = evaluate(model, splits.val_images, splits.val_labels, norm, device=device,
+            val = evaluate(eval_model, splits.val_images, splits.val_labels, norm, device=device,
                            precision=precision, channels_last=channels_last, batch_size=config.eval_batch_size,
                            logit_scale=config.logit_scale) if len(splits.val_labels) else _NO_VALIDATION
         record = EpochRecord(
@@ -365,9 +377,9 @@ def fit(
     kw = {"device": device, "precision": precision, "channels_last": channels_last,
           "batch_size": config.eval_batch_size, "logit_scale": config.logit_scale}
     if test:
-        result.test = evaluate(model, splits.test_images, splits.test_labels, norm, **kw)
+        result.test = evaluate(eval_model, splits.test_images, splits.test_labels, norm, **kw)
     if test_tta:
-        result.test_tta = evaluate(model, splits.test_images, splits.test_labels, norm, tta=True, **kw)
+        result.test_tta = evaluate(eval_model, splits.test_images, splits.test_labels, norm, tta=True, **kw)
     result.wall_seconds = time.perf_counter() - wall_start
     return result
 
