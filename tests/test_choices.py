@@ -115,3 +115,12 @@ def test_choose_and_ablation_together_is_a_user_error(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_choice_is_keyed_by_the_gpu():
     assert choices.device_key(torch.device("cuda:0")).startswith("cuda: " + torch.cuda.get_device_name(0))
+
+
+def test_the_cpu_key_names_model_matmul_features_and_threads(monkeypatch):
+    key = choices.device_key(CPU)
+    assert key.startswith("cpu: ") and f"torch {torch.__version__}" in key
+    monkeypatch.setattr(choices, "cpu_matmul_features", lambda: ["amx_bf16", "avx512_bf16"])
+    assert "[amx_bf16 avx512_bf16]" in choices.device_key(CPU) and choices.device_key(CPU) != key
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
+    assert "64 threads" in choices.device_key(CPU)

@@ -49,9 +49,24 @@ def choices_path() -> Path:
 def device_key(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{cpu_model()}, {torch.get_num_threads()} threads"
+    else:  # the model name alone ("AMD EPYC") can hide generations with and without bf16 units: add those
+        name = f"{cpu_model()} [{' '.join(cpu_matmul_features()) or 'no bf16/avx512'}], " \
+               f"{torch.get_num_threads()} threads"
     return f"{device.type}: {name}; torch {torch.__version__}"
+
+
+def cpu_matmul_features() -> list[str]:
+    """The CPU flags that decide bf16 and fp32 matmul speed (Linux /proc/cpuinfo; empty elsewhere)."""
+    wanted = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2")
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [f for f in wanted if f in flags]
+    except OSError:
+        pass
+    return []
 
 
 def rule_choice(device: torch.device, precision: str = "auto") -> tuple[str, bool]:
