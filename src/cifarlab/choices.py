@@ -133,7 +133,7 @@ def resolve_speed(arch: str, device: torch.device, precision: str = "auto", chan
         if measured and measured["precision"] == chosen_precision:
             chosen_cl = bool(measured["channels_last"])
         else:
-            chosen_cl = device.type == "cuda" or chosen_precision == "bf16"
+            chosen_cl = rule_choice(device, chosen_precision)[1]
     else:
         chosen_cl = channels_last == "on"
     if precision != "auto" and channels_last != "auto":
