@@ -103,6 +103,18 @@ class AlbumentationsDataset(torch.utils.data.Dataset):
         return self.transform(image=self.images[i])["image"], int(self.labels[i])
 
 
+def reseed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker's albumentations pipeline its own random stream.
+
+    albumentations keeps a random state of its own, which torch does not reseed in workers: forked workers
+    would all inherit the parent's and draw the same crops, flips and holes in lock-step (batch 2k and 2k+1
+    augmented alike). torch's per-worker seed derives from the loader's generator, so runs stay reproducible.
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is not None and hasattr(info.dataset, "transform"):
+        info.dataset.transform.set_random_seed(info.seed % 2**32)
+
+
 def _pixel_scale(norm: Normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and 1/std on the 0..255 pixel scale, shaped to broadcast over NCHW batches."""
     mean = torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255.0

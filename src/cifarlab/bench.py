@@ -17,7 +17,14 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from cifarlab.augment import AlbumentationsDataset, AugmentConfig, BatchAugmenter, Normalization, seed_pipeline
+from cifarlab.augment import (
+    AlbumentationsDataset,
+    AugmentConfig,
+    BatchAugmenter,
+    Normalization,
+    reseed_worker,
+    seed_pipeline,
+)
 from cifarlab.data import DataSplits
 from cifarlab.models import create_model
 from cifarlab.timing import Timer, synchronize
@@ -112,7 +119,7 @@ def _batches(case: Case, splits: DataSplits, norm: Normalization, device: torch.
     loader = torch.utils.data.DataLoader(dataset, batch_size=case.batch_size, shuffle=True, drop_last=True,
                                          num_workers=case.loader_workers, generator=gen,
                                          pin_memory=device.type == "cuda",
-                                         persistent_workers=case.loader_workers > 0)
+                                         persistent_workers=case.loader_workers > 0, worker_init_fn=reseed_worker)
     while True:
         for x, y in loader:
             x = x.to(device, non_blocking=True)

@@ -206,13 +206,13 @@ def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization,
         augmenter = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, aug, channels_last)
         return augmenter.num_batches(config.batch_size), lambda: augmenter.epoch(config.batch_size, gen)
 
-    from cifarlab.augment import AlbumentationsDataset, seed_pipeline
+    from cifarlab.augment import AlbumentationsDataset, reseed_worker, seed_pipeline
 
     dataset = AlbumentationsDataset(splits.train_images, splits.train_labels, seed_pipeline(norm, aug))
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=True, drop_last=n >= config.batch_size,
         num_workers=config.loader_workers, generator=gen, pin_memory=device.type == "cuda",
-        persistent_workers=config.loader_workers > 0,
+        persistent_workers=config.loader_workers > 0, worker_init_fn=reseed_worker,
     )
 
     def epoch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
