@@ -36,6 +36,9 @@ def build_parser():
     mode.add_argument("--choose", action="store_true",
                    help="time fp32/bf16 x NCHW/channels_last per architecture and store the fastest as the choice "
                         "that training's --precision auto / --channels-last auto use on this device")
+    p.add_argument("--no-breakdown", action="store_true",
+                   help="skip the breakdown of the default run: time per kind of operation (profiled) and each "
+                        "convolution's forward, input- and weight-gradient TFLOP/s")
     p.add_argument("--data", default=None, help="data source, as for studies.train (default: $CIFARLAB_DATA)")
     p.add_argument("--val-size", type=_cli.count_or_fraction, default=5000,
                    help="validation split timed for evaluation: a count or a fraction (default: 5000)")
@@ -93,6 +96,9 @@ def _main(args) -> int:
     if args.device in ("cuda", "all"):
         devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     rows: list[dict] = []
+    op_rows: list[dict] = []  # the breakdown: seconds per step by kind of operation
+    conv_rows: list[dict] = []  # and convolution by convolution
+    breakdown = not (args.ablation or args.choose or args.no_breakdown)
     if args.device == "all" and not torch.cuda.is_available():
         rows.append({"arch": "all", "device": "cuda", "status": "no CUDA device on this machine"})
     env = environment()
@@ -117,7 +123,8 @@ def _main(args) -> int:
                     cases = [Case(arch, dev, bs, speed.precision, speed.channels_last, step="default")]
                 timed = []
                 for case in cases:
-                    result = time_case(case, splits, images=images, repeats=args.repeats, warmup_steps=args.warmup)
+                    result = time_case(case, splits, images=images, repeats=args.repeats, warmup_steps=args.warmup,
+                                       profile_steps=2 if breakdown else 0)
                     row = result.row(train_images=len(splits.train_labels), val_images=len(splits.val_labels),
                                      flops=flops[arch], peak_flops=peaks[case.precision])
                     row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" \
@@ -126,6 +133,14 @@ def _main(args) -> int:
                         row["choice_source"] = speed.source
                     rows.append(row)
                     timed.append(row)
+                    if breakdown:
+                        from cifarlab.breakdown import conv_layer_table
+
+                        ids = {"arch": arch, "device": dev, "batch_size": bs}
+                        op_rows += [{**ids, **r} for r in result.breakdown]
+                        conv_rows += [{**ids, **r} for r in conv_layer_table(
+                            create_model(arch, splits.num_classes).to(device), bs, device, case.precision,
+                            case.channels_last, peak_flops=peaks[case.precision])]
                     console.print(f"  {arch} {case.step or ''} batch {bs}: {row['images_per_second']:.0f} img/s, "
                                   f"{row['share_of_peak']:.0%} of {case.precision} peak, "
                                   f"{row['epoch_50k_seconds'] / 60:.1f} min per 50k ({row['epoch_kind']})")
@@ -138,9 +153,14 @@ def _main(args) -> int:
     write_json(run_dir / "devices.json", {"kind": "devices", "environment": env, "rows": frame.to_dict("records"),
                                           "args": {k: v for k, v in vars(args).items() if k != "out"}})
     _print_table(console, frame, Table)
+    ops, convs = pd.DataFrame(op_rows), pd.DataFrame(conv_rows)
+    if len(ops):
+        write_csv(run_dir / "breakdown.csv", ops)
+        write_csv(run_dir / "conv_layers.csv", convs)
+        _print_breakdown(console, ops, convs, Table)
     from cifarlab.report.devices import devices_page
 
-    devices_page(run_dir, frame, env)
+    devices_page(run_dir, frame, env, ops=ops, convs=convs)
     console.print(f"written: {run_dir / 'index.html'}")
     _cli.rebuild_reports(out, console)
     return 0
@@ -204,6 +224,31 @@ def _print_table(console, frame, Table) -> None:
                       f"{r['data_share']:.1%}", f"{r['share_of_peak']:.0%}", fmt(r["speedup_vs_baseline"], ".1f"),
                       fmt(r["speedup_vs_cpu"], ".1f"), f"{r['peak_memory_mb']:.0f}")
     console.print(table)
+
+
+def _print_breakdown(console, ops, convs, Table) -> None:
+    """Where each architecture's step time goes, then each convolution's achieved TFLOP/s by pass."""
+    for (arch, dev, bs), grp in ops.groupby(["arch", "device", "batch_size"], sort=False):
+        table = Table(title=f"{arch} on {dev}, batch {bs}: time per training step by kind of operation")
+        for c in ("operation", "ms / step", "share"):
+            table.add_column(c, justify="right")
+        for _, r in grp.iterrows():
+            if r["seconds_per_step"] > 0:
+                table.add_row(r["category"], f"{r['seconds_per_step'] * 1e3:.0f}", f"{r['share']:.1%}")
+        console.print(table)
+        layers = convs[(convs["arch"] == arch) & (convs["device"] == dev) & (convs["batch_size"] == bs)]
+        table = Table(title=f"{arch}: each convolution alone, batch {bs} (TFLOP/s by pass)")
+        for c in ("layer", "in → out", "fwd ms", "∂input ms", "∂weight ms", "fwd TF/s", "∂input TF/s",
+                  "∂weight TF/s", "share of peak"):
+            table.add_column(c, justify="right")
+        for _, r in layers.iterrows():
+            def f(v, spec):
+                return "—" if v != v else format(v, spec)  # NaN: the first layer needs no input gradient
+            table.add_row(r["layer"], f"{r['in_shape']} → {r['out_shape']}", f(r["forward_ms"], ".0f"),
+                          f(r["input_grad_ms"], ".0f"), f(r["weight_grad_ms"], ".0f"), f(r["forward_tflops"], ".2f"),
+                          f(r["input_grad_tflops"], ".2f"), f(r["weight_grad_tflops"], ".2f"),
+                          f(r.get("share_of_peak", float("nan")), ".0%"))
+        console.print(table)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,23 @@ def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capsys):
         assert [r["status"] for r in rows if r["device"] == "cuda"] == ["no CUDA device on this machine"]
     page = (run_dir / "index.html").read_text()
     assert "<img" in page and "Environment" in page and (run_dir / "epoch_time.png").is_file()
-    assert "img/s" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "img/s" in out
+    # The breakdown: where the step time goes, and each convolution alone.
+    ops = read_rows(run_dir / "breakdown.csv")
+    assert {r["category"] for r in ops} >= {"conv forward", "conv backward", "batch norm", "optimizer"}
+    assert sum(float(r["seconds_per_step"]) for r in ops if r["category"].startswith("conv")) > 0
+    layers = read_rows(run_dir / "conv_layers.csv")
+    assert len(layers) == 8 and layers[0]["layer"] == "prep.0"
+    assert "Where the time goes" in page and (run_dir / "breakdown.png").is_file()
+    assert (run_dir / "conv_layers.png").is_file() and "conv backward" in out
+
+
+def test_no_breakdown_skips_it(tmp_path):
+    assert devices.main([*BENCH, "--no-breakdown", "--out", str(tmp_path)]) == 0
+    (run_dir,) = (tmp_path / "devices").iterdir()
+    assert not (run_dir / "breakdown.csv").exists()
+    assert "Where the time goes" not in (run_dir / "index.html").read_text()
 
 
 def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):

@@ -57,6 +57,7 @@ class CaseResult:
     eval_seconds_per_image: float
     peak_memory_mb: float
     compile_seconds: float | None
+    breakdown: list[dict] | None = None  # seconds per step by kind of operation (op_breakdown), when asked
 
     @property
     def median_seconds(self) -> float:
@@ -129,7 +130,8 @@ def _batches(case: Case, splits: DataSplits, norm: Normalization, device: torch.
 
 
 def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, warmup_steps: int = 5,
-              eval_images: int = 1024) -> CaseResult:
+              eval_images: int = 1024, profile_steps: int = 0) -> CaseResult:
+    """Time ``case``; with ``profile_steps`` also profile that many steps into a breakdown by kind of operation."""
     device = torch.device(case.device)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -175,6 +177,16 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
             train_step(x, y)
         data_s += td.seconds
         compute_s += tc.seconds
+    breakdown = None
+    if profile_steps:
+        from cifarlab.breakdown import DATA_ANNOTATION, op_breakdown
+
+        def profiled_step() -> None:
+            with torch.profiler.record_function(DATA_ANNOTATION):
+                x, y = next(batches)
+            train_step(x, y)
+
+        breakdown = op_breakdown(profiled_step, device, steps=profile_steps)
     n_eval = min(eval_images, len(splits.val_labels))
     eval_kw = {"device": device, "precision": case.precision, "channels_last": case.channels_last,
                "batch_size": 1024}
@@ -184,7 +196,7 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
     batches.close()  # stops DataLoader workers of the seed-style path
     return CaseResult(case=case, images_timed=steps * case.batch_size, repeats=repeats, seconds=seconds,
                       data_seconds=data_s, compute_seconds=compute_s, eval_seconds_per_image=te.seconds / n_eval,
-                      peak_memory_mb=peak_memory_mb(device), compile_seconds=compile_seconds)
+                      peak_memory_mb=peak_memory_mb(device), compile_seconds=compile_seconds, breakdown=breakdown)
 
 
 CHOICE_STEP = "{precision} · {layout}"

@@ -10,7 +10,8 @@ from cifarlab.report import html
 from cifarlab.report.figures import plt, save, sns
 
 
-def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict) -> Path:
+def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataFrame | None = None,
+                 convs: pd.DataFrame | None = None) -> Path:
     run_dir = Path(run_dir)
     ok = frame[frame["status"] == "ok"].copy() if "status" in frame else frame.iloc[0:0]
     parts = []
@@ -68,6 +69,8 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict) -> Path:
                      '<p class="note">Epoch = 45,000 training + 5,000 validation images unless stated; "projected" '
                      'epochs are extrapolated from the images timed. Data share: augmentation and batching, from '
                      'a repetition synchronised around every step. <a href="devices.csv">devices.csv</a></p>')
+    if ops is not None and len(ops):
+        parts.append(_breakdown_section(ops, convs, run_dir))
     shown_env = {k: v for k, v in env.items() if v is not None}  # the benchmark has no single device
     env_frame = pd.DataFrame({"": list(shown_env), "value": [str(v) for v in shown_env.values()]})
     parts.append("<h2>Environment</h2>" + html.table(env_frame))
@@ -97,3 +100,45 @@ def _choice_section(ok: pd.DataFrame, run_dir: Path) -> str:
             + '<p class="note">The chosen combination is stored per device and torch version; training with '
               '<code>--precision auto --channels-last auto</code> uses it. The rule (bf16 where the matmul peak '
               'favours it, channels_last with bf16) is kept unless another combination is more than 3% faster.</p>')
+
+
+def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: Path) -> str:
+    """Where the step time goes (profiled, by kind of operation), and each convolution's TFLOP/s by pass."""
+    ops = ops.copy()
+    ops["label"] = ops["arch"] + " · " + ops["device"]
+    shown = ops[ops["seconds_per_step"] > 0]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    sns.barplot(data=shown, y="category", x="share", hue="label", ax=ax)
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.set(title="share of a training step's wall time by kind of operation (profiled)", xlabel="share of step",
+           ylabel="")
+    _legend_outside(ax)
+    save(fig, run_dir / "breakdown.png")
+    wide = ops.pivot_table(index="category", columns="label", values="seconds_per_step", sort=False) * 1e3
+    wide = wide.reset_index().rename(columns={"category": "operation (ms per step)"})
+    out = ("<h2>Where the time goes</h2>" + html.figure("breakdown.png", "Share of step time by kind of operation")
+           + html.table(wide, float_format="{:,.0f}"))
+    if convs is not None and len(convs):
+        long = convs.melt(id_vars=["arch", "device", "layer"], value_vars=["forward_tflops", "input_grad_tflops",
+                                                                           "weight_grad_tflops"],
+                          var_name="pass", value_name="tflops").dropna(subset=["tflops"])
+        long["pass"] = long["pass"].map({"forward_tflops": "forward", "input_grad_tflops": "input gradient",
+                                         "weight_grad_tflops": "weight gradient"})
+        archs = list(dict.fromkeys(long["arch"]))
+        fig, axes = plt.subplots(len(archs), 1, figsize=(9, 0.28 * len(long) / 3 * 1.0 + 1.5 * len(archs)),
+                                 squeeze=False)
+        for ax, arch in zip(axes[:, 0], archs):
+            sns.barplot(data=long[long["arch"] == arch], y="layer", x="tflops", hue="pass", ax=ax)
+            ax.set(title=f"{arch}: each convolution alone, achieved TFLOP/s by pass", xlabel="TFLOP/s", ylabel="")
+            _legend_outside(ax)
+        save(fig, run_dir / "conv_layers.png")
+        cols = [c for c in ["arch", "device", "layer", "in_shape", "out_shape", "gflop_per_pass", "forward_ms",
+                            "input_grad_ms", "weight_grad_ms", "forward_tflops", "input_grad_tflops",
+                            "weight_grad_tflops", "total_ms", "share_of_peak"] if c in convs]
+        out += (html.figure("conv_layers.png", "TFLOP/s of each convolution by pass")
+                + html.table(convs[cols])
+                + '<p class="note">Each convolution timed alone at the training batch size, precision and memory '
+                  'format (median of 3 after a warm-up call). The first convolution sees the data, which needs no '
+                  'gradient, so it has no input-gradient pass. <a href="breakdown.csv">breakdown.csv</a>, '
+                  '<a href="conv_layers.csv">conv_layers.csv</a></p>')
+    return out

@@ -1,0 +1,192 @@
+"""Where a training step's time goes: by kind of operation, and convolution by convolution.
+
+``bench.devices`` reports a single share of the matmul peak per architecture; when that share is low, these two
+views say why:
+
+* ``op_breakdown`` profiles whole training steps (torch.profiler) and sums each operator's own time into a few
+  categories: convolution forward, convolution backward, batch norm, pooling, activations, optimizer, casts and
+  copies, other. On CUDA it sums device (kernel) time, on the CPU the host time of each operator.
+* ``conv_layer_table`` times every ``Conv2d`` of the model alone at the training batch size, precision and
+  memory format: forward, input gradient and weight gradient separately, each with its achieved TFLOP/s. On a
+  CPU this is what shows, for instance, that oneDNN's weight gradient of the 512-channel 4x4 layers runs far
+  below the matmul peak while the 16x16 layers come close to it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab.timing import synchronize
+
+CATEGORIES = ("conv forward", "conv backward", "batch norm", "pooling", "activation", "linear + loss", "optimizer",
+              "data + augmentation", "casts + copies", "zero fill", "other")
+# Annotations (torch.profiler.record_function) whose operators count as one category whatever they are.
+DATA_ANNOTATION = "cifarlab.data"
+_ANNOTATED = (("Optimizer.step", "optimizer"), (DATA_ANNOTATION, "data + augmentation"))
+
+
+def categorize(name: str, annotation: str | None = None) -> str:
+    """The category of one profiled operator, by the annotated region it ran in, else by its name."""
+    if annotation is not None:
+        return annotation
+    n = name.removeprefix("aten::").lower()
+    if "convolution_backward" in n:
+        return "conv backward"
+    if "conv" in n:
+        return "conv forward"
+    if "batch_norm" in n:
+        return "batch norm"
+    if "pool" in n:
+        return "pooling"
+    if any(k in n for k in ("relu", "threshold", "clamp_min")):
+        return "activation"
+    if any(k in n for k in ("addmm", "linear", "matmul", "softmax", "nll_loss", "cross_entropy")) or n in ("mm",
+                                                                                                           "bmm"):
+        return "linear + loss"
+    if n in ("fill_", "zero_", "zeros", "zeros_like"):
+        return "zero fill"
+    if n in ("copy_", "_to_copy", "to", "contiguous", "clone"):
+        return "casts + copies"
+    return "other"
+
+
+def _annotation(event) -> str | None:
+    parent = event.cpu_parent
+    while parent is not None:
+        for prefix, category in _ANNOTATED:
+            if parent.name.startswith(prefix):
+                return category
+        parent = parent.cpu_parent
+    return None
+
+
+def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2) -> list[dict]:
+    """Seconds per step by category over ``steps`` profiled calls of ``step`` (warm it up first).
+
+    Wrap the batch's production in ``torch.profiler.record_function(DATA_ANNOTATION)`` to count it as data.
+
+    Each operator's *self* time is counted once, so the categories add up to the profiled work; ``wall``
+    is the synchronised wall time per step, and the difference is Python and dispatch overhead between ops.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall = (time.perf_counter() - t0) / steps
+    totals = dict.fromkeys(CATEGORIES, 0.0)
+    for evt in prof.events():
+        if not evt.name.startswith("aten::"):
+            continue  # annotations (autograd nodes, Optimizer.step#...) have no work of their own
+        us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
+        totals[categorize(evt.name, _annotation(evt))] += us / 1e6 / steps
+    counted = sum(totals.values())
+    rows = [{"category": c, "seconds_per_step": s, "share": s / wall if wall else float("nan")}
+            for c, s in totals.items()]
+    if device.type == "cpu":  # the host runs the ops, so the rest of the wall time is overhead between them
+        rest = max(wall - counted, 0.0)
+        rows.append({"category": "python + dispatch", "seconds_per_step": rest,
+                     "share": rest / wall if wall else float("nan")})
+    return rows
+
+
+def conv_flops(n: int, c_in: int, c_out: int, kernel: tuple[int, int], out_hw: tuple[int, int],
+               groups: int = 1) -> float:
+    """Multiply-adds x 2 of one convolution's forward pass (the same count for each of the two gradients)."""
+    return 2.0 * n * c_out * (c_in // groups) * kernel[0] * kernel[1] * out_hw[0] * out_hw[1]
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # oneDNN / cuDNN pick and build their kernels on first use
+    samples = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def _time_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, device: torch.device,
+               repeats: int) -> tuple[float, float, float]:
+    """Median seconds of the forward pass, the input gradient and the weight gradient of ``conv``'s shape."""
+    stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+
+    def forward() -> torch.Tensor:
+        return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def backward(mask: list[bool]):
+        return torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, [0, 0],
+                                                   conv.groups, mask)
+
+    return (_median_seconds(forward, device, repeats),
+            _median_seconds(lambda: backward([True, False, False]), device, repeats),
+            _median_seconds(lambda: backward([False, True, False]), device, repeats))
+
+
+def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, precision: str,
+                     channels_last: bool, *, image_size: int = 32, repeats: int = 3,
+                     peak_flops: float | None = None) -> list[dict]:
+    """Every ``Conv2d`` of ``model`` timed alone: forward, input gradient and weight gradient.
+
+    The first convolution sees the data, which needs no gradient, so training computes only its weight
+    gradient; its input-gradient time is left out (NaN) of what training spends.
+    """
+    shapes: dict[str, tuple[torch.Size, bool]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            def hook(m, inputs, _out, name=name):
+                shapes[name] = (inputs[0].shape, inputs[0].requires_grad)
+            hooks.append(mod.register_forward_hook(hook))
+    probe = torch.zeros(2, 3, image_size, image_size, device=device)
+    was_training = model.training
+    model.eval()  # leaves BatchNorm's running statistics alone; autograd stays on to see which inputs need grads
+    with torch.enable_grad():
+        model(probe)
+    model.train(was_training)
+    model.zero_grad(set_to_none=True)
+    for h in hooks:
+        h.remove()
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    timed: dict[tuple, tuple[float, float, float]] = {}  # identical shapes are timed once
+    rows = []
+    modules = dict(model.named_modules())
+    for name, (shape, needs_input_grad) in shapes.items():
+        conv: nn.Conv2d = modules[name]
+        _, c_in, h, w = shape
+        x = torch.randn(batch_size, c_in, h, w, device=device, dtype=dtype).contiguous(memory_format=fmt)
+        weight = conv.weight.detach().to(device=device, dtype=dtype).contiguous(memory_format=fmt)
+        args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        y = F.conv2d(x, weight, None, *args)
+        key = (tuple(x.shape), tuple(weight.shape), args, str(dtype), channels_last)
+        if key not in timed:
+            timed[key] = _time_conv(conv, x, weight, torch.randn_like(y).contiguous(memory_format=fmt), device,
+                                    repeats)
+        fwd, grad_in, grad_w = timed[key]
+        flops = conv_flops(batch_size, c_in, conv.out_channels, conv.kernel_size, tuple(y.shape[-2:]), conv.groups)
+        grad_in = grad_in if needs_input_grad else float("nan")
+        row = {"layer": name, "in_shape": f"{c_in}x{h}x{w}", "out_shape": "x".join(map(str, y.shape[1:])),
+               "gflop_per_pass": flops / 1e9, "forward_ms": fwd * 1e3, "input_grad_ms": grad_in * 1e3,
+               "weight_grad_ms": grad_w * 1e3, "forward_tflops": flops / fwd / 1e12,
+               "input_grad_tflops": flops / grad_in / 1e12, "weight_grad_tflops": flops / grad_w / 1e12}
+        passes = [fwd, grad_w] + ([grad_in] if needs_input_grad else [])
+        row["total_ms"] = sum(passes) * 1e3
+        row["total_tflops"] = flops * len(passes) / sum(passes) / 1e12
+        if peak_flops:
+            row["share_of_peak"] = row["total_tflops"] * 1e12 / peak_flops
+        rows.append(row)
+    return rows

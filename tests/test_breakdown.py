@@ -1,0 +1,86 @@
+"""The benchmark's breakdown: time per kind of operation, and each convolution by pass."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cifarlab.breakdown import CATEGORIES, DATA_ANNOTATION, categorize, conv_flops, conv_layer_table, op_breakdown
+from cifarlab.models import create_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("name", "annotation", "category"),
+    [("aten::mkldnn_convolution", None, "conv forward"), ("aten::cudnn_convolution", None, "conv forward"),
+     ("aten::convolution_backward", None, "conv backward"), ("aten::native_batch_norm_backward", None, "batch norm"),
+     ("aten::max_pool2d_with_indices_backward", None, "pooling"), ("aten::threshold_backward", None, "activation"),
+     ("aten::addmm", None, "linear + loss"), ("aten::_log_softmax", None, "linear + loss"),
+     ("aten::mm", None, "linear + loss"), ("aten::_to_copy", None, "casts + copies"),
+     ("aten::fill_", None, "zero fill"),
+     ("aten::add_", "optimizer", "optimizer"), ("aten::gather", "data + augmentation", "data + augmentation"),
+     ("aten::add_", None, "other")],
+)
+def test_operators_fall_into_their_category(name, annotation, category):
+    assert categorize(name, annotation) == category
+    assert category in CATEGORIES
+
+
+def tiny_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(16 * 8 * 8, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    y = torch.randint(0, 10, (32,))
+
+    def step():
+        with torch.profiler.record_function(DATA_ANNOTATION):
+            x = torch.randn(32, 3, 16, 16).flip(3)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step()
+    return step
+
+
+def test_op_breakdown_accounts_for_the_step_and_names_each_kind():
+    rows = op_breakdown(tiny_step(), CPU, steps=3)
+    by = {r["category"]: r["seconds_per_step"] for r in rows}
+    assert set(by) == {*CATEGORIES, "python + dispatch"}
+    for kind in ("conv forward", "conv backward", "batch norm", "pooling", "optimizer", "data + augmentation",
+                 "linear + loss"):
+        assert by[kind] > 0, kind
+    # Self times plus the overhead between operators make up the profiled wall time, not more.
+    shares = sum(r["share"] for r in rows)
+    assert 0.5 < shares <= 1.0 + 1e-6
+    assert all(r["seconds_per_step"] >= 0 for r in rows)
+
+
+def test_conv_flops_match_torchs_flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(4, 8, 10, 10)
+    with FlopCounterMode(display=False) as counter:
+        y = conv(x)
+    assert conv_flops(4, 8, 16, (3, 3), tuple(y.shape[-2:])) == counter.get_total_flops()
+
+
+def test_conv_layer_table_has_every_convolution_with_its_passes():
+    model = create_model("custom_resnet")
+    rows = conv_layer_table(model, 8, CPU, "fp32", False, repeats=1, peak_flops=1e12)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert [r["layer"] for r in rows] == convs and len(rows) == 8
+    first, *rest = rows
+    # The data needs no gradient: the first convolution has no input-gradient pass in training.
+    assert first["layer"] == "prep.0" and first["in_shape"] == "3x32x32" and first["out_shape"] == "64x32x32"
+    assert math.isnan(first["input_grad_ms"]) and first["weight_grad_ms"] > 0
+    assert all(r["input_grad_ms"] > 0 and r["forward_tflops"] > 0 for r in rest)
+    assert rows[-1]["in_shape"] == "512x4x4"
+    assert rows[-1]["gflop_per_pass"] == pytest.approx(2 * 8 * 512 * 512 * 9 * 16 / 1e9)
+    assert all(r["share_of_peak"] == pytest.approx(r["total_tflops"]) for r in rows)  # peak given as 1 TFLOP/s
+    assert all(p.grad is None for p in model.parameters())  # probing the shapes left no gradients behind
