@@ -138,3 +138,39 @@ def test_ema_weights_are_validated_in_place_of_the_last_steps(tiny):
 def test_ema_out_of_range_is_a_config_error(value):
     with pytest.raises(ConfigError, match=r"ema must be in \[0, 1\)"):
         quick(ema=value)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_weight_ema_updates_without_a_host_synchronisation():
+    from cifarlab.models import create_model
+    from cifarlab.train import WeightEMA
+
+    model = create_model("custom_resnet").cuda()
+    ema = WeightEMA(model, 0.9)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+    try:
+        for _ in range(3):
+            ema.update(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert next(ema.module.parameters()).is_cuda
+
+
+def test_weight_ema_follows_the_model_by_its_decay():
+    from torch import nn
+
+    from cifarlab.train import WeightEMA
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = WeightEMA(model, 0.75)
+    start = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(4.0)
+    model(torch.randn(8, 2))  # BN statistics and its batch counter move
+    ema.update(model)
+    assert torch.allclose(ema.module[0].weight, start + 1.0)  # a quarter of the way to the model
+    assert torch.allclose(ema.module[1].running_mean, 0.25 * model[1].running_mean)
+    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked == 1
+    assert not any(p.requires_grad for p in ema.module.parameters())

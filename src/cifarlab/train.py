@@ -8,6 +8,7 @@ and evaluation). On the CPU every op is synchronous anyway.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cifarlab.augment import AugmentConfig, BatchAugmenter, EvalBatches, Normalization
 from cifarlab.choices import resolve_speed
@@ -197,6 +197,29 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total
     )
 
 
+class WeightEMA:
+    """Exponential moving average of a model's weights and buffers (BN statistics), kept on the model's device.
+
+    torch's ``AveragedModel`` reads its update counter on the host at every update (``n_averaged == 0``), which
+    is a device synchronisation per step on CUDA; this copy starts equal to the model and needs no counter.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model)
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ours = [*self.module.parameters(), *self.module.buffers()]
+        theirs = [*model.parameters(), *model.buffers()]
+        floats = [(a, b) for a, b in zip(ours, theirs, strict=True) if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [b.detach() for _, b in floats], 1.0 - self.decay)
+        for a, b in zip(ours, theirs, strict=True):
+            if not a.is_floating_point():  # BN's batch counter: follow the model
+                a.copy_(b)
+
+
 def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
                    channels_last: bool, gen: torch.Generator):
     """(number of steps per epoch, a function that yields one epoch of batches)."""
@@ -295,8 +318,7 @@ def fit(
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 
     # EMA of the weights: a smoother model than the last step's, which short schedules benefit from.
-    ema_model = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) \
-        if config.ema else None
+    ema_model = WeightEMA(model, config.ema) if config.ema else None
     eval_model = ema_model.module if ema_model is not None else model
     result = FitResult(config=config, records=[], model=eval_model, device=str(device), precision=precision,
                        channels_last=channels_last, normalization=norm, speed_source=speed.source)
@@ -326,7 +348,7 @@ def fit(
                 loss.backward()
                 optimizer.step()
                 if ema_model is not None:
-                    ema_model.update_parameters(model)
+                    ema_model.update(model)
                 if scheduler.last_epoch < total_steps - 1:  # no step past the end: OneCycleLR would extrapolate
                     scheduler.step()
                 if config.compile and result.compile_seconds is None:
