@@ -42,6 +42,7 @@ class Case:
     channels_last: bool = True
     data_path: str = "batched"  # batched (in-memory, on device) or dataloader (seed: per-sample albumentations)
     compile: bool = False
+    fused_optimizer: bool = True  # the seed's optimizer loops over its tensors; torch's fused kernel does not
     step: str = ""  # the ablation step's name, when part of a ladder
     loader_workers: int = 2
 
@@ -141,7 +142,7 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model: nn.Module = torch.compile(model) if case.compile else model
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(config, model, fused=case.fused_optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     batches = _batches(case, splits, norm, device, gen)
     steps = max(1, images // case.batch_size)
@@ -214,12 +215,14 @@ def choice_cases(arch: str, device: str, batch_size: int) -> list[Case]:
 def ablation_ladder(arch: str, device: str, batch_size: int, *, with_compile: bool = True) -> list[Case]:
     """The seed-style baseline, then each speed technique added in turn."""
     base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
-                step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
+                fused_optimizer=False, step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
     steps = [
         base,
-        Case(arch, device, batch_size, "bf16", False, "dataloader", step="+ bf16 autocast"),
-        Case(arch, device, batch_size, "bf16", True, "dataloader", step="+ channels_last"),
-        Case(arch, device, batch_size, "bf16", True, "batched", step="+ batched in-memory data"),
+        Case(arch, device, batch_size, "bf16", False, "dataloader", fused_optimizer=False, step="+ bf16 autocast"),
+        Case(arch, device, batch_size, "bf16", True, "dataloader", fused_optimizer=False, step="+ channels_last"),
+        Case(arch, device, batch_size, "bf16", True, "batched", fused_optimizer=False,
+             step="+ batched in-memory data"),
+        Case(arch, device, batch_size, "bf16", True, "batched", step="+ fused optimizer"),
     ]
     if with_compile:
         steps.append(Case(arch, device, batch_size, "bf16", True, "batched", compile=True, step="+ torch.compile"))

@@ -187,6 +187,7 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
         row["total_ms"] = sum(passes) * 1e3
         row["total_tflops"] = flops * len(passes) / sum(passes) / 1e12
         if peak_flops:
+            row["peak_tflops"] = peak_flops / 1e12
             row["share_of_peak"] = row["total_tflops"] * 1e12 / peak_flops
         rows.append(row)
     return rows

@@ -129,12 +129,14 @@ def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: P
                                  squeeze=False)
         for ax, arch in zip(axes[:, 0], archs):
             sns.barplot(data=long[long["arch"] == arch], y="layer", x="tflops", hue="pass", ax=ax)
+            if "peak_tflops" in convs:
+                ax.axvline(convs["peak_tflops"].max(), ls="--", color="0.4", label="matmul peak")
             ax.set(title=f"{arch}: each convolution alone, achieved TFLOP/s by pass", xlabel="TFLOP/s", ylabel="")
             _legend_outside(ax)
         save(fig, run_dir / "conv_layers.png")
         cols = [c for c in ["arch", "device", "layer", "in_shape", "out_shape", "gflop_per_pass", "forward_ms",
                             "input_grad_ms", "weight_grad_ms", "forward_tflops", "input_grad_tflops",
-                            "weight_grad_tflops", "total_ms", "share_of_peak"] if c in convs]
+                            "weight_grad_tflops", "total_ms", "peak_tflops", "share_of_peak"] if c in convs]
         out += (html.figure("conv_layers.png", "TFLOP/s of each convolution by pass")
                 + html.table(convs[cols])
                 + '<p class="note">Each convolution timed alone at the training batch size, precision and memory '
