@@ -122,3 +122,51 @@ def test_dataloader_workers_draw_independent_augmentations():
     again = _seed_loader_batches(seed=0)
     assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=True))
     assert not torch.equal(batches[0], _seed_loader_batches(seed=1)[0])
+
+
+def _coordinate_image() -> np.ndarray:
+    """Red = 7 x row, green = 7 x column: every pixel of an augmented copy says where it came from."""
+    r = np.arange(32, dtype=np.uint8) * 7
+    return np.stack([np.broadcast_to(r[:, None], (32, 32)), np.broadcast_to(r[None, :], (32, 32)),
+                     np.full((32, 32), 200, np.uint8)], axis=-1)
+
+
+def _decode(x: torch.Tensor, norm: Normalization) -> tuple[int, int, bool, tuple[int, int] | None]:
+    """(crop row offset, crop column offset, flipped, hole's top-left or None) of one augmented image."""
+    pix = (x.permute(1, 2, 0).numpy() * np.array(norm.std) * 255 + np.array(norm.mean) * 255).round().astype(int)
+    red, green = pix[..., 0], pix[..., 1]
+    hole = red % 7 != 0  # the fill is the mean, 108.5 on the red scale: no multiple of 7
+    corner = tuple(int(v) for v in np.argwhere(hole).min(0)) if hole.any() else None
+    for i in range(8, 24):  # inside the reflect padding's reach, whatever the offsets
+        for j in range(8, 23):
+            if not (hole[i, j] or hole[i, j + 1]):
+                flipped = green[i, j + 1] < green[i, j]
+                dx = green[i, j] // 7 - (31 - j if flipped else j) + 4
+                return int(red[i, j] // 7 - i + 4), int(dx), bool(flipped), corner
+    raise AssertionError("no pixel pair outside the hole")
+
+
+def test_batched_path_draws_the_same_augmentations_as_the_seed_pipeline():
+    # The fast path replaces albumentations; it must sample crops, flips and holes from the same distribution.
+    img = _coordinate_image()
+    imgs = np.repeat(img[None], 3000, 0)
+    norm = Normalization.from_images(imgs)
+    cfg = AugmentConfig(cutout_p=0.5)
+    fast = BatchAugmenter(imgs, np.zeros(3000), norm, CPU, cfg).augment(torch.arange(3000),
+                                                                        torch.Generator().manual_seed(0))
+    pipe = seed_pipeline(norm, cfg)
+    pipe.set_random_seed(0)
+    seed = [pipe(image=img)["image"] for _ in range(3000)]
+    draws = {name: np.array([_decode(x, norm)[:3] for x in xs], dtype=float)
+             for name, xs in (("fast", list(fast)), ("seed", seed))}
+    holes = {name: [_decode(x, norm)[3] for x in xs] for name, xs in (("fast", list(fast)), ("seed", seed))}
+    for name in ("fast", "seed"):
+        dy, dx, flipped = draws[name].T
+        for offsets in (dy, dx):  # uniform over the 9 offsets of a pad-4 crop: 1/9 each, sd 0.006 at n=3000
+            assert set(offsets) == set(range(9)), name
+            assert np.allclose(np.bincount(offsets.astype(int), minlength=9) / 3000, 1 / 9, atol=0.025), name
+        assert abs(flipped.mean() - 0.5) < 0.04, name
+        corners = np.array([c for c in holes[name] if c is not None])
+        assert abs(len(corners) / 3000 - 0.5) < 0.04, name  # cutout_p
+        assert corners.min() == 0 and corners.max() == 24, name  # the 8x8 hole lies wholly inside the image
+        assert np.allclose(corners.mean(0), 12, atol=0.6), name  # uniform over 0..24: mean 12, sd 0.2 here
