@@ -165,6 +165,9 @@ def test_weight_ema_follows_the_model_by_its_decay():
 
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     ema = WeightEMA(model, 0.75)
+    # the decay ramps up, (1 + n) / (10 + n), so a short run's average does not cling to the initial weights
+    assert [round(ema.current_decay(), 4) for ema.updates in (0, 10, 100)] == [0.1, 0.55, 0.75]
+    ema.updates = 1000
     start = model[0].weight.detach().clone()
     with torch.no_grad():
         model[0].weight.add_(4.0)

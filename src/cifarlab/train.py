@@ -211,15 +211,26 @@ class WeightEMA:
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0  # a host-side count: reading it costs no synchronisation
         self.module = copy.deepcopy(model)
         self.module.requires_grad_(False)
 
+    def current_decay(self) -> float:
+        """``decay``, ramped up over the first updates: (1 + n) / (10 + n) until it reaches ``decay``.
+
+        A full decay from step one would keep a run of a few dozen steps (a study's short trials) close to
+        its random initial weights; the ramp makes the average follow the model early and smooth it later.
+        """
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
         ours = [*self.module.parameters(), *self.module.buffers()]
         theirs = [*model.parameters(), *model.buffers()]
         floats = [(a, b) for a, b in zip(ours, theirs, strict=True) if a.is_floating_point()]
-        torch._foreach_lerp_([a for a, _ in floats], [b.detach() for _, b in floats], 1.0 - self.decay)
+        torch._foreach_lerp_([a for a, _ in floats], [b.detach() for _, b in floats], 1.0 - decay)
         for a, b in zip(ours, theirs, strict=True):
             if not a.is_floating_point():  # BN's batch counter: follow the model
                 a.copy_(b)
