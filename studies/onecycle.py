@@ -137,8 +137,21 @@ def study_spec(args, budget: Budget, arch: str) -> dict:
                          "batch_size": list(BATCH_SIZES)},
         "budget": asdict(budget),
         "fixed": {"weight_decay": args.weight_decay, "pct_start": args.pct_start,
-                  "label_smoothing": args.label_smoothing, "seed": args.seed},
+                  "label_smoothing": args.label_smoothing, "seed": args.seed, "recipe": recipe_defaults()},
     }
+
+
+# TrainConfig fields that every trial takes from the defaults: a study stores them, so that a later change of the
+# default recipe refuses to top up an older study rather than mixing trials of two recipes in one ranking.
+RECIPE_FIELDS = ("momentum", "cycle_momentum", "div_factor", "final_div_factor", "anneal_strategy", "logit_scale",
+                 "cutout", "cutout_p", "ema")
+
+
+def recipe_defaults() -> dict:
+    from cifarlab.train import TrainConfig
+
+    d = TrainConfig()
+    return {k: getattr(d, k) for k in RECIPE_FIELDS}
 
 
 def make_pruner(kind: str, epochs: int, pct_start: float):
@@ -202,7 +215,9 @@ def load_study(storage, name: str, args, spec: dict, *, create: bool):
         if stored is None:
             study.set_user_attr("spec", spec)
         elif stored != spec:
-            diff = sorted(k for k in spec if stored.get(k) != spec[k])
+            diff = sorted(f"{k} {sub}" if isinstance(spec[k], dict) else k for k in spec if stored.get(k) != spec[k]
+                          for sub in ([s for s in spec[k] if (stored.get(k) or {}).get(s) != spec[k][s]]
+                                      if isinstance(spec[k], dict) else [""]))
             raise ConfigError(f"study {name!r} exists with another {' and '.join(diff)}; "
                               "rerun with its original flags or pick a new --study-name")
         return study

@@ -58,6 +58,10 @@ def test_smoke_study_on_real_subset_end_to_end(real_data_path, tmp_path, capsys)
         assert t.intermediate_values == {1: t.value}
     spec = study.user_attrs["spec"]
     assert spec["budget"]["name"] == "smoke" and spec["search_space"]["batch_size"] == [128, 256, 512, 1024]
+    # the default recipe's fixed parts are part of what defines the study
+    trial_config = study.trials[0].user_attrs["config"]
+    assert spec["fixed"]["recipe"] == {k: trial_config[k] for k in spec["fixed"]["recipe"]}
+    assert {"ema", "cutout_p", "logit_scale"} <= set(spec["fixed"]["recipe"])
 
 
 def test_resume_tops_up_and_never_overshoots(tmp_path):
@@ -269,3 +273,18 @@ def test_a_trial_that_ran_its_last_epoch_is_never_pruned(tmp_path, monkeypatch):
     (last,) = optuna.load_study(study_name="last-custom_resnet",
                                 storage=f"sqlite:///{tmp_path / 'studies' / 'studies.db'}").trials
     assert last.state.name == "COMPLETE" and len(last.user_attrs["epochs"]) == 1  # smoke budget: 1 epoch, its last
+
+
+def test_a_study_of_another_default_recipe_is_refused_not_mixed(tmp_path, capsys, monkeypatch):
+    argv = [*SYNTH, "--arch", "custom_resnet", "--out", str(tmp_path)]
+    assert onecycle.main([*argv, "--trials", "1"]) == 0
+    db = tmp_path / "studies" / "studies.db"
+    before = db.read_bytes()
+    # a later release changes the default recipe: topping up the old study would mix two recipes in one ranking
+    changed = {**onecycle.recipe_defaults(), "cutout_p": 1.0}
+    monkeypatch.setattr(onecycle, "recipe_defaults", lambda: changed)
+    capsys.readouterr()
+    assert onecycle.main([*argv, "--trials", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "exists with another fixed recipe" in err and "--study-name" in err and "Traceback" not in err
+    assert finished(load(tmp_path)) == 1 and db.read_bytes() == before
