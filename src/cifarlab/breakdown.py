@@ -93,10 +93,11 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
     counted = sum(totals.values())
     rows = [{"category": c, "seconds_per_step": s, "share": s / wall if wall else float("nan")}
             for c, s in totals.items()]
-    if device.type == "cpu":  # the host runs the ops, so the rest of the wall time is overhead between them
-        rest = max(wall - counted, 0.0)
-        rows.append({"category": "python + dispatch", "seconds_per_step": rest,
-                     "share": rest / wall if wall else float("nan")})
+    # On the CPU the host runs the ops, so the rest of the wall time is Python and dispatch between them; on CUDA
+    # it is time the GPU sat idle (launch gaps, host work it waited for).
+    rest = max(wall - counted, 0.0)
+    rows.append({"category": "python + dispatch" if device.type == "cpu" else "device idle",
+                 "seconds_per_step": rest, "share": rest / wall if wall else float("nan")})
     return rows
 
 
