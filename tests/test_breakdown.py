@@ -84,3 +84,18 @@ def test_conv_layer_table_has_every_convolution_with_its_passes():
     assert rows[-1]["gflop_per_pass"] == pytest.approx(2 * 8 * 512 * 512 * 9 * 16 / 1e9)
     assert all(r["share_of_peak"] == pytest.approx(r["total_tflops"]) for r in rows)  # peak given as 1 TFLOP/s
     assert all(p.grad is None for p in model.parameters())  # probing the shapes left no gradients behind
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_breakdown_counts_kernel_time():
+    model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU()).cuda()
+    x = torch.randn(64, 3, 32, 32, device="cuda")
+
+    def step():
+        model(x).sum().backward()
+
+    step()
+    by = {r["category"]: r["seconds_per_step"] for r in op_breakdown(step, torch.device("cuda"), steps=3)}
+    assert by["conv forward"] > 0 and by["conv backward"] > 0 and "device idle" in by
+    assert "python + dispatch" not in by
