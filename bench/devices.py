@@ -109,8 +109,9 @@ def _main(args) -> int:
     for dev in devices:
         device = torch.device(dev)
         n = 2048 if device.type == "cpu" else 8192
-        peaks = {"fp32": matmul_flops_per_second(device, torch.float32, n=n),
-                 "bf16": matmul_flops_per_second(device, torch.bfloat16, n=n)}
+        # A second of products per precision: short probes of the peak swung 0.8-2.1 TFLOP/s (bf16) here.
+        peaks = {"fp32": matmul_flops_per_second(device, torch.float32, n=n, min_seconds=1.0),
+                 "bf16": matmul_flops_per_second(device, torch.bfloat16, n=n, min_seconds=1.0)}
         console.print(f"{dev}: matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f}")
         for arch in archs:
             for bs in args.batch_size:
