@@ -61,7 +61,9 @@ def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capsys):
     page = (run_dir / "index.html").read_text()
     assert "<img" in page and "Environment" in page and (run_dir / "epoch_time.png").is_file()
     out = capsys.readouterr().out
-    assert "img/s" in out
+    assert "img/s" in out and "probed again" in out  # the peak is the higher of a probe before and after
+    assert float(cpu[0]["share_of_peak"]) == pytest.approx(
+        float(cpu[0]["achieved_tflops"]) / float(cpu[0]["peak_tflops"]))
     # The breakdown: where the step time goes, and each convolution alone.
     ops = read_rows(run_dir / "breakdown.csv")
     assert {r["category"] for r in ops} >= {"conv forward", "conv backward", "batch norm", "optimizer"}
