@@ -36,6 +36,8 @@ def build_parser():
     mode.add_argument("--choose", action="store_true",
                    help="time fp32/bf16 x NCHW/channels_last per architecture and store the fastest as the choice "
                         "that training's --precision auto / --channels-last auto use on this device")
+    p.add_argument("--peak-seconds", type=_cli.positive_float, default=1.0,
+                   help="seconds of warm-up and of measurement per matmul peak probe (default: 1)")
     p.add_argument("--no-breakdown", action="store_true",
                    help="skip the breakdown of the default run: time per kind of operation (profiled) and each "
                         "convolution's forward, input- and weight-gradient TFLOP/s")
@@ -108,7 +110,7 @@ def _main(args) -> int:
     flops = {arch: training_flops_per_image(create_model(arch, splits.num_classes)) for arch in archs}
     for dev in devices:
         device = torch.device(dev)
-        peaks = _matmul_peaks(device)
+        peaks = _matmul_peaks(device, args.peak_seconds)
         console.print(f"{dev}: matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f}")
         first_row, first_conv = len(rows), len(conv_rows)
         for arch in archs:
@@ -148,7 +150,7 @@ def _main(args) -> int:
         # The peak is probed again after the timings and the higher of the two probes is the peak: on a shared
         # machine one probe can land in a slow spell (0.9 against 2.1 TFLOP/s bf16 here), which would flatter
         # every share measured against it.
-        again = _matmul_peaks(device)
+        again = _matmul_peaks(device, args.peak_seconds)
         for key in peaks:
             peaks[key] = max(peaks[key], again[key])
         console.print(f"{dev}: matmul peak probed again: fp32 {again['fp32'] / 1e12:.2f} TFLOP/s, bf16 "
@@ -180,15 +182,15 @@ def _main(args) -> int:
     return 0
 
 
-def _matmul_peaks(device) -> dict[str, float]:
-    """Dense-matmul FLOP/s per precision, a second of products each (short probes swung widely here)."""
+def _matmul_peaks(device, seconds: float) -> dict[str, float]:
+    """Dense-matmul FLOP/s per precision, ``seconds`` of products each after as long a warm-up."""
     import torch
 
     from cifarlab.timing import matmul_flops_per_second
 
     n = 2048 if device.type == "cpu" else 8192
-    return {"fp32": matmul_flops_per_second(device, torch.float32, n=n, min_seconds=1.0),
-            "bf16": matmul_flops_per_second(device, torch.bfloat16, n=n, min_seconds=1.0)}
+    return {"fp32": matmul_flops_per_second(device, torch.float32, n=n, min_seconds=seconds),
+            "bf16": matmul_flops_per_second(device, torch.bfloat16, n=n, min_seconds=seconds)}
 
 
 def _store_choice(console, arch, device, batch_size, timed, args) -> None:

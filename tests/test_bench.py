@@ -41,7 +41,8 @@ def read_rows(path):
 
 
 BENCH = ["--data", "synthetic:200:40", "--val-size", "40", "--arch", "custom_resnet", "--images", "64",
-         "--batch-size", "32", "--repeats", "2", "--warmup", "1", "--precision", "fp32"]
+         "--batch-size", "32", "--repeats", "2", "--warmup", "1", "--precision", "fp32",
+         "--peak-seconds", "0.05"]
 
 
 def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capsys):
@@ -100,7 +101,8 @@ def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
      (["--batch-size", "0"], "must be at least 1"), (["--images", "-5"], "--images must be a positive count"),
      (["--images", "lots"], "--images must be a positive count"), (["--repeats", "x"], "expected a whole number"),
      (["--precision", "fp16"], "invalid choice"), (["--threads", "0"], "must be at least 1"),
-     (["--batch-size", "100000"], "larger than the training set")],
+     (["--batch-size", "100000"], "larger than the training set"),
+     (["--peak-seconds", "0"], "must be greater than 0")],
 )
 def test_bad_flags(argv, message, tmp_path, capsys):
     code = devices.main([*BENCH, *argv, "--out", str(tmp_path)])

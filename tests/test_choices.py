@@ -74,7 +74,8 @@ def test_saving_one_choice_keeps_the_others():
 
 
 BENCH = ["--data", "synthetic:200:40", "--val-size", "40", "--arch", "custom_resnet", "--images", "32",
-         "--batch-size", "32", "--repeats", "1", "--warmup", "1", "--device", "cpu"]
+         "--batch-size", "32", "--repeats", "1", "--warmup", "1", "--device", "cpu",
+         "--peak-seconds", "0.05"]
 
 
 def test_choose_times_four_combinations_stores_the_fastest_and_training_uses_it(tmp_path, capsys):

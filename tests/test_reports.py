@@ -30,7 +30,7 @@ def out(tmp_path_factory) -> Path:
     assert onecycle.main([*SYNTH, "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet", "--seed-max-lr",
                           "0.003", "--precision", "fp32", "--study-name", EVIL, "--quiet", *common]) == 0
     assert devices.main([*SYNTH, "--arch", "custom_resnet", "--images", "32", "--batch-size", "32", "--repeats", "1",
-                         "--warmup", "1", "--precision", "fp32", *common]) == 0
+                         "--warmup", "1", "--precision", "fp32", "--peak-seconds", "0.05", *common]) == 0
     return out
 
 
