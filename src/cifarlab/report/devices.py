@@ -115,6 +115,7 @@ def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: P
     _legend_outside(ax)
     save(fig, run_dir / "breakdown.png")
     wide = ops.pivot_table(index="category", columns="label", values="seconds_per_step", sort=False) * 1e3
+    wide.columns.name = None
     wide = wide.reset_index().rename(columns={"category": "operation (ms per step)"})
     out = ("<h2>Where the time goes</h2>" + html.figure("breakdown.png", "Share of step time by kind of operation")
            + html.table(wide, float_format="{:,.0f}"))
@@ -134,11 +135,13 @@ def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: P
             ax.set(title=f"{arch}: each convolution alone, achieved TFLOP/s by pass", xlabel="TFLOP/s", ylabel="")
             _legend_outside(ax)
         save(fig, run_dir / "conv_layers.png")
-        cols = [c for c in ["arch", "device", "layer", "in_shape", "out_shape", "gflop_per_pass", "forward_ms",
-                            "input_grad_ms", "weight_grad_ms", "forward_tflops", "input_grad_tflops",
-                            "weight_grad_tflops", "total_ms", "peak_tflops", "share_of_peak"] if c in convs]
+        names = {"arch": "arch", "layer": "layer", "in_shape": "in", "out_shape": "out",
+                 "gflop_per_pass": "GFLOP / pass", "forward_ms": "fwd ms", "input_grad_ms": "∂input ms",
+                 "weight_grad_ms": "∂weight ms", "forward_tflops": "fwd TFLOP/s", "input_grad_tflops": "∂input TFLOP/s",
+                 "weight_grad_tflops": "∂weight TFLOP/s", "share_of_peak": "share of peak"}
+        cols = [c for c in names if c in convs]
         out += (html.figure("conv_layers.png", "TFLOP/s of each convolution by pass")
-                + html.table(convs[cols])
+                + html.table(convs[cols].rename(columns=names))
                 + '<p class="note">Each convolution timed alone at the training batch size, precision and memory '
                   'format (median of 3 after a warm-up call). The first convolution sees the data, which needs no '
                   'gradient, so it has no input-gradient pass. <a href="breakdown.csv">breakdown.csv</a>, '
