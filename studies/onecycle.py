@@ -200,6 +200,21 @@ def seed_first_sampler(base):
     return SeedFirstSampler()
 
 
+def _spec_differences(stored: dict, spec: dict) -> list[str]:
+    """The settings that differ, one level deep: ``fixed recipe`` rather than just ``fixed``."""
+    diff = []
+    for key, value in spec.items():
+        old = stored.get(key)
+        if old == value:
+            continue
+        if isinstance(value, dict):
+            old = old if isinstance(old, dict) else {}
+            diff += [f"{key} {sub}" for sub in value if old.get(sub) != value[sub]]
+        else:
+            diff.append(key)
+    return sorted(diff)
+
+
 def load_study(storage, name: str, args, spec: dict, *, create: bool):
     import optuna
 
@@ -215,9 +230,7 @@ def load_study(storage, name: str, args, spec: dict, *, create: bool):
         if stored is None:
             study.set_user_attr("spec", spec)
         elif stored != spec:
-            diff = sorted(f"{k} {sub}" if isinstance(spec[k], dict) else k for k in spec if stored.get(k) != spec[k]
-                          for sub in ([s for s in spec[k] if (stored.get(k) or {}).get(s) != spec[k][s]]
-                                      if isinstance(spec[k], dict) else [""]))
+            diff = _spec_differences(stored, spec)
             raise ConfigError(f"study {name!r} exists with another {' and '.join(diff)}; "
                               "rerun with its original flags or pick a new --study-name")
         return study

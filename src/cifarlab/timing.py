@@ -92,15 +92,15 @@ def environment(device: torch.device | None = None) -> dict[str, object]:
 
 
 def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5,
-                            min_seconds: float = 0.2, warmup_seconds: float | None = None) -> float:
+                            min_seconds: float = 0.2) -> float:
     """Median dense-matmul throughput (FLOP/s) of an ``n x n`` product, after warm-up.
 
-    The warm-up runs products for ``warmup_seconds`` (default: ``min_seconds``), not once: oneDNN and cuBLAS
-    build kernels on first use, and a CPU's matrix units (AMX) and clocks take a while to come up to speed.
+    The warm-up runs products for ``min_seconds``, not once: oneDNN and cuBLAS build kernels on first use, and
+    a CPU's matrix units (AMX) and clocks take a while to come up to speed.
     """
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    warm_until = time.perf_counter() + (min_seconds if warmup_seconds is None else warmup_seconds)
+    warm_until = time.perf_counter() + min_seconds
     torch.mm(a, b)
     synchronize(device)
     while time.perf_counter() < warm_until:

@@ -126,7 +126,7 @@ def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: P
         long["pass"] = long["pass"].map({"forward_tflops": "forward", "input_grad_tflops": "input gradient",
                                          "weight_grad_tflops": "weight gradient"})
         archs = list(dict.fromkeys(long["arch"]))
-        fig, axes = plt.subplots(len(archs), 1, figsize=(9, 0.28 * len(long) / 3 * 1.0 + 1.5 * len(archs)),
+        fig, axes = plt.subplots(len(archs), 1, figsize=(9, 0.28 * len(long) / 3 + 1.5 * len(archs)),
                                  squeeze=False)
         for ax, arch in zip(axes[:, 0], archs):
             sns.barplot(data=long[long["arch"] == arch], y="layer", x="tflops", hue="pass", ax=ax)
