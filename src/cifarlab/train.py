@@ -25,6 +25,7 @@ from cifarlab.data import DataSplits
 from cifarlab.errors import ConfigError, TrainingDiverged
 from cifarlab.models import create_model, list_models
 from cifarlab.timing import Timer, resolve_device, synchronize
+from cifarlab.whitening import whiten_first_conv
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -54,6 +55,9 @@ class TrainConfig:
     ema: float = field(default=0.0, metadata={
         "help": "decay per step of an exponential moving average of the weights (and BN statistics), which is "
                 "then validated and tested in their place (0: off; e.g. 0.99)"})
+    whiten: bool = field(default=False, metadata={
+        "help": "parametrise the first conv through the patch-whitening basis of the training images (Page's "
+                "input whitening; same architecture and parameter count)"})
     precision: str = field(default="auto", metadata={"help": "auto, bf16 or fp32 (auto: bf16 where fast)"})
     channels_last: str = field(default="auto", metadata={"help": "auto, on or off"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (compile time reported apart)"})
@@ -187,6 +191,15 @@ def build_optimizer(config: TrainConfig, model: nn.Module, fused: bool | None = 
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+    # OneCycleLR divides by the length of its warm-up phase, pct_start * total_steps - 1 steps: with a step or
+    # less it raises ZeroDivisionError from deep inside torch (a 1-epoch run on 2,048 images at batch 512 did).
+    warmup = config.pct_start * total_steps
+    if warmup <= 1 or (config.three_phase and total_steps + 1 - 2 * warmup <= 0):
+        raise ConfigError(
+            f"the one-cycle schedule needs more steps: {total_steps} steps ({config.epochs} "
+            f"epoch{'s' if config.epochs != 1 else ''}) leave "
+            f"{warmup:g} to warm up at pct-start {config.pct_start:g}; "
+            "train for more epochs or on more images, or lower --batch-size")
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=config.max_lr,
@@ -320,6 +333,8 @@ def fit(
 
     norm = Normalization.from_images(splits.train_images)
     model = create_model(config.arch, num_classes=splits.num_classes).to(device)
+    if config.whiten:
+        whiten_first_conv(model, splits.train_images, norm, generator=gen)
     # Chance-level cross-entropy is ln(classes); a mean loss ten times that has left any useful basin even when
     # it is still finite (weights blown up by a huge LR stay finite in fp32 for a while).
     diverged_above = 10 * math.log(max(splits.num_classes, 2))
