@@ -76,6 +76,7 @@ def _main(args) -> int:
     from cifarlab.choices import resolve_speed
     from cifarlab.data import load_splits
     from cifarlab.errors import ConfigError
+    from cifarlab.matmul_conv import use_matmul_convs
     from cifarlab.models import create_model
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
     from cifarlab.timing import environment, training_flops_per_image
@@ -139,9 +140,12 @@ def _main(args) -> int:
 
                         ids = {"arch": arch, "device": dev, "batch_size": bs, "precision": case.precision}
                         op_rows += [{**ids, **r} for r in result.breakdown]
+                        conv_model = create_model(arch, splits.num_classes).to(device)
+                        if case.matmul_convs:
+                            use_matmul_convs(conv_model)
                         conv_rows += [{**ids, **r} for r in conv_layer_table(
-                            create_model(arch, splits.num_classes).to(device), bs, device, case.precision,
-                            case.channels_last, peak_flops=peaks[case.precision])]
+                            conv_model, bs, device, case.precision, case.channels_last,
+                            peak_flops=peaks[case.precision])]
                     console.print(f"  {arch} {case.step or ''} batch {bs}: {row['images_per_second']:.0f} img/s, "
                                   f"{row['achieved_tflops']:.2f} TFLOP/s {case.precision}, "
                                   f"{row['epoch_50k_seconds'] / 60:.1f} min per 50k ({row['epoch_kind']})")
@@ -265,13 +269,14 @@ def _print_breakdown(console, ops, convs, Table) -> None:
         console.print(table)
         layers = convs[(convs["arch"] == arch) & (convs["device"] == dev) & (convs["batch_size"] == bs)]
         table = Table(title=f"{arch}: each convolution alone, batch {bs} (TFLOP/s by pass)")
-        for c in ("layer", "in → out", "fwd ms", "∂input ms", "∂weight ms", "fwd TF/s", "∂input TF/s",
+        for c in ("layer", "in → out", "kernel", "fwd ms", "∂input ms", "∂weight ms", "fwd TF/s", "∂input TF/s",
                   "∂weight TF/s", "share of peak"):
             table.add_column(c, justify="right")
         for _, r in layers.iterrows():
             def f(v, spec):
                 return "—" if v != v else format(v, spec)  # NaN: the first layer needs no input gradient
-            table.add_row(r["layer"], f"{r['in_shape']} → {r['out_shape']}", f(r["forward_ms"], ".0f"),
+            table.add_row(r["layer"], f"{r['in_shape']} → {r['out_shape']}", str(r.get("kernel", "")),
+                          f(r["forward_ms"], ".0f"),
                           f(r["input_grad_ms"], ".0f"), f(r["weight_grad_ms"], ".0f"), f(r["forward_tflops"], ".2f"),
                           f(r["input_grad_tflops"], ".2f"), f(r["weight_grad_tflops"], ".2f"),
                           f(r.get("share_of_peak", float("nan")), ".0%"))

@@ -88,8 +88,9 @@ def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
     rows = [r for r in read_rows(run_dir / "devices.csv") if r["device"] == "cpu"]
     assert [r["step"] for r in rows] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
                                          "+ bf16 autocast", "+ channels_last", "+ batched in-memory data",
-                                         "+ fused optimizer"]
-    assert [r["fused_optimizer"] for r in rows] == ["False"] * 4 + ["True"]
+                                         "+ fused optimizer", "+ 4x4 convs as GEMMs"]
+    assert [r["fused_optimizer"] for r in rows] == ["False"] * 4 + ["True"] * 2
+    assert [r["matmul_convs"] for r in rows] == ["False"] * 5 + ["True"]
     assert float(rows[0]["speedup_vs_baseline"]) == 1.0
     assert rows[0]["data_path"] == "dataloader" and rows[-1]["data_path"] == "batched"
     assert (run_dir / "ablation.png").is_file()

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from cifarlab.breakdown import CATEGORIES, DATA_ANNOTATION, categorize, conv_flops, conv_layer_table, op_breakdown
+from cifarlab.matmul_conv import use_matmul_convs
 from cifarlab.models import create_model
 
 CPU = torch.device("cpu")
@@ -84,6 +85,18 @@ def test_conv_layer_table_has_every_convolution_with_its_passes():
     assert rows[-1]["gflop_per_pass"] == pytest.approx(2 * 8 * 512 * 512 * 9 * 16 / 1e9)
     assert all(r["share_of_peak"] == pytest.approx(r["total_tflops"]) for r in rows)  # peak given as 1 TFLOP/s
     assert all(p.grad is None for p in model.parameters())  # probing the shapes left no gradients behind
+    assert {r["kernel"] for r in rows} == {"oneDNN"}
+
+
+def test_conv_layer_table_times_the_gemm_path_where_training_takes_it():
+    model = create_model("custom_resnet")
+    use_matmul_convs(model)
+    rows = conv_layer_table(model, 8, CPU, "bf16", True, repeats=1)
+    kernels = {r["layer"]: r["kernel"] for r in rows}
+    assert kernels["layer3.1.res.0.0"] == kernels["layer3.1.res.1.0"] == "GEMM"  # the two 4x4 convs
+    assert list(kernels.values()).count("GEMM") == 2
+    assert all(r["forward_ms"] > 0 and r["input_grad_ms"] > 0 and r["weight_grad_ms"] > 0
+               for r in rows if r["kernel"] == "GEMM")
 
 
 @pytest.mark.cuda

@@ -26,6 +26,7 @@ from cifarlab.augment import (
     seed_pipeline,
 )
 from cifarlab.data import DataSplits
+from cifarlab.matmul_conv import use_matmul_convs
 from cifarlab.models import create_model
 from cifarlab.timing import Timer, synchronize
 from cifarlab.train import TrainConfig, autocast, build_optimizer, evaluate
@@ -43,6 +44,7 @@ class Case:
     data_path: str = "batched"  # batched (in-memory, on device) or dataloader (seed: per-sample albumentations)
     compile: bool = False
     fused_optimizer: bool = True  # the seed's optimizer loops over its tensors; torch's fused kernel does not
+    matmul_convs: bool = True  # CPU: 3x3 convs on <= 4x4 maps as GEMMs (cifarlab.matmul_conv)
     step: str = ""  # the ablation step's name, when part of a ladder
     loader_workers: int = 2
 
@@ -139,6 +141,8 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
     norm = Normalization.from_images(splits.train_images)
     config = TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision, device=case.device)
     model = create_model(case.arch, splits.num_classes).to(device)
+    if case.matmul_convs:
+        use_matmul_convs(model)
     if case.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model: nn.Module = torch.compile(model) if case.compile else model
@@ -215,15 +219,18 @@ def choice_cases(arch: str, device: str, batch_size: int) -> list[Case]:
 def ablation_ladder(arch: str, device: str, batch_size: int, *, with_compile: bool = True) -> list[Case]:
     """The seed-style baseline, then each speed technique added in turn."""
     base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
-                fused_optimizer=False, step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
+                fused_optimizer=False, matmul_convs=False,
+                step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
+    seed_kernels = {"fused_optimizer": False, "matmul_convs": False}
     steps = [
         base,
-        Case(arch, device, batch_size, "bf16", False, "dataloader", fused_optimizer=False, step="+ bf16 autocast"),
-        Case(arch, device, batch_size, "bf16", True, "dataloader", fused_optimizer=False, step="+ channels_last"),
-        Case(arch, device, batch_size, "bf16", True, "batched", fused_optimizer=False,
-             step="+ batched in-memory data"),
-        Case(arch, device, batch_size, "bf16", True, "batched", step="+ fused optimizer"),
+        Case(arch, device, batch_size, "bf16", False, "dataloader", **seed_kernels, step="+ bf16 autocast"),
+        Case(arch, device, batch_size, "bf16", True, "dataloader", **seed_kernels, step="+ channels_last"),
+        Case(arch, device, batch_size, "bf16", True, "batched", **seed_kernels, step="+ batched in-memory data"),
+        Case(arch, device, batch_size, "bf16", True, "batched", matmul_convs=False, step="+ fused optimizer"),
     ]
+    if torch.device(device).type == "cpu":
+        steps.append(Case(arch, device, batch_size, "bf16", True, "batched", step="+ 4x4 convs as GEMMs"))
     if with_compile:
         steps.append(Case(arch, device, batch_size, "bf16", True, "batched", compile=True, step="+ torch.compile"))
     return steps

@@ -119,9 +119,26 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(samples)
 
 
+def _time_matmul_conv(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, device: torch.device,
+                      repeats: int) -> tuple[float, float, float]:
+    """The three passes of ``matmul_conv3x3``, each alone: a graph kept per gradient, replayed."""
+    from cifarlab.matmul_conv import matmul_conv3x3
+
+    x, weight = x.detach(), weight.detach()
+    xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    y_x, y_w = matmul_conv3x3(xg, weight), matmul_conv3x3(x, wg)  # needs_input_grad: x only, weight only
+    return (_median_seconds(lambda: matmul_conv3x3(x, weight), device, repeats),
+            _median_seconds(lambda: torch.autograd.grad(y_x, xg, grad, retain_graph=True), device, repeats),
+            _median_seconds(lambda: torch.autograd.grad(y_w, wg, grad, retain_graph=True), device, repeats))
+
+
 def _time_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, device: torch.device,
                repeats: int) -> tuple[float, float, float]:
     """Median seconds of the forward pass, the input gradient and the weight gradient of ``conv``'s shape."""
+    from cifarlab.matmul_conv import MatmulConv2d
+
+    if isinstance(conv, MatmulConv2d) and conv._takes_matmul_path(x):
+        return _time_matmul_conv(x, weight, grad, device, repeats)
     stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
 
     def forward() -> torch.Tensor:
@@ -161,6 +178,8 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
     for h in hooks:
         h.remove()
 
+    from cifarlab.matmul_conv import MatmulConv2d
+
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     timed: dict[tuple, tuple[float, float, float]] = {}  # identical shapes are timed once
@@ -173,7 +192,9 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
         weight = conv.weight.detach().to(device=device, dtype=dtype).contiguous(memory_format=fmt)
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         y = F.conv2d(x, weight, None, *args)
-        key = (tuple(x.shape), tuple(weight.shape), args, str(dtype), channels_last)
+        kernel = "GEMM" if isinstance(conv, MatmulConv2d) and conv._takes_matmul_path(x) else \
+            ("cuDNN" if device.type == "cuda" else "oneDNN")
+        key = (tuple(x.shape), tuple(weight.shape), args, str(dtype), channels_last, kernel)
         if key not in timed:
             timed[key] = _time_conv(conv, x, weight, torch.randn_like(y).contiguous(memory_format=fmt), device,
                                     repeats)
@@ -181,6 +202,7 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
         flops = conv_flops(batch_size, c_in, conv.out_channels, conv.kernel_size, tuple(y.shape[-2:]), conv.groups)
         grad_in = grad_in if needs_input_grad else float("nan")
         row = {"layer": name, "in_shape": f"{c_in}x{h}x{w}", "out_shape": "x".join(map(str, y.shape[1:])),
+               "kernel": kernel,
                "gflop_per_pass": flops / 1e9, "forward_ms": fwd * 1e3, "input_grad_ms": grad_in * 1e3,
                "weight_grad_ms": grad_w * 1e3, "forward_tflops": flops / fwd / 1e12,
                "input_grad_tflops": flops / grad_in / 1e12, "weight_grad_tflops": flops / grad_w / 1e12}

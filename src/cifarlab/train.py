@@ -23,6 +23,7 @@ from cifarlab.augment import AugmentConfig, BatchAugmenter, EvalBatches, Normali
 from cifarlab.choices import resolve_speed
 from cifarlab.data import DataSplits
 from cifarlab.errors import ConfigError, TrainingDiverged
+from cifarlab.matmul_conv import use_matmul_convs
 from cifarlab.models import create_model, list_models
 from cifarlab.timing import Timer, resolve_device, synchronize
 from cifarlab.whitening import whiten_first_conv
@@ -58,6 +59,9 @@ class TrainConfig:
     whiten: bool = field(default=False, metadata={
         "help": "parametrise the first conv through the patch-whitening basis of the training images (Page's "
                 "input whitening; same architecture and parameter count)"})
+    matmul_convs: bool = field(default=True, metadata={
+        "help": "on the CPU, run 3x3 convs on maps of 4x4 or less as matrix products (oneDNN's kernels reach a "
+                "quarter of the matmul peak there); no effect on CUDA"})
     precision: str = field(default="auto", metadata={"help": "auto, bf16 or fp32 (auto: bf16 where fast)"})
     channels_last: str = field(default="auto", metadata={"help": "auto, on or off"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (compile time reported apart)"})
@@ -333,6 +337,8 @@ def fit(
 
     norm = Normalization.from_images(splits.train_images)
     model = create_model(config.arch, num_classes=splits.num_classes).to(device)
+    if config.matmul_convs:
+        use_matmul_convs(model)
     if config.whiten:
         whiten_first_conv(model, splits.train_images, norm, generator=gen)
     # Chance-level cross-entropy is ln(classes); a mean loss ten times that has left any useful basin even when
