@@ -52,13 +52,10 @@ def _main(args) -> int:
     from cifarlab.choices import resolve_speed
     from cifarlab.errors import ConfigError
     from cifarlab.lr_finder import lr_range_test
-    from cifarlab.matmul_conv import use_matmul_convs
-    from cifarlab.models import create_model
     from cifarlab.report.figures import lrfind_figure
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
     from cifarlab.timing import environment, resolve_device
-    from cifarlab.train import TrainConfig, autocast, build_optimizer
-    from cifarlab.whitening import whiten_first_conv
+    from cifarlab.train import TrainConfig, autocast, build_model, build_optimizer
 
     console = _cli.console()
     if args.start_lr >= args.end_lr:
@@ -79,13 +76,7 @@ def _main(args) -> int:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     norm = Normalization.from_images(splits.train_images)
-    model = create_model(args.arch, splits.num_classes).to(device)
-    if config.matmul_convs:  # the model that training builds
-        use_matmul_convs(model)
-    if config.whiten:
-        whiten_first_conv(model, splits.train_images, norm, generator=gen)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(config, splits, norm, device, channels_last, generator=gen)
     optimizer = build_optimizer(config, model)
     augmenter = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, channels_last=channels_last)
 

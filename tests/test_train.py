@@ -177,3 +177,31 @@ def test_weight_ema_follows_the_model_by_its_decay():
     assert torch.allclose(ema.module[1].running_mean, 0.25 * model[1].running_mean)
     assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked == 1
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_frozen_bn_scales_stay_at_one_and_the_parameter_count_stays(tiny):
+    result = fit(quick(bn_scale="frozen"), tiny)
+    bns = [m for m in result.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 8
+    assert all(not m.weight.requires_grad and torch.equal(m.weight, torch.ones_like(m.weight)) for m in bns)
+    assert any(not torch.equal(m.bias, torch.zeros_like(m.bias)) for m in bns)  # the shifts still learn
+    assert sum(p.numel() for p in result.model.parameters()) == 6_573_120
+
+
+def test_bias_lr_scale_gives_biases_their_own_lr_and_weight_decay():
+    from cifarlab.models import create_model
+    from cifarlab.train import build_optimizer, build_scheduler
+
+    model = create_model("custom_resnet")
+    config = TrainConfig(max_lr=0.4, weight_decay=5e-4, bias_lr_scale=64.0)
+    opt = build_optimizer(config, model)
+    weights, biases = opt.param_groups
+    assert len(biases["params"]) == 8 and all(p.dim() == 1 for p in biases["params"])  # the BN shifts
+    assert biases["weight_decay"] == pytest.approx(5e-4 / 64) and weights["weight_decay"] == 5e-4
+    sched = build_scheduler(config, opt, total_steps=100)
+    for _ in range(24):  # to the peak of the one-cycle schedule (pct_start 0.25)
+        opt.step()
+        sched.step()
+    assert weights["lr"] == pytest.approx(0.4) and biases["lr"] == pytest.approx(0.4 * 64)
+    with pytest.raises(ConfigError, match="bias-lr-scale"):
+        TrainConfig(bias_lr_scale=0)

@@ -26,10 +26,8 @@ from cifarlab.augment import (
     seed_pipeline,
 )
 from cifarlab.data import DataSplits
-from cifarlab.matmul_conv import use_matmul_convs
-from cifarlab.models import create_model
 from cifarlab.timing import Timer, synchronize
-from cifarlab.train import TrainConfig, autocast, build_optimizer, evaluate
+from cifarlab.train import TrainConfig, autocast, build_model, build_optimizer, evaluate
 
 EPOCH_IMAGES = 50_000  # the seeds' "epoch" is the whole CIFAR-10 training set
 
@@ -140,11 +138,9 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
     gen = torch.Generator().manual_seed(0)
     norm = Normalization.from_images(splits.train_images)
     config = TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision, device=case.device)
-    model = create_model(case.arch, splits.num_classes).to(device)
-    if case.matmul_convs:
-        use_matmul_convs(model)
-    if case.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # The model training builds (its recipe's whitening and frozen BN scales), with this case's kernels.
+    model = build_model(config, splits, norm, device, case.channels_last, generator=gen,
+                        matmul_convs=case.matmul_convs)
     step_model: nn.Module = torch.compile(model) if case.compile else model
     optimizer = build_optimizer(config, model, fused=case.fused_optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)

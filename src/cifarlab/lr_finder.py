@@ -86,7 +86,7 @@ def lr_range_test(
         for step in range(num_steps):
             lr = start_lr * gamma**step
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # a group's fixed multiple (--bias-lr-scale)
             x, y = next(batches)
             ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
             with ctx:

@@ -56,6 +56,11 @@ class TrainConfig:
     ema: float = field(default=0.0, metadata={
         "help": "decay per step of an exponential moving average of the weights (and BN statistics), which is "
                 "then validated and tested in their place (0: off; e.g. 0.99)"})
+    bn_scale: str = field(default="learned", metadata={
+        "help": "learned, or frozen: batch-norm scales fixed at 1, as in Page's 10-epoch recipe"})
+    bias_lr_scale: float = field(default=1.0, metadata={
+        "help": "learning rate multiple for biases (batch-norm shifts), whose weight decay is divided by it "
+                "(Page: 64)"})
     whiten: bool = field(default=False, metadata={
         "help": "parametrise the first conv through the patch-whitening basis of the training images (Page's "
                 "input whitening; same architecture and parameter count)"})
@@ -93,6 +98,10 @@ class TrainConfig:
             raise ConfigError(f"label-smoothing must lie in [0, 1), got {self.label_smoothing}")
         if not (self.logit_scale > 0 and math.isfinite(self.logit_scale)):
             raise ConfigError(f"logit-scale must be a positive number, got {self.logit_scale}")
+        if self.bn_scale not in ("learned", "frozen"):
+            raise ConfigError(f"bn-scale must be learned or frozen, got {self.bn_scale!r}")
+        if not (self.bias_lr_scale > 0 and math.isfinite(self.bias_lr_scale)):
+            raise ConfigError(f"bias-lr-scale must be a positive number, got {self.bias_lr_scale}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight-decay must be >= 0, got {self.weight_decay}")
         if self.div_factor <= 0 or self.final_div_factor <= 0:
@@ -177,20 +186,59 @@ def seed_everything(seed: int) -> torch.Generator:
     return gen
 
 
+def build_model(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
+                channels_last: bool, *, generator: torch.Generator | None = None,
+                matmul_convs: bool | None = None) -> nn.Module:
+    """The model ``config`` trains, as training, the LR range test and the benchmark all build it."""
+    model = create_model(config.arch, num_classes=splits.num_classes).to(device)
+    if config.matmul_convs if matmul_convs is None else matmul_convs:
+        use_matmul_convs(model)
+    if config.bn_scale == "frozen":
+        freeze_bn_scales(model)
+    if config.whiten:
+        whiten_first_conv(model, splits.train_images, norm, generator=generator)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def freeze_bn_scales(model: nn.Module) -> int:
+    """Fix every batch norm's scale at 1 (not learnt): Page's "frozen batch-norm scales". Returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            with torch.no_grad():
+                module.weight.fill_(1.0)
+            module.weight.requires_grad_(False)
+            count += 1
+    return count
+
+
 def build_optimizer(config: TrainConfig, model: nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
     """SGD (Nesterov), Adam or AdamW over the trainable parameters; ``fused`` by default where torch has it."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups: list[dict] = [{"params": params, "lr_scale": 1.0}]
+    if config.bias_lr_scale != 1.0:
+        # Page's recipe: batch-norm shifts learn 64x faster with 64x less weight decay than the weights.
+        biases = [p for n, p in named if n.endswith("bias")]
+        groups = [{"params": [p for n, p in named if not n.endswith("bias")], "lr_scale": 1.0},
+                  {"params": biases, "lr_scale": config.bias_lr_scale,
+                   "weight_decay": config.weight_decay / config.bias_lr_scale}]
+        groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["lr"] = config.max_lr * g["lr_scale"]
     # One fused kernel per step instead of several passes per tensor: about 5x less optimizer time on the CPU
     # (SGD and AdamW over 7M parameters: 115-190 ms -> 23 ms here), and fewer launches on CUDA.
     if fused is None:
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.max_lr, momentum=config.momentum, nesterov=True,
+        return torch.optim.SGD(groups, lr=config.max_lr, momentum=config.momentum, nesterov=True,
                                weight_decay=config.weight_decay, fused=fused)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.max_lr, betas=(config.momentum, 0.999),
+        return torch.optim.Adam(groups, lr=config.max_lr, betas=(config.momentum, 0.999),
                                 weight_decay=config.weight_decay, fused=fused)
-    return torch.optim.AdamW(params, lr=config.max_lr, betas=(config.momentum, 0.999),
+    return torch.optim.AdamW(groups, lr=config.max_lr, betas=(config.momentum, 0.999),
                              weight_decay=config.weight_decay, fused=fused)
 
 
@@ -206,7 +254,7 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total
             "train for more epochs or on more images, or lower --batch-size")
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
-        max_lr=config.max_lr,
+        max_lr=[config.max_lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups],
         total_steps=total_steps,
         pct_start=config.pct_start,
         anneal_strategy=config.anneal_strategy,
@@ -336,16 +384,10 @@ def fit(
     wall_start = time.perf_counter()
 
     norm = Normalization.from_images(splits.train_images)
-    model = create_model(config.arch, num_classes=splits.num_classes).to(device)
-    if config.matmul_convs:
-        use_matmul_convs(model)
-    if config.whiten:
-        whiten_first_conv(model, splits.train_images, norm, generator=gen)
+    model = build_model(config, splits, norm, device, channels_last, generator=gen)
     # Chance-level cross-entropy is ln(classes); a mean loss ten times that has left any useful basin even when
     # it is still finite (weights blown up by a huge LR stay finite in fp32 for a while).
     diverged_above = 10 * math.log(max(splits.num_classes, 2))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     train_model: nn.Module = torch.compile(model) if config.compile else model
 
     steps_per_epoch, epoch_batches = _train_batches(config, splits, norm, device, channels_last, gen)
