@@ -8,7 +8,8 @@ channels-last activations a stride-1, pad-1 3x3 conv is exactly
     out (N*H*W, O) = cols (N*H*W, 9*C) @ W (9*C, O),   cols = the nine shifted copies of the padded input,
 
 so forward, input gradient and weight gradient are each one large GEMM that runs near the matmul peak, plus a
-copy to build ``cols`` (kept for the weight gradient) and nine strided adds to fold the input gradient back.
+copy to build ``cols`` (kept for the weight gradient). The input gradient is the same product over the output
+gradient's ``cols`` with the kernel flipped.
 
 ``MatmulConv2d`` is a drop-in ``nn.Conv2d`` (same parameters and state dict) that takes this path on the CPU
 when the feature map has at most ``max_pixels`` positions and the conv is a plain 3x3/stride 1/pad 1 one;
@@ -25,11 +26,16 @@ DEFAULT_MAX_PIXELS = 16  # 4x4: the maps where oneDNN lost the most (bench.devic
 
 
 def _im2col_nhwc(x_nhwc: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, C) -> (N*H*W, 9*C): for each position, its 3x3 neighbourhood in (row, column, channel) order."""
+    """(N, H, W, C) -> (N*H*W, 9*C): for each position, its 3x3 neighbourhood in (row, column, channel) order.
+
+    One strided view of the zero-padded input (windows overlap in memory) and one copy: half the time of
+    concatenating the nine shifted slices.
+    """
     n, h, w, c = x_nhwc.shape
     xp = F.pad(x_nhwc, (0, 0, 1, 1, 1, 1))
-    return torch.cat([xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)], dim=3).view(n * h * w,
-                                                                                                          9 * c)
+    s = xp.stride()
+    windows = xp.as_strided((n, h, w, 3, 3, c), (s[0], s[1], s[2], s[1], s[2], s[3]))
+    return windows.reshape(n * h * w, 9 * c)
 
 
 class _MatmulConv3x3(torch.autograd.Function):
@@ -38,28 +44,25 @@ class _MatmulConv3x3(torch.autograd.Function):
         n, c, h, w = x.shape
         o = weight.shape[0]
         cols = _im2col_nhwc(x.permute(0, 2, 3, 1))  # a view of a channels-last x; a copy of an NCHW one
-        w_mat = weight.permute(0, 2, 3, 1).reshape(o, 9 * c)  # (O, 9C) in the same (row, column, channel) order
-        out = cols @ w_mat.t()  # (NHW, O)
-        ctx.save_for_backward(cols, w_mat)
+        out = cols @ weight.permute(0, 2, 3, 1).reshape(o, 9 * c).t()  # (NHW, O); weight in (row, col, ch) order
+        ctx.save_for_backward(cols, weight)
         ctx.shape = (n, c, h, w)
         return out.view(n, h, w, o).permute(0, 3, 1, 2)  # logical NCHW with channels-last strides
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        cols, w_mat = ctx.saved_tensors
+        cols, weight = ctx.saved_tensors
         n, c, h, w = ctx.shape
-        o = w_mat.shape[0]
-        g = grad_out.permute(0, 2, 3, 1).reshape(n * h * w, o)
+        o = weight.shape[0]
+        g = grad_out.permute(0, 2, 3, 1)
         grad_x = grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (g.t() @ cols).view(o, 3, 3, c).permute(0, 3, 1, 2).contiguous()
+            grad_w = (g.reshape(n * h * w, o).t() @ cols).view(o, 3, 3, c).permute(0, 3, 1, 2).contiguous()
         if ctx.needs_input_grad[0]:
-            dcols = (g @ w_mat).view(n, h, w, 9, c)
-            dxp = torch.zeros(n, h + 2, w + 2, c, dtype=dcols.dtype, device=dcols.device)
-            for k in range(9):  # fold the nine shifted copies back onto the padded input
-                i, j = divmod(k, 3)
-                dxp[:, i : i + h, j : j + w, :] += dcols[:, :, :, k, :]
-            grad_x = dxp[:, 1 : h + 1, 1 : w + 1, :].permute(0, 3, 1, 2)
+            # The input gradient is the same kind of conv of the output gradient, with the kernel flipped and
+            # its in/out channels swapped: dX[y, x] = sum_ij g[y + 1 - i, x + 1 - j] W[i, j].
+            flipped = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9 * o, c)
+            grad_x = (_im2col_nhwc(g) @ flipped).view(n, h, w, c).permute(0, 3, 1, 2)
         return grad_x, grad_w
 
 
