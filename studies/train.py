@@ -117,9 +117,11 @@ def _main(args) -> int:
                         loss=loss, acc=acc)
 
     def on_epoch(rec) -> None:
+        val = (f"val loss {rec.val_loss:.3f} acc {rec.val_accuracy:.1%}" if len(splits.val_labels)
+               else "no validation split")
         progress.console.print(
             f"epoch {rec.epoch:>3}: train loss {rec.train_loss:.3f} acc {rec.train_accuracy:.1%} | "
-            f"val loss {rec.val_loss:.3f} acc {rec.val_accuracy:.1%} | {rec.epoch_seconds:.1f} s, "
+            f"{val} | {rec.epoch_seconds:.1f} s, "
             f"{rec.images_per_second:.0f} img/s (augmentation {rec.data_seconds:.2f} s, eval {rec.eval_seconds:.1f} s)")
 
     with progress:
@@ -132,8 +134,10 @@ def _main(args) -> int:
     for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "LR", "epoch s", "img/s", "augment s"):
         table.add_column(col, justify="right")
     for r in result.records:
-        table.add_row(str(r.epoch), f"{r.train_loss:.3f}", f"{r.train_accuracy:.2%}", f"{r.val_loss:.3f}",
-                      f"{r.val_accuracy:.2%}", f"{r.lr:.2e}", f"{r.epoch_seconds:.1f}", f"{r.images_per_second:.0f}",
+        has_val = len(splits.val_labels) > 0  # none held out (--val-size 0): a dash, not "nan%"
+        table.add_row(str(r.epoch), f"{r.train_loss:.3f}", f"{r.train_accuracy:.2%}",
+                      f"{r.val_loss:.3f}" if has_val else "—", f"{r.val_accuracy:.2%}" if has_val else "—",
+                      f"{r.lr:.2e}", f"{r.epoch_seconds:.1f}", f"{r.images_per_second:.0f}",
                       f"{r.data_seconds:.2f}")
     console.print(table)
     console.print(f"precision {result.precision}, channels_last {'on' if result.channels_last else 'off'}: "

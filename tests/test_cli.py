@@ -132,6 +132,7 @@ def test_val_size_zero_trains_on_every_training_image(tmp_path, capsys):
     argv = ["--data", "synthetic:200:40", "--val-size", "0", *FAST, "--epochs", "1", "--out", str(tmp_path)]
     code, out, _ = run_main(train_cli.main, argv, capsys)
     assert code == 0 and "200 train / 0 val / 40 test" in out
+    assert "no validation split" in out and "nan%" not in out
     (run_dir,) = (tmp_path / "runs").iterdir()
     doc = json.loads((run_dir / "run.json").read_text())
     assert doc["data"]["train"] == 200 and doc["epochs"][0]["val_accuracy"] is None
