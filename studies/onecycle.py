@@ -144,7 +144,8 @@ def study_spec(args, budget: Budget, arch: str) -> dict:
 # TrainConfig fields that every trial takes from the defaults: a study stores them, so that a later change of the
 # default recipe refuses to top up an older study rather than mixing trials of two recipes in one ranking.
 RECIPE_FIELDS = ("momentum", "cycle_momentum", "div_factor", "final_div_factor", "anneal_strategy", "logit_scale",
-                 "cutout", "cutout_p", "ema", "whiten", "bn_scale", "bias_lr_scale")
+                 "cutout", "cutout_p", "ema", "whiten", "bn_scale", "bias_lr_scale",
+                 "activation", "ghost_batch")
 
 
 def recipe_defaults() -> dict:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab.matmul_conv import MatmulConv2d, matmul_conv3x3, use_matmul_convs
+from cifarlab.matmul_conv import MatmulConv2d, gemm_weight_grad_conv, matmul_conv3x3, use_matmul_convs
 from cifarlab.models import create_model
 
 
@@ -36,29 +36,45 @@ def test_under_bf16_autocast_it_agrees_with_onednn_to_bf16_rounding():
         assert ((a - b).norm() / b.norm()).item() < 2e-2
 
 
-def test_swap_keeps_parameters_and_takes_the_matmul_path_only_on_small_maps(monkeypatch):
-    model = create_model("custom_resnet")
+def test_gemm_weight_grad_conv_matches_conv2d_for_strided_and_1x1_convs():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, 8, dtype=torch.float64, requires_grad=True)
+    for stride, padding, k in (((2, 2), (1, 1), 3), ((2, 2), (0, 0), 1), ((1, 1), (1, 1), 3)):
+        w = torch.randn(7, 5, k, k, dtype=torch.float64, requires_grad=True)
+        assert torch.allclose(gemm_weight_grad_conv(x, w, stride, padding), F.conv2d(x, w, None, stride, padding))
+        assert torch.autograd.gradcheck(lambda a, b, s=stride, p=padding: gemm_weight_grad_conv(a, b, s, p), (x, w))
+
+
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [("custom_resnet", {"layer3.1.res.0.0": "gemm", "layer3.1.res.1.0": "gemm"}),
+     ("resnet18", {"layer4.0.conv1": "weight-gemm", "layer4.0.conv2": "gemm", "layer4.0.shortcut.0": "weight-gemm",
+                   "layer4.1.conv1": "gemm", "layer4.1.conv2": "gemm"})],
+)
+def test_swap_keeps_parameters_and_takes_a_gemm_path_only_into_4x4_maps(arch, expected, monkeypatch):
+    model = create_model(arch)
     keys = list(model.state_dict())
-    assert use_matmul_convs(model, max_pixels=16) == 8
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    assert use_matmul_convs(model, max_pixels=16) == convs
     assert list(model.state_dict()) == keys
-    taken = []
-    original = MatmulConv2d._takes_matmul_path
-    monkeypatch.setattr(MatmulConv2d, "_takes_matmul_path",
-                        lambda self, x: taken.append(tuple(x.shape[2:])) or original(self, x))
-    calls = []
-    monkeypatch.setattr("cifarlab.matmul_conv._MatmulConv3x3.apply",
-                        lambda x, w: calls.append(tuple(x.shape[2:])) or F.conv2d(x, w, padding=1))
+    names = {m: n for n, m in model.named_modules()}
+    paths = {}
+    original = MatmulConv2d.gemm_path
+    monkeypatch.setattr(MatmulConv2d, "gemm_path",
+                        lambda self, x: paths.setdefault(names[self], original(self, x)))
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    assert len(taken) == 8  # every conv asked
-    assert calls == [(4, 4), (4, 4)]  # only layer3's residual pair runs on 4x4 maps
+    assert len(paths) == convs  # every conv asked
+    assert {n: p for n, p in paths.items() if p is not None} == expected
 
 
-def test_bias_and_non_3x3_convs_fall_back_or_add_the_bias():
+def test_bias_is_added_and_larger_maps_fall_back():
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, bias=True).double()
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     expected = conv(x)
     use_matmul_convs(conv)
-    assert torch.allclose(conv(x), expected)
+    assert conv.gemm_path(x) == "gemm" and torch.allclose(conv(x), expected)
     strided = MatmulConv2d(4, 6, 3, stride=2, padding=1).double()
-    assert not strided._takes_matmul_path(x)
+    assert strided.gemm_path(x) == "weight-gemm"
+    assert strided.gemm_path(torch.randn(2, 4, 10, 10)) is None  # a 5x5 output map: oneDNN
+    assert conv.gemm_path(torch.randn(2, 4, 5, 5)) is None

@@ -205,3 +205,6 @@ def test_bias_lr_scale_gives_biases_their_own_lr_and_weight_decay():
     assert weights["lr"] == pytest.approx(0.4) and biases["lr"] == pytest.approx(0.4 * 64)
     with pytest.raises(ConfigError, match="bias-lr-scale"):
         TrainConfig(bias_lr_scale=0)
+    # Adam normalises each parameter's step: a 64x bias LR would move the shifts 64x faster in absolute terms.
+    adam = build_optimizer(TrainConfig(optimizer="adam", max_lr=1e-3, bias_lr_scale=64.0), model)
+    assert len(adam.param_groups) == 1 and adam.param_groups[0]["lr"] == 1e-3

@@ -43,6 +43,7 @@ class Case:
     compile: bool = False
     fused_optimizer: bool = True  # the seed's optimizer loops over its tensors; torch's fused kernel does not
     matmul_convs: bool = True  # CPU: 3x3 convs on <= 4x4 maps as GEMMs (cifarlab.matmul_conv)
+    seed_layers: bool = False  # the seed's layers (ReLU, plain BN, unwhitened) instead of the default recipe's
     step: str = ""  # the ablation step's name, when part of a ladder
     loader_workers: int = 2
 
@@ -137,7 +138,8 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     norm = Normalization.from_images(splits.train_images)
-    config = TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision, device=case.device)
+    config = TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision, device=case.device,
+                         **(SEED_LAYERS if case.seed_layers else {}))
     # The model training builds (its recipe's whitening and frozen BN scales), with this case's kernels.
     model = build_model(config, splits, norm, device, case.channels_last, generator=gen,
                         matmul_convs=case.matmul_convs)
@@ -212,21 +214,34 @@ def choice_cases(arch: str, device: str, batch_size: int) -> list[Case]:
             for precision in precisions for cl in (False, True)]
 
 
+# The seed's layers, where the default recipe swaps them for Page's (CELU, ghost BN, frozen scales, whitening).
+SEED_LAYERS = {"activation": "relu", "ghost_batch": 0, "bn_scale": "learned", "whiten": False}
+
+
+def recipe_layers_differ() -> bool:
+    defaults = TrainConfig()
+    return any(getattr(defaults, k) != v for k, v in SEED_LAYERS.items())
+
+
 def ablation_ladder(arch: str, device: str, batch_size: int, *, with_compile: bool = True) -> list[Case]:
     """The seed-style baseline, then each speed technique added in turn."""
     base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
-                fused_optimizer=False, matmul_convs=False,
+                fused_optimizer=False, matmul_convs=False, seed_layers=True,
                 step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
-    seed_kernels = {"fused_optimizer": False, "matmul_convs": False}
+    seed_kernels = {"fused_optimizer": False, "matmul_convs": False, "seed_layers": True}
     steps = [
         base,
         Case(arch, device, batch_size, "bf16", False, "dataloader", **seed_kernels, step="+ bf16 autocast"),
         Case(arch, device, batch_size, "bf16", True, "dataloader", **seed_kernels, step="+ channels_last"),
         Case(arch, device, batch_size, "bf16", True, "batched", **seed_kernels, step="+ batched in-memory data"),
-        Case(arch, device, batch_size, "bf16", True, "batched", matmul_convs=False, step="+ fused optimizer"),
+        Case(arch, device, batch_size, "bf16", True, "batched", matmul_convs=False, seed_layers=True,
+             step="+ fused optimizer"),
     ]
     if torch.device(device).type == "cpu":
-        steps.append(Case(arch, device, batch_size, "bf16", True, "batched", step="+ 4x4 convs as GEMMs"))
+        steps.append(Case(arch, device, batch_size, "bf16", True, "batched", seed_layers=True,
+                          step="+ 4x4 convs as GEMMs"))
+    if recipe_layers_differ():  # what the default recipe's layers cost or save
+        steps.append(Case(arch, device, batch_size, "bf16", True, "batched", step="+ the recipe's layers"))
     if with_compile:
         steps.append(Case(arch, device, batch_size, "bf16", True, "batched", compile=True, step="+ torch.compile"))
     return steps

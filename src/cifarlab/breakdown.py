@@ -119,15 +119,20 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(samples)
 
 
-def _time_matmul_conv(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, device: torch.device,
-                      repeats: int) -> tuple[float, float, float]:
-    """The three passes of ``matmul_conv3x3``, each alone: a graph kept per gradient, replayed."""
-    from cifarlab.matmul_conv import matmul_conv3x3
+def _time_gemm_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+                    device: torch.device, repeats: int) -> tuple[float, float, float]:
+    """The three passes of a ``MatmulConv2d``'s GEMM path, each alone: a graph kept per gradient, replayed."""
+    from cifarlab.matmul_conv import gemm_weight_grad_conv, matmul_conv3x3
+
+    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if conv.gemm_path(a) == "gemm":
+            return matmul_conv3x3(a, b)
+        return gemm_weight_grad_conv(a, b, conv.stride, conv.padding)
 
     x, weight = x.detach(), weight.detach()
     xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    y_x, y_w = matmul_conv3x3(xg, weight), matmul_conv3x3(x, wg)  # needs_input_grad: x only, weight only
-    return (_median_seconds(lambda: matmul_conv3x3(x, weight), device, repeats),
+    y_x, y_w = run(xg, weight), run(x, wg)  # needs_input_grad: x only, weight only
+    return (_median_seconds(lambda: run(x, weight), device, repeats),
             _median_seconds(lambda: torch.autograd.grad(y_x, xg, grad, retain_graph=True), device, repeats),
             _median_seconds(lambda: torch.autograd.grad(y_w, wg, grad, retain_graph=True), device, repeats))
 
@@ -137,8 +142,8 @@ def _time_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: tor
     """Median seconds of the forward pass, the input gradient and the weight gradient of ``conv``'s shape."""
     from cifarlab.matmul_conv import MatmulConv2d
 
-    if isinstance(conv, MatmulConv2d) and conv._takes_matmul_path(x):
-        return _time_matmul_conv(x, weight, grad, device, repeats)
+    if isinstance(conv, MatmulConv2d) and conv.gemm_path(x) is not None:
+        return _time_gemm_conv(conv, x, weight, grad, device, repeats)
     stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
 
     def forward() -> torch.Tensor:
@@ -192,8 +197,9 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
         weight = conv.weight.detach().to(device=device, dtype=dtype).contiguous(memory_format=fmt)
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         y = F.conv2d(x, weight, None, *args)
-        kernel = "GEMM" if isinstance(conv, MatmulConv2d) and conv._takes_matmul_path(x) else \
-            ("cuDNN" if device.type == "cuda" else "oneDNN")
+        path = conv.gemm_path(x) if isinstance(conv, MatmulConv2d) else None
+        kernel = {"gemm": "GEMM", "weight-gemm": "oneDNN, ∂weight GEMM"}.get(
+            path or "", "cuDNN" if device.type == "cuda" else "oneDNN")
         key = (tuple(x.shape), tuple(weight.shape), args, str(dtype), channels_last, kernel)
         if key not in timed:
             timed[key] = _time_conv(conv, x, weight, torch.randn_like(y).contiguous(memory_format=fmt), device,

@@ -12,8 +12,12 @@ copy to build ``cols`` (kept for the weight gradient). The input gradient is the
 gradient's ``cols`` with the kernel flipped.
 
 ``MatmulConv2d`` is a drop-in ``nn.Conv2d`` (same parameters and state dict) that takes this path on the CPU
-when the feature map has at most ``max_pixels`` positions and the conv is a plain 3x3/stride 1/pad 1 one;
-otherwise, and on CUDA, where cuDNN has no such gap, it is ``nn.Conv2d``.
+when the output map has at most ``max_pixels`` positions and the conv is a plain 3x3/stride 1/pad 1 one. Other
+convs into such maps (ResNet-18's stride-2 and 1x1 shortcut convs into its 4x4 stage) keep oneDNN's forward and
+input gradient and compute only the weight gradient as a GEMM: at batch 512, the stride-2 256->512 conv's
+forward and backward took 149 ms against oneDNN's 254, and a 512-channel 4x4 conv 237 ms all-GEMM, 370 with
+only its weight gradient as a GEMM, 443 in oneDNN (one process, a slow spell of the machine: ratios, not times).
+Larger maps, and CUDA, where cuDNN has no such gap, run ``nn.Conv2d``.
 """
 
 from __future__ import annotations
@@ -66,6 +70,55 @@ class _MatmulConv3x3(torch.autograd.Function):
         return grad_x, grad_w
 
 
+def _im2col(x_nhwc: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
+            padding: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W, C) -> (N*Ho*Wo, kh*kw*C) for any kernel, stride and zero padding: one strided view, one copy."""
+    n, h, w, c = x_nhwc.shape
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    xp = F.pad(x_nhwc, (0, 0, pw, pw, ph, ph)) if ph or pw else x_nhwc
+    ho, wo = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    s = xp.stride()
+    windows = xp.as_strided((n, ho, wo, kh, kw, c), (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]),
+                            xp.storage_offset())
+    return windows.reshape(n * ho * wo, kh * kw * c)
+
+
+class _GemmWeightGradConv(torch.autograd.Function):
+    """oneDNN's forward and input gradient; the weight gradient as one GEMM over the im2col of the input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, stride: tuple[int, int],
+                padding: tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (stride, padding)
+        return F.conv2d(x, weight, None, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, None, list(stride), list(padding),
+                                                         [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            o, c, kh, kw = weight.shape
+            cols = _im2col(x.permute(0, 2, 3, 1), (kh, kw), stride, padding)
+            g = grad_out.permute(0, 2, 3, 1).reshape(cols.shape[0], o)
+            grad_w = (g.t() @ cols).view(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+        return grad_x, grad_w, None, None
+
+
+def gemm_weight_grad_conv(x: torch.Tensor, weight: torch.Tensor, stride=(1, 1), padding=(1, 1)) -> torch.Tensor:
+    """``F.conv2d`` whose weight gradient is computed as a GEMM (under autocast, in its dtype)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    elif x.dtype != weight.dtype:
+        weight = weight.to(x.dtype)
+    return _GemmWeightGradConv.apply(x, weight, tuple(stride), tuple(padding))
+
+
 def matmul_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=1)`` for a 3x3 kernel, as GEMMs (under autocast, in its dtype)."""
     if torch.is_autocast_enabled(x.device.type):
@@ -77,19 +130,34 @@ def matmul_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class MatmulConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that computes small-map 3x3 convs on the CPU with ``matmul_conv3x3``."""
+    """``nn.Conv2d`` that computes convs with small output maps on the CPU with GEMMs.
+
+    Plain 3x3 stride-1 convs run wholly as GEMMs (``matmul_conv3x3``); other small-output convs (the stride-2
+    and 1x1 shortcut convs into a 4x4 stage) keep oneDNN's forward and input gradient and take only the weight
+    gradient as a GEMM (``gemm_weight_grad_conv``), which was oneDNN's slow pass there.
+    """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
 
-    def _takes_matmul_path(self, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dim() == 4 and x.shape[2] * x.shape[3] <= self.max_pixels
-                and self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
+    def gemm_path(self, x: torch.Tensor) -> str | None:
+        """"gemm", "weight-gemm" or None (oneDNN / cuDNN) for an input like ``x``."""
+        if (x.device.type != "cpu" or x.dim() != 4 or isinstance(self.padding, str) or self.groups != 1
+                or self.dilation != (1, 1) or self.padding_mode != "zeros"):
+            return None
+        out_h = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
+        out_w = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
+        if out_h * out_w > self.max_pixels:
+            return None
+        if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1):
+            return "gemm"
+        return "weight-gemm"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._takes_matmul_path(x):
+        path = self.gemm_path(x)
+        if path is None:
             return super().forward(x)
-        out = matmul_conv3x3(x, self.weight)
+        out = (matmul_conv3x3(x, self.weight) if path == "gemm"
+               else gemm_weight_grad_conv(x, self.weight, self.stride, self.padding))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out

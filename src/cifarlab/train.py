@@ -25,6 +25,7 @@ from cifarlab.data import DataSplits
 from cifarlab.errors import ConfigError, TrainingDiverged
 from cifarlab.matmul_conv import use_matmul_convs
 from cifarlab.models import create_model, list_models
+from cifarlab.models.layers import ACTIVATIONS, use_activation, use_ghost_batch_norm
 from cifarlab.timing import Timer, resolve_device, synchronize
 from cifarlab.whitening import whiten_first_conv
 
@@ -56,11 +57,14 @@ class TrainConfig:
     ema: float = field(default=0.0, metadata={
         "help": "decay per step of an exponential moving average of the weights (and BN statistics), which is "
                 "then validated and tested in their place (0: off; e.g. 0.99)"})
+    activation: str = field(default="relu", metadata={"help": "relu, or celu: CELU(0.3), as in Page's recipe"})
+    ghost_batch: int = field(default=0, metadata={
+        "help": "images per ghost batch for batch-norm statistics in training (0: the whole batch; Page: 32)"})
     bn_scale: str = field(default="learned", metadata={
         "help": "learned, or frozen: batch-norm scales fixed at 1, as in Page's 10-epoch recipe"})
     bias_lr_scale: float = field(default=1.0, metadata={
-        "help": "learning rate multiple for biases (batch-norm shifts), whose weight decay is divided by it "
-                "(Page: 64)"})
+        "help": "SGD only: learning rate multiple for biases (batch-norm shifts), whose weight decay is divided "
+                "by it (Page: 64); Adam and AdamW scale each parameter's step themselves and ignore it"})
     whiten: bool = field(default=False, metadata={
         "help": "parametrise the first conv through the patch-whitening basis of the training images (Page's "
                 "input whitening; same architecture and parameter count)"})
@@ -98,6 +102,10 @@ class TrainConfig:
             raise ConfigError(f"label-smoothing must lie in [0, 1), got {self.label_smoothing}")
         if not (self.logit_scale > 0 and math.isfinite(self.logit_scale)):
             raise ConfigError(f"logit-scale must be a positive number, got {self.logit_scale}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
+        if self.ghost_batch < 0:
+            raise ConfigError(f"ghost-batch must be >= 0 (0: off), got {self.ghost_batch}")
         if self.bn_scale not in ("learned", "frozen"):
             raise ConfigError(f"bn-scale must be learned or frozen, got {self.bn_scale!r}")
         if not (self.bias_lr_scale > 0 and math.isfinite(self.bias_lr_scale)):
@@ -193,6 +201,9 @@ def build_model(config: TrainConfig, splits: DataSplits, norm: Normalization, de
     model = create_model(config.arch, num_classes=splits.num_classes).to(device)
     if config.matmul_convs if matmul_convs is None else matmul_convs:
         use_matmul_convs(model)
+    use_activation(model, config.activation)
+    if config.ghost_batch:
+        use_ghost_batch_norm(model, config.ghost_batch)
     if config.bn_scale == "frozen":
         freeze_bn_scales(model)
     if config.whiten:
@@ -219,7 +230,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module, fused: bool | None = 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     groups: list[dict] = [{"params": params, "lr_scale": 1.0}]
-    if config.bias_lr_scale != 1.0:
+    if config.bias_lr_scale != 1.0 and config.optimizer == "sgd":
         # Page's recipe: batch-norm shifts learn 64x faster with 64x less weight decay than the weights.
         biases = [p for n, p in named if n.endswith("bias")]
         groups = [{"params": [p for n, p in named if not n.endswith("bias")], "lr_scale": 1.0},

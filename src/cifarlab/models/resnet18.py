@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cifarlab.models.registry import register_model
@@ -16,6 +15,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
+        self.act1, self.act2 = nn.ReLU(inplace=True), nn.ReLU(inplace=True)  # modules: swappable (--activation)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:  # 1x1 projection where the shape changes
             self.shortcut = nn.Sequential(
@@ -23,9 +23,9 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x), inplace=True)
+        return self.act2(out + self.shortcut(x))
 
 
 class ResNet18(nn.Module):
@@ -33,6 +33,7 @@ class ResNet18(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
+        self.act = nn.ReLU(inplace=True)
         stages, c_in = [], 64
         for c_out, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
             stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out)))
@@ -42,7 +43,7 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(512, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        x = self.act(self.bn1(self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.pool(x), 1))
 
