@@ -40,32 +40,32 @@ class TrainConfig:
     epochs: int = field(default=10, metadata={"help": "training epochs"})
     batch_size: int = field(default=512, metadata={"help": "images per training step"})
     optimizer: str = field(default="sgd", metadata={"help": "sgd (Nesterov momentum), adam or adamw"})
-    max_lr: float = field(default=0.4, metadata={"help": "peak learning rate of the one-cycle schedule"})
+    max_lr: float = field(default=1.0, metadata={"help": "peak learning rate of the one-cycle schedule"})
     weight_decay: float = field(default=5e-4, metadata={"help": "L2 (sgd, adam) or decoupled (adamw) weight decay"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum / Adam beta1 when not cycled"})
-    cycle_momentum: bool = field(default=True, metadata={"help": "cycle momentum inversely to the LR (0.85-0.95)"})
+    cycle_momentum: bool = field(default=False, metadata={"help": "cycle momentum inversely to the LR (0.85-0.95)"})
     pct_start: float = field(default=0.25, metadata={"help": "fraction of steps spent raising the LR to its peak"})
     div_factor: float = field(default=25.0, metadata={"help": "initial LR = max_lr / div_factor"})
     final_div_factor: float = field(default=1e4, metadata={"help": "final LR = initial LR / final_div_factor"})
     anneal_strategy: str = field(default="linear", metadata={"help": "linear or cos"})
     three_phase: bool = field(default=False, metadata={"help": "OneCycleLR's three-phase variant"})
     label_smoothing: float = field(default=0.2, metadata={"help": "cross-entropy label smoothing in [0, 1)"})
-    logit_scale: float = field(default=0.125, metadata={
+    logit_scale: float = field(default=0.0625, metadata={
         "help": "multiply logits by this before the loss (DAWNBench's 0.125; 1 for none)"})
-    cutout: int = field(default=8, metadata={"help": "cutout hole side in pixels (0: off)"})
+    cutout: int = field(default=0, metadata={"help": "cutout hole side in pixels (0: off)"})
     cutout_p: float = field(default=0.5, metadata={"help": "probability of a cutout hole per image"})
-    ema: float = field(default=0.0, metadata={
+    ema: float = field(default=0.99, metadata={
         "help": "decay per step of an exponential moving average of the weights (and BN statistics), which is "
                 "then validated and tested in their place (0: off; e.g. 0.99)"})
     activation: str = field(default="relu", metadata={"help": "relu, or celu: CELU(0.3), as in Page's recipe"})
     ghost_batch: int = field(default=0, metadata={
         "help": "images per ghost batch for batch-norm statistics in training (0: the whole batch; Page: 32)"})
-    bn_scale: str = field(default="learned", metadata={
+    bn_scale: str = field(default="frozen", metadata={
         "help": "learned, or frozen: batch-norm scales fixed at 1, as in Page's 10-epoch recipe"})
-    bias_lr_scale: float = field(default=1.0, metadata={
+    bias_lr_scale: float = field(default=64.0, metadata={
         "help": "SGD only: learning rate multiple for biases (batch-norm shifts), whose weight decay is divided "
                 "by it (Page: 64); Adam and AdamW scale each parameter's step themselves and ignore it"})
-    whiten: bool = field(default=False, metadata={
+    whiten: bool = field(default=True, metadata={
         "help": "parametrise the first conv through the patch-whitening basis of the training images (Page's "
                 "input whitening; same architecture and parameter count)"})
     matmul_convs: bool = field(default=True, metadata={
@@ -254,15 +254,14 @@ def build_optimizer(config: TrainConfig, model: nn.Module, fused: bool | None = 
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
-    # OneCycleLR divides by the length of its warm-up phase, pct_start * total_steps - 1 steps: with a step or
-    # less it raises ZeroDivisionError from deep inside torch (a 1-epoch run on 2,048 images at batch 512 did).
+    # OneCycleLR divides by the length of each phase, and its warm-up phase is pct_start * total_steps - 1 steps
+    # long: exactly one warm-up step (4 steps at pct-start 0.25) raised ZeroDivisionError from inside torch.
     warmup = config.pct_start * total_steps
-    if warmup <= 1 or (config.three_phase and total_steps + 1 - 2 * warmup <= 0):
+    if math.isclose(warmup, 1.0) or (config.three_phase and math.isclose(total_steps + 1, 2 * warmup)):
         raise ConfigError(
-            f"the one-cycle schedule needs more steps: {total_steps} steps ({config.epochs} "
-            f"epoch{'s' if config.epochs != 1 else ''}) leave "
-            f"{warmup:g} to warm up at pct-start {config.pct_start:g}; "
-            "train for more epochs or on more images, or lower --batch-size")
+            f"pct-start {config.pct_start:g} of {total_steps} steps ({config.epochs} "
+            f"epoch{'s' if config.epochs != 1 else ''}) is a one-step warm-up, which torch's OneCycleLR cannot "
+            "schedule; change --pct-start, --epochs or --batch-size")
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=[config.max_lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups],
