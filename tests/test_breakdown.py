@@ -88,6 +88,21 @@ def test_conv_layer_table_has_every_convolution_with_its_passes():
     assert {r["kernel"] for r in rows} == {"oneDNN"}
 
 
+def test_gemm_convs_count_as_convolution_not_as_linear():
+    conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.Conv2d(64, 64, 3, stride=2, padding=1))
+    use_matmul_convs(conv)
+    x = torch.randn(16, 64, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()  # 4x4: GEMM, ∂weight GEMM
+
+    def step() -> None:
+        conv(x).sum().backward()
+
+    step()
+    seconds = {r["category"]: r["seconds_per_step"] for r in op_breakdown(step, CPU, steps=2)}
+    # The GEMMs are aten::mm calls; inside their annotated regions they are convolution passes, not "linear".
+    assert seconds["linear + loss"] == 0
+    assert seconds["conv forward"] > 0 and seconds["conv backward"] > 0
+
+
 def test_conv_layer_table_times_the_gemm_path_where_training_takes_it():
     model = create_model("custom_resnet")
     use_matmul_convs(model)

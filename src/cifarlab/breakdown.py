@@ -22,13 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab.matmul_conv import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION
 from cifarlab.timing import synchronize
 
 CATEGORIES = ("conv forward", "conv backward", "batch norm", "pooling", "activation", "linear + loss", "optimizer",
               "data + augmentation", "casts + copies", "zero fill", "other")
 # Annotations (torch.profiler.record_function) whose operators count as one category whatever they are.
 DATA_ANNOTATION = "cifarlab.data"
-_ANNOTATED = (("Optimizer.step", "optimizer"), (DATA_ANNOTATION, "data + augmentation"))
+_ANNOTATED = (("Optimizer.step", "optimizer"), (DATA_ANNOTATION, "data + augmentation"),
+              (CONV_FORWARD_ANNOTATION, "conv forward"), (CONV_BACKWARD_ANNOTATION, "conv backward"))
 
 
 def categorize(name: str, annotation: str | None = None) -> str:
