@@ -91,7 +91,8 @@ def test_conv_layer_table_has_every_convolution_with_its_passes():
 def test_gemm_convs_count_as_convolution_not_as_linear():
     conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.Conv2d(64, 64, 3, stride=2, padding=1))
     use_matmul_convs(conv)
-    x = torch.randn(16, 64, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()  # 4x4: GEMM, ∂weight GEMM
+    # 4x4 maps: the first conv runs all-GEMM, the strided one takes its weight gradient as a GEMM.
+    x = torch.randn(16, 64, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
 
     def step() -> None:
         conv(x).sum().backward()
