@@ -76,7 +76,6 @@ def _main(args) -> int:
     from cifarlab.choices import resolve_speed
     from cifarlab.data import load_splits
     from cifarlab.errors import ConfigError
-    from cifarlab.matmul_conv import use_matmul_convs
     from cifarlab.models import create_model
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
     from cifarlab.timing import environment, training_flops_per_image
@@ -140,11 +139,8 @@ def _main(args) -> int:
 
                         ids = {"arch": arch, "device": dev, "batch_size": bs, "precision": case.precision}
                         op_rows += [{**ids, **r} for r in result.breakdown]
-                        conv_model = create_model(arch, splits.num_classes).to(device)
-                        if case.matmul_convs:
-                            use_matmul_convs(conv_model)
-                        conv_rows += [{**ids, **r} for r in conv_layer_table(
-                            conv_model, bs, device, case.precision, case.channels_last,
+                        conv_rows += [{**ids, **r} for r in conv_layer_table(  # the model just timed
+                            result.model, bs, device, case.precision, case.channels_last,
                             peak_flops=peaks[case.precision])]
                     console.print(f"  {arch} {case.step or ''} batch {bs}: {row['images_per_second']:.0f} img/s, "
                                   f"{row['achieved_tflops']:.2f} TFLOP/s {case.precision}, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -60,6 +60,7 @@ class CaseResult:
     peak_memory_mb: float
     compile_seconds: float | None
     breakdown: list[dict] | None = None  # seconds per step by kind of operation (op_breakdown), when asked
+    model: nn.Module | None = field(default=None, repr=False)  # the model timed, for the per-conv table
 
     @property
     def median_seconds(self) -> float:
@@ -199,7 +200,8 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
     batches.close()  # stops DataLoader workers of the seed-style path
     return CaseResult(case=case, images_timed=steps * case.batch_size, repeats=repeats, seconds=seconds,
                       data_seconds=data_s, compute_seconds=compute_s, eval_seconds_per_image=te.seconds / n_eval,
-                      peak_memory_mb=peak_memory_mb(device), compile_seconds=compile_seconds, breakdown=breakdown)
+                      peak_memory_mb=peak_memory_mb(device), compile_seconds=compile_seconds, breakdown=breakdown,
+                      model=model)
 
 
 CHOICE_STEP = "{precision} · {layout}"

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab.matmul_conv import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION
+from cifarlab.matmul_conv import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION, MatmulConv2d
 from cifarlab.timing import synchronize
 
 CATEGORIES = ("conv forward", "conv backward", "batch norm", "pooling", "activation", "linear + loss", "optimizer",
@@ -121,16 +121,10 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(samples)
 
 
-def _time_gemm_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+def _time_gemm_conv(conv: MatmulConv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
                     device: torch.device, repeats: int) -> tuple[float, float, float]:
     """The three passes of a ``MatmulConv2d``'s GEMM path, each alone: a graph kept per gradient, replayed."""
-    from cifarlab.matmul_conv import gemm_weight_grad_conv, matmul_conv3x3
-
-    def run(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if conv.gemm_path(a) == "gemm":
-            return matmul_conv3x3(a, b)
-        return gemm_weight_grad_conv(a, b, conv.stride, conv.padding)
-
+    run = conv.gemm_conv
     x, weight = x.detach(), weight.detach()
     xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
     y_x, y_w = run(xg, weight), run(x, wg)  # needs_input_grad: x only, weight only
@@ -142,8 +136,6 @@ def _time_gemm_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad
 def _time_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, device: torch.device,
                repeats: int) -> tuple[float, float, float]:
     """Median seconds of the forward pass, the input gradient and the weight gradient of ``conv``'s shape."""
-    from cifarlab.matmul_conv import MatmulConv2d
-
     if isinstance(conv, MatmulConv2d) and conv.gemm_path(x) is not None:
         return _time_gemm_conv(conv, x, weight, grad, device, repeats)
     stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
@@ -184,8 +176,6 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
     model.zero_grad(set_to_none=True)
     for h in hooks:
         h.remove()
-
-    from cifarlab.matmul_conv import MatmulConv2d
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -33,60 +33,13 @@ CONV_BACKWARD_ANNOTATION = "cifarlab.conv_backward"
 DEFAULT_MAX_PIXELS = 16  # 4x4: the maps where oneDNN lost the most (bench.devices' conv table shows it)
 
 
-def _im2col_nhwc(x_nhwc: torch.Tensor) -> torch.Tensor:
-    """(N, H, W, C) -> (N*H*W, 9*C): for each position, its 3x3 neighbourhood in (row, column, channel) order.
+def _im2col(x_nhwc: torch.Tensor, kernel: tuple[int, int] = (3, 3), stride: tuple[int, int] = (1, 1),
+            padding: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """(N, H, W, C) -> (N*Ho*Wo, kh*kw*C): each output position's neighbourhood in (row, column, channel) order.
 
     One strided view of the zero-padded input (windows overlap in memory) and one copy: half the time of
-    concatenating the nine shifted slices.
+    concatenating the shifted slices.
     """
-    n, h, w, c = x_nhwc.shape
-    xp = F.pad(x_nhwc, (0, 0, 1, 1, 1, 1))
-    s = xp.stride()
-    windows = xp.as_strided((n, h, w, 3, 3, c), (s[0], s[1], s[2], s[1], s[2], s[3]))
-    return windows.reshape(n * h * w, 9 * c)
-
-
-class _MatmulConv3x3(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        with torch.profiler.record_function(CONV_FORWARD_ANNOTATION):
-            return _MatmulConv3x3._forward(ctx, x, weight)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        with torch.profiler.record_function(CONV_BACKWARD_ANNOTATION):
-            return _MatmulConv3x3._backward(ctx, grad_out)
-
-    @staticmethod
-    def _forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        o = weight.shape[0]
-        cols = _im2col_nhwc(x.permute(0, 2, 3, 1))  # a view of a channels-last x; a copy of an NCHW one
-        out = cols @ weight.permute(0, 2, 3, 1).reshape(o, 9 * c).t()  # (NHW, O); weight in (row, col, ch) order
-        ctx.save_for_backward(cols, weight)
-        ctx.shape = (n, c, h, w)
-        return out.view(n, h, w, o).permute(0, 3, 1, 2)  # logical NCHW with channels-last strides
-
-    @staticmethod
-    def _backward(ctx, grad_out: torch.Tensor):
-        cols, weight = ctx.saved_tensors
-        n, c, h, w = ctx.shape
-        o = weight.shape[0]
-        g = grad_out.permute(0, 2, 3, 1)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (g.reshape(n * h * w, o).t() @ cols).view(o, 3, 3, c).permute(0, 3, 1, 2).contiguous()
-        if ctx.needs_input_grad[0]:
-            # The input gradient is the same kind of conv of the output gradient, with the kernel flipped and
-            # its in/out channels swapped: dX[y, x] = sum_ij g[y + 1 - i, x + 1 - j] W[i, j].
-            flipped = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9 * o, c)
-            grad_x = (_im2col_nhwc(g) @ flipped).view(n, h, w, c).permute(0, 3, 1, 2)
-        return grad_x, grad_w
-
-
-def _im2col(x_nhwc: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-            padding: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W, C) -> (N*Ho*Wo, kh*kw*C) for any kernel, stride and zero padding: one strided view, one copy."""
     n, h, w, c = x_nhwc.shape
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     xp = F.pad(x_nhwc, (0, 0, pw, pw, ph, ph)) if ph or pw else x_nhwc
@@ -95,6 +48,36 @@ def _im2col(x_nhwc: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, in
     windows = xp.as_strided((n, ho, wo, kh, kw, c), (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]),
                             xp.storage_offset())
     return windows.reshape(n * ho * wo, kh * kw * c)
+
+
+class _MatmulConv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        o = weight.shape[0]
+        with torch.profiler.record_function(CONV_FORWARD_ANNOTATION):
+            cols = _im2col(x.permute(0, 2, 3, 1))  # a view of a channels-last x; a copy of an NCHW one
+            out = cols @ weight.permute(0, 2, 3, 1).reshape(o, 9 * c).t()  # (NHW, O); weight in (row, col, ch)
+        ctx.save_for_backward(cols, weight)
+        ctx.shape = (n, c, h, w)
+        return out.view(n, h, w, o).permute(0, 3, 1, 2)  # logical NCHW with channels-last strides
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        cols, weight = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        o = weight.shape[0]
+        g = grad_out.permute(0, 2, 3, 1)
+        grad_x = grad_w = None
+        with torch.profiler.record_function(CONV_BACKWARD_ANNOTATION):
+            if ctx.needs_input_grad[1]:
+                grad_w = (g.reshape(n * h * w, o).t() @ cols).view(o, 3, 3, c).permute(0, 3, 1, 2).contiguous()
+            if ctx.needs_input_grad[0]:
+                # The input gradient is the same kind of conv of the output gradient, with the kernel flipped and
+                # its in/out channels swapped: dX[y, x] = sum_ij g[y + 1 - i, x + 1 - j] W[i, j].
+                flipped = weight.flip(2, 3).permute(2, 3, 0, 1).reshape(9 * o, c)
+                grad_x = (_im2col(g) @ flipped).view(n, h, w, c).permute(0, 3, 1, 2)
+        return grad_x, grad_w
 
 
 class _GemmWeightGradConv(torch.autograd.Function):
@@ -124,24 +107,22 @@ class _GemmWeightGradConv(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
-def gemm_weight_grad_conv(x: torch.Tensor, weight: torch.Tensor, stride=(1, 1), padding=(1, 1)) -> torch.Tensor:
-    """``F.conv2d`` whose weight gradient is computed as a GEMM (under autocast, in its dtype)."""
+def _same_dtype(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in autocast's dtype when it is on (as F.conv2d would run), else the weight in the input's."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    elif x.dtype != weight.dtype:
-        weight = weight.to(x.dtype)
-    return _GemmWeightGradConv.apply(x, weight, tuple(stride), tuple(padding))
+        return x.to(dtype), weight.to(dtype)
+    return x, weight.to(x.dtype)
+
+
+def gemm_weight_grad_conv(x: torch.Tensor, weight: torch.Tensor, stride=(1, 1), padding=(1, 1)) -> torch.Tensor:
+    """``F.conv2d`` whose weight gradient is computed as a GEMM (under autocast, in its dtype)."""
+    return _GemmWeightGradConv.apply(*_same_dtype(x, weight), tuple(stride), tuple(padding))
 
 
 def matmul_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=1)`` for a 3x3 kernel, as GEMMs (under autocast, in its dtype)."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-    elif x.dtype != weight.dtype:
-        weight = weight.to(x.dtype)
-    return _MatmulConv3x3.apply(x, weight)
+    return _MatmulConv3x3.apply(*_same_dtype(x, weight))
 
 
 class MatmulConv2d(nn.Conv2d):
@@ -167,12 +148,16 @@ class MatmulConv2d(nn.Conv2d):
             return "gemm"
         return "weight-gemm"
 
+    def gemm_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """This conv's GEMM path for ``x`` (which must have one), without the bias."""
+        if self.gemm_path(x) == "gemm":
+            return matmul_conv3x3(x, weight)
+        return gemm_weight_grad_conv(x, weight, self.stride, self.padding)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = self.gemm_path(x)
-        if path is None:
+        if self.gemm_path(x) is None:
             return super().forward(x)
-        out = (matmul_conv3x3(x, self.weight) if path == "gemm"
-               else gemm_weight_grad_conv(x, self.weight, self.stride, self.padding))
+        out = self.gemm_conv(x, self.weight)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out
