@@ -145,7 +145,7 @@ def study_spec(args, budget: Budget, arch: str) -> dict:
 # default recipe refuses to top up an older study rather than mixing trials of two recipes in one ranking.
 RECIPE_FIELDS = ("momentum", "cycle_momentum", "div_factor", "final_div_factor", "anneal_strategy", "logit_scale",
                  "cutout", "cutout_p", "ema", "whiten", "bn_scale", "bias_lr_scale",
-                 "activation", "ghost_batch")
+                 "activation", "ghost_batch", "alternate_flip")
 
 
 def recipe_defaults() -> dict:

@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,36 @@ def test_flip_gives_the_image_or_its_mirror_and_both_occur(images):
     mirrored = [np.array_equal(out[i], src[i][:, :, ::-1]) for i in range(64)]
     assert all(s or m for s, m in zip(same, mirrored))
     assert 10 < sum(mirrored) < 54
+
+
+def _flips_by_image(aug, images, norm, batch_size, gen) -> dict[int, bool]:
+    """One epoch of ``aug``: which images came out mirrored (crops and holes off)."""
+    src = {images[i].tobytes(): i for i in range(len(images))}
+    mirror = {np.ascontiguousarray(images[i][:, ::-1]).tobytes(): i for i in range(len(images))}
+    seen = {}
+    for x, _ in aug.epoch(batch_size, gen):
+        for img in _denorm(x, norm).numpy().transpose(0, 2, 3, 1):
+            key = np.ascontiguousarray(img).tobytes()
+            if key in src:
+                seen[src[key]] = False
+            else:
+                seen[mirror[key]] = True
+    return seen
+
+
+def test_alternate_flip_mirrors_each_image_in_every_other_epoch(images):
+    norm = Normalization.from_images(images)
+    aug = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(pad=0, cutout=0, alternate_flip=True))
+    gen = torch.Generator().manual_seed(3)
+    epochs = [_flips_by_image(aug, images, norm, 16, gen) for _ in range(4)]
+    assert all(len(e) == 64 for e in epochs)
+    assert 10 < sum(epochs[0].values()) < 54  # the first epoch is a coin toss per image
+    for prev, now in itertools.pairwise(epochs):
+        assert all(now[i] != prev[i] for i in range(64))  # then every image swaps mirror each epoch
+    # Without the option, flips are independent across epochs: some images keep their mirror.
+    plain = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(pad=0, cutout=0))
+    a, b = (_flips_by_image(plain, images, norm, 16, gen) for _ in range(2))
+    assert 10 < sum(a[i] == b[i] for i in range(64)) < 54
 
 
 def test_cutout_is_one_square_hole_at_the_mean(images):

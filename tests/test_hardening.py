@@ -287,8 +287,12 @@ def test_sigkill_at_random_moments_then_rerun_completes(tmp_path):
 # --------------------------------------------------------------------------------------------------- load
 
 
+LOAD_TRIALS = 24  # six per worker: enough for every worker to contend for the storage many times over
+
+
 def _load_study(url: str, name: str, tmp_path: Path, storage=None) -> tuple[optuna.Study, str]:
-    argv = [sys.executable, "-m", "studies.onecycle", *STUDY, "--arch", "custom_resnet", "--trials", "40",
+    argv = [sys.executable, "-m", "studies.onecycle", *STUDY, "--arch", "custom_resnet",
+            "--trials", str(LOAD_TRIALS),
             "--train-subset", "32", "--val-size", "16", "--workers", "4", "--storage", url, "--study-name", name,
             "--no-report", "--out", str(tmp_path)]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200,
@@ -304,7 +308,7 @@ def _load_study(url: str, name: str, tmp_path: Path, storage=None) -> tuple[optu
 def _assert_counts(study: optuna.Study) -> None:
     trials = study.get_trials(deepcopy=False)
     done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(done) == 40
+    assert len(done) == LOAD_TRIALS
     assert len({t._trial_id for t in trials}) == len(trials) == len({t.number for t in trials})
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost
     assert all(t.state.name != "RUNNING" for t in trials)

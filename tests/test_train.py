@@ -99,7 +99,8 @@ def test_seed_style_dataloader_path_trains(tiny):
     ("kw", "message"),
     [({"arch": "vgg"}, "unknown architecture 'vgg'"), ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
      ({"max_lr": 0.0}, "max-lr must be a positive"), ({"epochs": 0}, "epochs must be at least 1"),
-     ({"pct_start": 1.0}, "pct-start"), ({"precision": "fp8"}, "unknown precision")],
+     ({"pct_start": 1.0}, "pct-start"), ({"precision": "fp8"}, "unknown precision"),
+     ({"alternate_flip": True, "augment": "dataloader"}, "alternate-flip needs --augment batched")],
 )
 def test_bad_config_is_refused(kw, message):
     with pytest.raises(ConfigError, match=message):

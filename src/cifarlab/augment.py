@@ -50,6 +50,10 @@ class Normalization:
 class AugmentConfig:
     pad: int = 4  # pixels of reflect padding before the random 32x32 crop
     flip: bool = True  # random horizontal flip, p=0.5
+    # Alternating flip (Jordan's airbench): each image is flipped at random in the first epoch and then in
+    # every other epoch, so that consecutive epochs see both mirrors of every image instead of a coin toss.
+    # Same marginal distribution per epoch; the batched path only.
+    alternate_flip: bool = False
     cutout: int = 8  # side of the square cutout hole in pixels; 0 turns it off
     cutout_p: float = 0.5  # probability of a hole per image (albumentations' CoarseDropout default)
 
@@ -147,6 +151,9 @@ class BatchAugmenter:
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         self.size = images.shape[1]
         self.mean, self.inv_std = _pixel_scale(norm, device)
+        self._epochs_started = 0
+        self._flip_base: torch.Tensor | None = None  # the first epoch's flips, for alternate_flip
+        self._flip_now: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -160,6 +167,11 @@ class BatchAugmenter:
         n = len(self)
         # Random numbers come from a CPU generator so that runs are reproducible on every device.
         perm = torch.randperm(n, generator=generator).to(self.device, non_blocking=True)
+        if self.cfg.flip and self.cfg.alternate_flip:
+            if self._flip_base is None:
+                self._flip_base = (torch.rand(n, generator=generator) < 0.5).to(self.device, non_blocking=True)
+            self._flip_now = self._flip_base ^ bool(self._epochs_started % 2)
+        self._epochs_started += 1
         for b in range(self.num_batches(batch_size)):
             idx = perm[b * batch_size : (b + 1) * batch_size] if n >= batch_size else perm
             yield self.augment(idx, generator), self.labels[idx]
@@ -177,7 +189,10 @@ class BatchAugmenter:
             )
             batch = torch.gather(batch.view(bsz, 3, side * side), 2, flat.expand(bsz, 3, s * s)).view(bsz, 3, s, s)
         if cfg.flip:
-            flip = (torch.rand(bsz, generator=generator) < 0.5).to(dev, non_blocking=True)
+            if self._flip_now is not None:
+                flip = self._flip_now[idx]
+            else:
+                flip = (torch.rand(bsz, generator=generator) < 0.5).to(dev, non_blocking=True)
             batch = torch.where(flip.view(bsz, 1, 1, 1), batch.flip(3), batch)
         x = (batch.float() - self.mean) * self.inv_std
         if cfg.cutout:

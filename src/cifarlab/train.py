@@ -54,6 +54,9 @@ class TrainConfig:
         "help": "multiply logits by this before the loss (DAWNBench's 0.125; 1 for none)"})
     cutout: int = field(default=0, metadata={"help": "cutout hole side in pixels (0: off)"})
     cutout_p: float = field(default=0.5, metadata={"help": "probability of a cutout hole per image"})
+    alternate_flip: bool = field(default=False, metadata={
+        "help": "flip each image at random in the first epoch, then in every other epoch (airbench); "
+                "batched augmentation only"})
     ema: float = field(default=0.99, metadata={
         "help": "decay per step of an exponential moving average of the weights (and BN statistics), which is "
                 "then validated and tested in their place (0: off; e.g. 0.99)"})
@@ -122,6 +125,8 @@ class TrainConfig:
             raise ConfigError(f"channels-last must be auto, on or off, got {self.channels_last!r}")
         if self.augment not in ("batched", "dataloader"):
             raise ConfigError(f"unknown augmentation path {self.augment!r}; valid: batched, dataloader")
+        if self.alternate_flip and self.augment != "batched":
+            raise ConfigError("alternate-flip needs --augment batched (the seed's DataLoader path flips at random)")
         if not 0 <= self.cutout < 32 or not 0 <= self.cutout_p <= 1:
             raise ConfigError("cutout must lie in [0, 32) pixels and cutout-p in [0, 1]")
         if self.loader_workers < 0:
@@ -314,7 +319,7 @@ class WeightEMA:
 def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
                    channels_last: bool, gen: torch.Generator):
     """(number of steps per epoch, a function that yields one epoch of batches)."""
-    aug = AugmentConfig(cutout=config.cutout, cutout_p=config.cutout_p)
+    aug = AugmentConfig(cutout=config.cutout, cutout_p=config.cutout_p, alternate_flip=config.alternate_flip)
     n = len(splits.train_labels)
     if config.augment == "batched":
         augmenter = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, aug, channels_last)
