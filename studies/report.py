@@ -46,6 +46,21 @@ def rebuild(out: Path, storage_url: str | None = None) -> Path:
     return build_index(Path(out), studies)
 
 
+def _redraw_device_pages(out: Path) -> int:
+    """Every benchmark page from its ``devices.json`` (and breakdown CSVs); a record that cannot be read is skipped,
+    as the index skips it. Other pages are drawn by ``rebuild`` itself."""
+    from cifarlab.report.devices import redraw_devices_page
+
+    count = 0
+    for path in sorted((out / "devices").glob("*/devices.json")):
+        try:
+            redraw_devices_page(path.parent)
+        except (OSError, ValueError, KeyError):
+            continue
+        count += 1
+    return count
+
+
 def _main(args) -> int:
     from cifarlab.errors import ConfigError
     from cifarlab.report.records import check_writable
@@ -55,11 +70,13 @@ def _main(args) -> int:
     if not out.is_dir():
         raise ConfigError(f"no output folder {out}; pass --out with the folder the commands wrote to")
     check_writable(out)
+    redrawn = _redraw_device_pages(out)
     try:
         index = rebuild(out, args.storage)
     except ConfigError as exc:
         raise ConfigError(scrub(str(exc), args.storage)) from None
-    print(f"written: {index}" + (f" (studies from {mask_url(args.storage)})" if args.storage else ""))
+    print(f"written: {index}" + (f" (studies from {mask_url(args.storage)})" if args.storage else "")
+          + (f", {redrawn} device benchmark pages redrawn" if redrawn else ""))
     return 0
 
 

@@ -125,3 +125,20 @@ def test_the_cpu_key_names_model_matmul_features_and_threads(monkeypatch):
     assert "[amx_bf16 avx512_bf16]" in choices.device_key(CPU) and choices.device_key(CPU) != key
     monkeypatch.setattr(torch, "get_num_threads", lambda: 64)
     assert "64 threads" in choices.device_key(CPU)
+
+
+def test_a_slow_spell_probe_does_not_lower_the_peak_and_a_better_one_raises_it(tmp_path):
+    path = tmp_path / "choices.json"
+    cpu = torch.device("cpu")
+    peaks, source = choices.best_peaks(cpu, {"fp32": 0.3e12, "bf16": 2.0e12}, path)
+    assert peaks == {"fp32": 0.3e12, "bf16": 2.0e12} and source["bf16"] == "this run's probe"
+    # A slow spell: the stored best stays the denominator, and says where it came from.
+    peaks, source = choices.best_peaks(cpu, {"fp32": 0.35e12, "bf16": 0.8e12}, path)
+    assert peaks == {"fp32": 0.35e12, "bf16": 2.0e12}
+    assert source["bf16"].startswith("best stored probe") and source["fp32"] == "this run's probe"
+    # A better probe replaces it; the speed choices stored in the same file are kept.
+    save_choice("custom_resnet", cpu, {"precision": "bf16", "channels_last": True}, path)
+    peaks, _ = choices.best_peaks(cpu, {"fp32": 0.1e12, "bf16": 2.2e12}, path)
+    assert peaks == {"fp32": 0.35e12, "bf16": 2.2e12}
+    assert choices.lookup("custom_resnet", cpu, path)["precision"] == "bf16"
+    assert choices.best_peaks(cpu, {"bf16": 1.0e12}, path)[0]["bf16"] == 2.2e12

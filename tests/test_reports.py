@@ -104,8 +104,16 @@ def test_run_page_has_per_class_table_confusion_and_misclassified_grid(out):
 
 def test_report_command_rebuilds_from_stored_records_alone(out, capsys):
     (out / "index.html").unlink()
+    (bench_dir,) = [p.parent for p in (out / "devices").glob("*/devices.json")]
+    drawn = sorted(p.name for p in bench_dir.iterdir() if p.suffix in (".html", ".png"))
+    assert "index.html" in drawn and any(name.endswith(".png") for name in drawn)
+    for name in drawn:
+        (bench_dir / name).unlink()
     assert report.main(["--out", str(out)]) == 0
-    assert (out / "index.html").is_file() and "written:" in capsys.readouterr().out
+    assert (out / "index.html").is_file()
+    assert "1 device benchmark pages redrawn" in capsys.readouterr().out
+    assert sorted(p.name for p in bench_dir.iterdir() if p.suffix in (".html", ".png")) == drawn
+    assert f"{bench_dir.name}/index.html" in (out / "index.html").read_text()
 
 
 def test_report_command_bad_out(tmp_path, capsys):

@@ -77,6 +77,19 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataF
     return html.write_page(run_dir / "index.html", "cifarlab — device benchmark", "\n".join(parts))
 
 
+def redraw_devices_page(run_dir: Path) -> Path:
+    """Draw ``run_dir/index.html`` again from the benchmark's stored records alone (``studies.report``)."""
+    from cifarlab.report.records import read_json
+
+    doc = read_json(run_dir / "devices.json")
+    extra = {}
+    for key, name in (("ops", "breakdown.csv"), ("convs", "conv_layers.csv")):
+        if (run_dir / name).is_file():
+            extra[key] = pd.read_csv(run_dir / name)
+    devices_page(run_dir, pd.DataFrame(doc.get("rows", [])), doc.get("environment", {}), **extra)
+    return run_dir / "index.html"
+
+
 def _legend_outside(ax) -> None:
     """Legends beside the axes: inside, they cover the bars they name."""
     if ax.get_legend() is not None:
