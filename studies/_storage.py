@@ -110,7 +110,10 @@ def mark_stale_trials(study) -> list[int]:
     """Fail the trials whose worker stopped sending heartbeats, saying why, and enqueue their configurations.
 
     Optuna's ``fail_stale_trials`` does the state change and (through ``RetryFailedTrialCallback``) the
-    retry; the reason is written first, while the trial is still RUNNING and so still writable.
+    retry; the reason is written first, while the trial is still RUNNING and so still writable. Optuna skips a
+    RUNNING trial with no heartbeat at all: a worker killed between creating a trial and its first heartbeat
+    (milliseconds apart) leaves one, which would hold a study's last slot for ever. Such a trial is failed
+    here once it is older than twice the grace period.
     """
     import optuna
 
@@ -119,7 +122,8 @@ def mark_stale_trials(study) -> list[int]:
         stale = storage._get_stale_trial_ids(study._study_id)  # the same query fail_stale_trials runs
     except AttributeError:  # a storage without heartbeats
         return []
-    grace = getattr(storage, "grace_period", None)
+    interval = storage.get_heartbeat_interval()
+    grace = getattr(storage, "grace_period", None) or 2 * interval
     for trial_id in stale:
         with contextlib.suppress(Exception):  # another worker may have failed it first
             storage.set_trial_user_attr(
@@ -128,4 +132,48 @@ def mark_stale_trials(study) -> list[int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    return stale
+    return stale + _fail_trials_without_heartbeat(study, storage, 2 * grace, exclude=set(stale))
+
+
+def _fail_trials_without_heartbeat(study, storage, older_than: float, exclude: set[int]) -> list[int]:
+    import datetime
+
+    import optuna
+    from optuna.trial import TrialState
+
+    beating = _trial_ids_with_heartbeat(storage, study._study_id)
+    now = datetime.datetime.now()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial._trial_id in beating or trial._trial_id in exclude or trial.datetime_start is None:
+            continue
+        if (now - trial.datetime_start).total_seconds() <= older_than:
+            continue
+        with contextlib.suppress(Exception):  # another worker may have failed it first
+            storage.set_trial_user_attr(
+                trial._trial_id, "fail_reason",
+                f"its worker stopped before its first heartbeat (started over {older_than:g} s ago); "
+                "the configuration is tried again")
+            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                failed.append(trial._trial_id)
+                callback = storage.get_heartbeat_stale_trial_callback()
+                if callback is not None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        callback(study, storage.get_trial(trial._trial_id))
+    return failed
+
+
+def _trial_ids_with_heartbeat(storage, study_id: int) -> set[int]:
+    """The RUNNING trials of ``study_id`` that have recorded a heartbeat (RDB storage internals)."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.trial import TrialState
+
+    rdb = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a _CachedStorage
+    with _create_scoped_session(rdb.scoped_session) as session:
+        rows = (session.query(models.TrialHeartbeatModel.trial_id)
+                .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
+                .filter(models.TrialModel.study_id == study_id)
+                .filter(models.TrialModel.state == TrialState.RUNNING).all())
+    return {r[0] for r in rows}

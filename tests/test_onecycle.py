@@ -288,3 +288,25 @@ def test_a_study_of_another_default_recipe_is_refused_not_mixed(tmp_path, capsys
     err = capsys.readouterr().err
     assert "exists with another fixed recipe" in err and "--study-name" in err and "Traceback" not in err
     assert finished(load(tmp_path)) == 1 and db.read_bytes() == before
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
+    # Optuna's stale-trial query skips RUNNING trials with no heartbeat: a worker SIGKILLed between creating a
+    # trial and its first heartbeat left one that held a study's last slot for ever (the rerun waited on it).
+    from studies._storage import mark_stale_trials
+
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.enqueue_trial({"x": 0.5})
+    orphan = study.ask()  # RUNNING, never a heartbeat: as a worker killed at that moment leaves it
+    assert orphan.params == {"x": 0.5} or orphan.suggest_float("x", 0, 1) == 0.5
+    assert mark_stale_trials(study) == []  # young: its worker may still be starting
+    time.sleep(4.5)  # twice the grace period of 2 heartbeats
+    assert len(mark_stale_trials(study)) == 1
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[orphan.number] == "FAIL"
+    assert "before its first heartbeat" in study.trials[orphan.number].user_attrs["fail_reason"]
+    (retry,) = [t for t in study.trials if t.state.name == "WAITING"]
+    assert retry.params == {"x": 0.5}  # the configuration is tried again
+    assert mark_stale_trials(study) == []
