@@ -122,8 +122,7 @@ def mark_stale_trials(study) -> list[int]:
         stale = storage._get_stale_trial_ids(study._study_id)  # the same query fail_stale_trials runs
     except AttributeError:  # a storage without heartbeats
         return []
-    interval = storage.get_heartbeat_interval()
-    grace = getattr(storage, "grace_period", None) or 2 * interval
+    grace = getattr(storage, "grace_period", None) or 2 * storage.get_heartbeat_interval()
     for trial_id in stale:
         with contextlib.suppress(Exception):  # another worker may have failed it first
             storage.set_trial_user_attr(
@@ -132,10 +131,10 @@ def mark_stale_trials(study) -> list[int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    return stale + _fail_trials_without_heartbeat(study, storage, 2 * grace, exclude=set(stale))
+    return stale + _fail_trials_without_heartbeat(study, storage, older_than=2 * grace)
 
 
-def _fail_trials_without_heartbeat(study, storage, older_than: float, exclude: set[int]) -> list[int]:
+def _fail_trials_without_heartbeat(study, storage, older_than: float) -> list[int]:
     import datetime
 
     import optuna
@@ -145,7 +144,7 @@ def _fail_trials_without_heartbeat(study, storage, older_than: float, exclude: s
     now = datetime.datetime.now()
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial._trial_id in beating or trial._trial_id in exclude or trial.datetime_start is None:
+        if trial._trial_id in beating or trial.datetime_start is None:
             continue
         if (now - trial.datetime_start).total_seconds() <= older_than:
             continue

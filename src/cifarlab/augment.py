@@ -151,9 +151,7 @@ class BatchAugmenter:
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
         self.size = images.shape[1]
         self.mean, self.inv_std = _pixel_scale(norm, device)
-        self._epochs_started = 0
-        self._flip_base: torch.Tensor | None = None  # the first epoch's flips, for alternate_flip
-        self._flip_now: torch.Tensor | None = None
+        self._flip_now: torch.Tensor | None = None  # this epoch's flip per image, for alternate_flip
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -168,10 +166,8 @@ class BatchAugmenter:
         # Random numbers come from a CPU generator so that runs are reproducible on every device.
         perm = torch.randperm(n, generator=generator).to(self.device, non_blocking=True)
         if self.cfg.flip and self.cfg.alternate_flip:
-            if self._flip_base is None:
-                self._flip_base = (torch.rand(n, generator=generator) < 0.5).to(self.device, non_blocking=True)
-            self._flip_now = self._flip_base ^ bool(self._epochs_started % 2)
-        self._epochs_started += 1
+            self._flip_now = ((torch.rand(n, generator=generator) < 0.5).to(self.device, non_blocking=True)
+                              if self._flip_now is None else ~self._flip_now)
         for b in range(self.num_batches(batch_size)):
             idx = perm[b * batch_size : (b + 1) * batch_size] if n >= batch_size else perm
             yield self.augment(idx, generator), self.labels[idx]

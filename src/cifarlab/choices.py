@@ -96,11 +96,16 @@ def lookup(arch: str, device: torch.device, path: Path | None = None) -> dict | 
 
 def save_choice(arch: str, device: torch.device, entry: dict, path: Path | None = None) -> Path:
     """Store one measured choice, keeping every other device's and architecture's (atomic replace)."""
-    from cifarlab.report.records import atomic_write_text
-
     path = path or choices_path()
     doc = load_choices(path)
     doc.setdefault(device_key(device), {})[arch] = {**entry, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return _write(path, doc)
+
+
+def _write(path: Path, doc: dict) -> Path:
+    """Replace the whole file atomically: a reader never sees half of it."""
+    from cifarlab.report.records import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
     return path
@@ -118,8 +123,6 @@ def best_peaks(device: torch.device, measured: dict[str, float],
     flattered. The best probe ever seen on this device key is the honest denominator, so it is kept and a
     better probe replaces it. Returns (peaks, where each came from).
     """
-    from cifarlab.report.records import atomic_write_text
-
     path = path or choices_path()
     doc = load_choices(path)
     stored = doc.get(device_key(device), {}).get(PEAK_KEY, {})
@@ -135,8 +138,7 @@ def best_peaks(device: torch.device, measured: dict[str, float],
             changed = True
     if changed:
         doc.setdefault(device_key(device), {})[PEAK_KEY] = stored
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        _write(path, doc)
     return peaks, source
 
 
