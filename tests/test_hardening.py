@@ -287,7 +287,7 @@ def test_sigkill_at_random_moments_then_rerun_completes(tmp_path):
 # --------------------------------------------------------------------------------------------------- load
 
 
-LOAD_TRIALS = 24  # six per worker: enough for every worker to contend for the storage many times over
+LOAD_TRIALS = 16  # four per worker: enough for every worker to contend for the storage several times over
 
 
 def _load_study(url: str, name: str, tmp_path: Path, storage=None) -> tuple[optuna.Study, str]:
