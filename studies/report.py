@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     return _cli.run(build_parser(), _main, argv)
 
 
-def rebuild(out: Path, storage_url: str | None = None) -> Path:
-    """Write ``out/index.html`` and every page it links; used by every command that stores results."""
+def rebuild(out: Path, storage_url: str | None = None, redrawn: list[Path] | None = None) -> Path:
+    """Write ``out/index.html`` and every page it links; used by every command that stores results.
+
+    Pages missing or older than their records are drawn again; ``redrawn`` collects their folders.
+    """
     from cifarlab.report.pages import build_index
 
     studies = []
@@ -43,22 +46,7 @@ def rebuild(out: Path, storage_url: str | None = None) -> Path:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
             studies.append(optuna.load_study(study_name=summary.study_name, storage=storage))
-    return build_index(Path(out), studies)
-
-
-def _redraw_device_pages(out: Path) -> int:
-    """Every benchmark page from its ``devices.json`` (and breakdown CSVs); a record that cannot be read is skipped,
-    as the index skips it. Other pages are drawn by ``rebuild`` itself."""
-    from cifarlab.report.devices import redraw_devices_page
-
-    count = 0
-    for path in sorted((out / "devices").glob("*/devices.json")):
-        try:
-            redraw_devices_page(path.parent)
-        except (OSError, ValueError, KeyError):
-            continue
-        count += 1
-    return count
+    return build_index(Path(out), studies, redrawn)
 
 
 def _main(args) -> int:
@@ -70,13 +58,14 @@ def _main(args) -> int:
     if not out.is_dir():
         raise ConfigError(f"no output folder {out}; pass --out with the folder the commands wrote to")
     check_writable(out)
-    redrawn = _redraw_device_pages(out)
+    redrawn: list[Path] = []
     try:
-        index = rebuild(out, args.storage)
+        index = rebuild(out, args.storage, redrawn)
     except ConfigError as exc:
         raise ConfigError(scrub(str(exc), args.storage)) from None
+    benchmarks = sum(folder.parent.name == "devices" for folder in redrawn)
     print(f"written: {index}" + (f" (studies from {mask_url(args.storage)})" if args.storage else "")
-          + (f", {redrawn} device benchmark pages redrawn" if redrawn else ""))
+          + (f", {benchmarks} device benchmark pages redrawn" if benchmarks else ""))
     return 0
 
 

@@ -17,6 +17,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cifarlab import faults
 from cifarlab.report import html
+from cifarlab.report.devices import redraw_devices_page
 from cifarlab.report.figures import plt, run_curves_figure, save, sns
 from cifarlab.report.records import read_json, write_csv
 
@@ -355,8 +356,11 @@ def _importance(study) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ index
 
 
-def build_index(out: Path, studies: list | None = None) -> Path:
-    """``out/index.html``: every study, run, LR range test and device benchmark, newest first."""
+def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | None = None) -> Path:
+    """``out/index.html``: every study, run, LR range test and device benchmark, newest first.
+
+    A record's page is drawn again when it is missing or older than the record; ``redrawn`` collects their folders.
+    """
     out = Path(out)
     parts = []
     if studies:
@@ -387,7 +391,7 @@ def build_index(out: Path, studies: list | None = None) -> Path:
             "<h2>Studies</h2>" + _rows(["started", "study", "architecture", "best val accuracy", "trials"], rows)
         )
     run_rows = []
-    for path, doc, page in _records(out, "runs", "run.json", run_page):
+    for path, doc, page in _records(out, "runs", "run.json", run_page, redrawn):
         test = (doc.get("test") or {}).get("plain")
         run_rows.append(
             (
@@ -405,7 +409,7 @@ def build_index(out: Path, studies: list | None = None) -> Path:
             + _rows(["time", "run", "architecture", "epochs", "val accuracy", "test accuracy"], run_rows)
         )
     lr_rows = []
-    for path, doc, page in _records(out, "lrfind", "lrfind.json", lrfind_page):
+    for path, doc, page in _records(out, "lrfind", "lrfind.json", lrfind_page, redrawn):
         s = doc.get("suggestions", {})
         lr_rows.append(
             (
@@ -423,19 +427,13 @@ def build_index(out: Path, studies: list | None = None) -> Path:
             + _rows(["time", "test", "architecture", "optimizer", "steepest", "min / 10"], lr_rows)
         )
     dev_rows = []
-    for path in sorted((out / "devices").glob("*/devices.json"), reverse=True):
-        if not (path.parent / "index.html").is_file():
-            continue
-        try:
-            doc = read_json(path)
-        except (OSError, ValueError):
-            continue
+    for path, doc, page in _records(out, "devices", "devices.json", redraw_devices_page, redrawn):
         ok = [r for r in doc.get("rows", []) if r.get("status") == "ok"]
         best = max((r["images_per_second"] for r in ok), default=None)
         dev_rows.append(
             (
                 html.esc(path.parent.name[:15]),
-                f'<a href="{html.esc(path.parent.relative_to(out))}/index.html">{html.esc(path.parent.name)}</a>',
+                f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>',
                 html.esc(doc.get("environment", {}).get("cpu_model", "")),
                 str(len(ok)),
                 f"{best:.0f}" if best else "—",
@@ -454,7 +452,7 @@ def build_index(out: Path, studies: list | None = None) -> Path:
     return html.write_page(out / "index.html", "cifarlab reports", "\n".join(parts))
 
 
-def _records(out: Path, kind: str, name: str, draw):
+def _records(out: Path, kind: str, name: str, draw, redrawn: list[Path] | None = None):
     """(record path, record, page) for each stored record of ``kind``, newest first; pages redrawn when stale.
 
     An unreadable record is left out of the index rather than failing the whole report.
@@ -465,6 +463,8 @@ def _records(out: Path, kind: str, name: str, draw):
             doc = read_json(path)
             if _stale(page, path):
                 page = draw(path.parent)
+                if redrawn is not None:
+                    redrawn.append(path.parent)
                 faults.point("report")
         except (OSError, ValueError, KeyError):
             continue
