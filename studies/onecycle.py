@@ -168,35 +168,51 @@ def make_pruner(kind: str, epochs: int, pct_start: float):
     return optuna.pruners.NopPruner()
 
 
-def seed_first_sampler(base):
-    """``base`` for every trial but number 0, which gets the seed configuration stored on the study.
+def seed_first_sampler(seed: int, make_base):
+    """The study's sampler: trial 0 gets the seed configuration stored on the study, every later trial the
+    sampler ``make_base(s)`` seeded for that trial alone.
 
     Trial numbers come from the storage, so exactly one trial is number 0 however many workers and machines
-    start at once: the seed configuration runs once, first, with no enqueue race.
+    start at once: the seed configuration runs once, first, with no enqueue race. Seeding each trial from
+    (``seed``, its number) rather than each process from ``seed`` keeps one process's study reproducible and
+    gives processes that run the same command, as on several machines, different draws: with one seed per
+    process, every machine drew the same configurations in the same order and half of a two-machine study
+    repeated the other half.
     """
+    import numpy as np
     import optuna
 
     class SeedFirstSampler(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self._number: int | None = None
+            self._base = make_base(seed)
+
+        def _for(self, trial):
+            if trial.number != self._number:
+                state = np.random.SeedSequence([seed, trial.number]).generate_state(1)[0]
+                self._number, self._base = trial.number, make_base(int(state))
+            return self._base
+
         def infer_relative_search_space(self, study, trial):
-            return base.infer_relative_search_space(study, trial)
+            return self._for(trial).infer_relative_search_space(study, trial)
 
         def sample_relative(self, study, trial, search_space):
-            return {} if trial.number == 0 else base.sample_relative(study, trial, search_space)
+            return {} if trial.number == 0 else self._for(trial).sample_relative(study, trial, search_space)
 
         def sample_independent(self, study, trial, param_name, param_distribution):
-            seed = study.user_attrs.get("seed_trial") if trial.number == 0 else None
-            if seed is not None and param_name in seed:
-                return seed[param_name]
-            return base.sample_independent(study, trial, param_name, param_distribution)
+            first = study.user_attrs.get("seed_trial") if trial.number == 0 else None
+            if first is not None and param_name in first:
+                return first[param_name]
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
 
         def before_trial(self, study, trial):
-            base.before_trial(study, trial)
+            self._for(trial).before_trial(study, trial)
 
         def after_trial(self, study, trial, state, values):
-            base.after_trial(study, trial, state, values)
+            self._for(trial).after_trial(study, trial, state, values)
 
         def reseed_rng(self):
-            base.reseed_rng()
+            self._base.reseed_rng()
 
     return SeedFirstSampler()
 
@@ -221,8 +237,7 @@ def load_study(storage, name: str, args, spec: dict, *, create: bool):
 
     from cifarlab.errors import ConfigError
 
-    sampler = seed_first_sampler(
-        optuna.samplers.TPESampler(seed=args.seed + (args.worker_index or 0), n_startup_trials=8))
+    sampler = seed_first_sampler(args.seed, lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=8))
     pruner = make_pruner(args.pruner, spec["budget"]["epochs"], args.pct_start)
     if create:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,

@@ -298,21 +298,8 @@ def test_sigkill_at_random_moments_then_rerun_completes(tmp_path):
 
 
 LOAD_TRIALS = 16  # four per worker: enough for every worker to contend for the storage several times over
-
-
-def _load_study(url: str, name: str, tmp_path: Path, storage=None) -> tuple[optuna.Study, str]:
-    argv = [sys.executable, "-m", "studies.onecycle", *STUDY, "--arch", "custom_resnet",
-            "--trials", str(LOAD_TRIALS),
-            "--train-subset", "32", "--val-size", "16", "--workers", "4", "--storage", url, "--study-name", name,
-            "--no-report", "--out", str(tmp_path)]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-3000:]
-    assert "4 workers started" in text
-    for bad in ("database is locked", "OperationalError", "could not connect", "Traceback"):
-        assert bad not in text, text[-3000:]
-    return optuna.load_study(study_name=f"{name}-custom_resnet", storage=storage or url), text
+LOAD = [*STUDY, "--arch", "custom_resnet", "--trials", str(LOAD_TRIALS), "--train-subset", "32", "--val-size", "16"]
+BAD_OUTPUT = ("database is locked", "OperationalError", "could not connect", "Traceback")
 
 
 def _assert_counts(study: optuna.Study) -> None:
@@ -326,26 +313,58 @@ def _assert_counts(study: optuna.Study) -> None:
     assert all("not needed" in t.user_attrs.get("fail_reason", "") for t in trials if t.state.name == "FAIL")
     workers = {t.user_attrs.get("worker") for t in done}
     assert len(workers) >= 2, workers
+    # Every finished trial tried a configuration of its own: processes with the same --seed must not draw the
+    # same sequence (trial 0, the seed configuration, is drawn by no one).
+    configs = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(configs)) == len(configs), sorted(configs)
 
 
 def test_load_four_workers_on_the_embedded_storage(tmp_path):
     url = f"sqlite:///{tmp_path / 'load.db'}"
-    study, _ = _load_study(url, "load", tmp_path)
-    _assert_counts(study)
+    proc = subprocess.run([sys.executable, "-m", "studies.onecycle", *LOAD, "--workers", "4", "--storage", url,
+                           "--study-name", "load", "--no-report", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-3000:]
+    assert "4 workers started" in text
+    for bad in BAD_OUTPUT:
+        assert bad not in text, text[-3000:]
+    _assert_counts(optuna.load_study(study_name="load-custom_resnet", storage=url))
 
 
 @pytest.mark.postgres
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_load_four_workers_on_postgresql(tmp_path, postgres_url):
+def test_load_two_machines_of_two_workers_on_postgresql(tmp_path, postgres_url):
+    """The README's recipe for machines: the same command, two workers each, on each of two "machines" at once,
+    reports included, so that every file they write can be searched for the password too."""
     url, password = postgres_url
     name = f"load{int(time.time() * 1000) % 10**9}"
+    argv = [sys.executable, "-m", "studies.onecycle", *LOAD, "--workers", "2", "--storage", url,
+            "--study-name", name]
+    procs = [subprocess.Popen([*argv, "--out", str(tmp_path / f"machine{k}")], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+             for k in range(2)]
+    outputs = [p.communicate(timeout=1200) for p in procs]
+    texts = [o + e for o, e in outputs]
+    assert [p.returncode for p in procs] == [0, 0], [t[-3000:] for t in texts]
+    for text in texts:
+        assert "2 workers started" in text
+        for bad in BAD_OUTPUT:
+            assert bad not in text, text[-3000:]
+        assert password not in text and "***" in text
     storage = optuna.storages.RDBStorage(url)
     try:
-        study, text = _load_study(url, name, tmp_path, storage)
+        study = optuna.load_study(study_name=f"{name}-custom_resnet", storage=storage)
         _assert_counts(study)
-        assert password not in text
+        attrs = repr(study.user_attrs) + "".join(repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials)
+        assert password not in attrs
+        written = [path for path in tmp_path.rglob("*") if path.is_file()]
+        assert any(path.name == "index.html" for path in written)
+        for path in written:
+            assert password.encode() not in path.read_bytes(), path
     finally:
-        storage.engine.dispose()
+        storage.engine.dispose()  # close psycopg connections inside this test, not in a later one
         gc.collect()
 
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +11,6 @@ import pytest
 from studies import onecycle
 from studies._storage import mask_url, open_storage, scrub
 
-ROOT = Path(__file__).resolve().parents[1]
 # 64 training images: these tests are about the study runner, not about learning (test_train.py covers that).
 SYNTH = ["--data", "synthetic:400:60", "--val-size", "20", "--train-subset", "64", "--budget", "smoke",
          "--seed-max-lr", "0.003", "--precision", "fp32", "--quiet", "--no-report"]
@@ -74,20 +69,6 @@ def test_resume_tops_up_and_never_overshoots(tmp_path):
     assert [t.params for t in study.trials[:2]] == first  # the stored trials were kept, not redone
     assert onecycle.main([*base, "--trials", "3"]) == 0  # already complete: nothing runs
     assert len(load(tmp_path).trials) == 3
-
-
-def test_two_local_workers_share_one_embedded_storage(tmp_path):
-    argv = [sys.executable, "-m", "studies.onecycle", *SYNTH, "--arch", "custom_resnet", "--trials", "4",
-            "--workers", "2", "--out", str(tmp_path)]
-    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "database is locked" not in proc.stdout + proc.stderr
-    study = load(tmp_path)
-    assert finished(study) == 4
-    assert states(study).get("FAIL", 0) == 0
-    assert len({t.number for t in study.trials}) == len(study.trials)
-    assert "2 workers started" in proc.stdout
 
 
 def test_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch):
@@ -197,35 +178,6 @@ def test_urls_are_masked_everywhere():
     assert mask_url(url) == "postgresql://cifar:***@db.example:5432/studies"
     assert "s3cr" not in scrub(f"could not connect to {url}; password s3cr@t rejected", url)
     assert mask_url("sqlite:///tmp/x.db") == "sqlite:///tmp/x.db"
-
-
-@pytest.mark.postgres
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # psycopg's pool at interpreter exit
-def test_postgresql_study_with_two_workers_and_no_password_leak(tmp_path, postgres_url):
-    url, password = postgres_url
-    name = f"pg{int(time.time() * 1000) % 10**9}"
-    with_reports = [a for a in SYNTH if a != "--no-report"]  # the HTML and CSV are searched for the password too
-    argv = [sys.executable, "-m", "studies.onecycle", *with_reports, "--arch", "custom_resnet", "--trials", "4",
-            "--storage", url, "--study-name", name, "--out", str(tmp_path)]
-    procs = [subprocess.Popen([*argv, "--workers", "1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}) for _ in range(2)]
-    outputs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    storage = optuna.storages.RDBStorage(url)
-    try:
-        study = optuna.load_study(study_name=f"{name}-custom_resnet", storage=storage)
-        assert finished(study) == 4
-        assert len({tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"}) >= 3
-        text = "".join(o + e for o, e in outputs)
-        assert password not in text and "***" in text
-        attrs = repr(study.user_attrs) + "".join(repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials)
-        assert password not in attrs
-        for path in tmp_path.rglob("*"):
-            if path.is_file():
-                assert password.encode() not in path.read_bytes(), path
-    finally:
-        storage.engine.dispose()  # close psycopg connections inside this test, not in a later one
-        gc.collect()
 
 
 @pytest.mark.parametrize(("epochs", "pct", "first_prunable"), [(3, 0.25, 1), (10, 0.25, 3), (24, 0.2, 5), (4, 0.5, 2)])
