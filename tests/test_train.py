@@ -15,7 +15,7 @@ def tiny():
 
 
 def quick(**kw):
-    base = {"epochs": 2, "batch_size": 64, "max_lr": 0.05, "eval_batch_size": 64, "precision": "fp32", "log_every": 1}
+    base = {"epochs": 2, "batch_size": 64, "max_lr": 0.05, "eval_batch_size": 64, "precision": "bf16", "log_every": 1}
     base.update(kw)
     return TrainConfig(**base)
 
