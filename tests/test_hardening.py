@@ -319,6 +319,12 @@ def _assert_counts(study: optuna.Study) -> None:
     assert len(set(configs)) == len(configs), sorted(configs)
 
 
+def _assert_clean_output(text: str, workers: int) -> None:
+    assert f"{workers} workers started" in text
+    for bad in BAD_OUTPUT:
+        assert bad not in text, text[-3000:]
+
+
 def test_load_four_workers_on_the_embedded_storage(tmp_path):
     url = f"sqlite:///{tmp_path / 'load.db'}"
     proc = subprocess.run([sys.executable, "-m", "studies.onecycle", *LOAD, "--workers", "4", "--storage", url,
@@ -327,9 +333,7 @@ def test_load_four_workers_on_the_embedded_storage(tmp_path):
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
-    assert "4 workers started" in text
-    for bad in BAD_OUTPUT:
-        assert bad not in text, text[-3000:]
+    _assert_clean_output(text, 4)
     _assert_counts(optuna.load_study(study_name="load-custom_resnet", storage=url))
 
 
@@ -349,9 +353,7 @@ def test_load_two_machines_of_two_workers_on_postgresql(tmp_path, postgres_url):
     texts = [o + e for o, e in outputs]
     assert [p.returncode for p in procs] == [0, 0], [t[-3000:] for t in texts]
     for text in texts:
-        assert "2 workers started" in text
-        for bad in BAD_OUTPUT:
-            assert bad not in text, text[-3000:]
+        _assert_clean_output(text, 2)
         assert password not in text and "***" in text
     storage = optuna.storages.RDBStorage(url)
     try:
