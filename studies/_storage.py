@@ -9,6 +9,7 @@ heartbeats; a trial whose worker died is marked failed with a reason and its con
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import sqlite3
 import time
@@ -47,6 +48,32 @@ def default_url(out: Path) -> str:
     return f"sqlite:///{(Path(out) / 'studies' / DEFAULT_DB).resolve()}"
 
 
+STALE_REASON = "its worker stopped (no heartbeat for over {grace:g} s); the configuration is tried again"
+
+
+@functools.cache
+def _storage_class():
+    """Optuna's RDBStorage, which also writes why a stale trial fails, whoever fails it.
+
+    Optuna's ``fail_stale_trials`` runs in every worker before each of its trials, as well as in
+    ``mark_stale_trials``. A trial's attributes can be written only while it is RUNNING, so the reason is written
+    where each of those calls gets its list of stale trials, just before it changes their state. Writing it
+    beforehand from a separate query missed a trial that went stale between the two queries.
+    """
+    import optuna
+
+    class StudyStorage(optuna.storages.RDBStorage):
+        def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+            stale = super()._get_stale_trial_ids(study_id)
+            grace = self.grace_period or 2 * self.heartbeat_interval
+            for trial_id in stale:
+                with contextlib.suppress(Exception):  # another worker may have failed it first
+                    self.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON.format(grace=grace))
+            return stale
+
+    return StudyStorage
+
+
 def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
     """An Optuna RDBStorage with heartbeats and retry of trials left running by a dead worker."""
     import optuna
@@ -82,7 +109,7 @@ def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
             try:
                 with warnings.catch_warnings():  # heartbeats have been "experimental" since Optuna 2.9
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(
+                    return _storage_class()(
                         url,
                         engine_kwargs=engine_kwargs,
                         heartbeat_interval=heartbeat_interval,
@@ -110,7 +137,8 @@ def mark_stale_trials(study) -> list[int]:
     """Fail the trials whose worker stopped sending heartbeats, saying why, and enqueue their configurations.
 
     Optuna's ``fail_stale_trials`` does the state change and (through ``RetryFailedTrialCallback``) the
-    retry; the reason is written first, while the trial is still RUNNING and so still writable. Optuna skips a
+    retry; the storage writes the reason first, while the trial is still RUNNING and so still writable (see
+    ``_storage_class``). Optuna skips a
     RUNNING trial with no heartbeat at all: a worker killed between creating a trial and its first heartbeat
     (milliseconds apart) leaves one, which would hold a study's last slot for ever. Such a trial is failed
     here once it is older than twice the grace period.
@@ -119,15 +147,10 @@ def mark_stale_trials(study) -> list[int]:
 
     storage = study._storage
     try:
-        stale = storage._get_stale_trial_ids(study._study_id)  # the same query fail_stale_trials runs
+        stale = storage._get_stale_trial_ids(study._study_id)  # the query fail_stale_trials runs; writes reasons
     except AttributeError:  # a storage without heartbeats
         return []
     grace = getattr(storage, "grace_period", None) or 2 * storage.get_heartbeat_interval()
-    for trial_id in stale:
-        with contextlib.suppress(Exception):  # another worker may have failed it first
-            storage.set_trial_user_attr(
-                trial_id, "fail_reason",
-                f"its worker stopped (no heartbeat for over {grace} s); the configuration is tried again")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import optuna
@@ -262,3 +263,21 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     (retry,) = [t for t in study.trials if t.state.name == "WAITING"]
     assert retry.params == {"x": 0.5}  # the configuration is tried again
     assert mark_stale_trials(study) == []
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_stale_trial_failed_by_optuna_itself_still_says_why(tmp_path):
+    # Every worker's Study.optimize runs Optuna's fail_stale_trials before each trial. A trial that went stale
+    # just then, between two of our own checks, was failed with no reason (seen in CI: KeyError 'fail_reason').
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}", heartbeat_interval=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    trial = study.ask()
+    storage.record_heartbeat(trial._trial_id)  # then its worker dies
+    time.sleep(4.5)  # past the grace period of 3 heartbeats, on a clock SQLite keeps in whole seconds
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # what Study.optimize runs, not our mark_stale_trials
+    failed = study.trials[trial.number]
+    assert failed.state.name == "FAIL"
+    assert failed.user_attrs["fail_reason"] == ("its worker stopped (no heartbeat for over 3 s); "
+                                                "the configuration is tried again")
