@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import warnings
 from pathlib import Path
 
 import optuna
@@ -274,9 +273,7 @@ def test_a_stale_trial_failed_by_optuna_itself_still_says_why(tmp_path):
     trial = study.ask()
     storage.record_heartbeat(trial._trial_id)  # then its worker dies
     time.sleep(4.5)  # past the grace period of 3 heartbeats, on a clock SQLite keeps in whole seconds
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # what Study.optimize runs, not our mark_stale_trials
+    optuna.storages.fail_stale_trials(study)  # what Study.optimize runs, not our mark_stale_trials
     failed = study.trials[trial.number]
     assert failed.state.name == "FAIL"
     assert failed.user_attrs["fail_reason"] == ("its worker stopped (no heartbeat for over 3 s); "
