@@ -21,6 +21,23 @@ def test_normalization_is_computed_from_the_images(images):
     np.testing.assert_allclose(norm.std, flat.std(0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("group_images", [32, 48, 1000])
+def test_grouped_augmentation_yields_the_same_batches_as_batch_by_batch(images, group_images):
+    # CUDA augments several batches per set of kernels; the batches, and the epoch's order, must not change.
+    norm = Normalization.from_images(images)
+    labels = np.arange(64) % 10
+    cfg = AugmentConfig(alternate_flip=True)  # every random draw in play: crop, flip, hole, order
+    one = BatchAugmenter(images, labels, norm, CPU, cfg, group_images=0)
+    grouped = BatchAugmenter(images, labels, norm, CPU, cfg, group_images=group_images)
+    for _epoch in range(2):
+        a = list(one.epoch(10, torch.Generator().manual_seed(5)))
+        b = list(grouped.epoch(10, torch.Generator().manual_seed(5)))
+        assert len(a) == len(b) == 6  # 64 // 10: the ragged last batch is dropped either way
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert xb.shape == (10, 3, 32, 32)
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
 def test_batched_output_shape_dtype_and_range(images):
     norm = Normalization.from_images(images)
     aug = BatchAugmenter(images, np.arange(64) % 10, norm, CPU)

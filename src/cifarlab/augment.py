@@ -126,6 +126,9 @@ def _pixel_scale(norm: Normalization, device: torch.device) -> tuple[torch.Tenso
     return mean, inv_std
 
 
+GROUP_IMAGES_CUDA = 8192  # images augmented per set of kernels on CUDA
+
+
 class BatchAugmenter:
     """Batched augmentation of an in-memory uint8 dataset on ``device``.
 
@@ -143,8 +146,15 @@ class BatchAugmenter:
         device: torch.device,
         cfg: AugmentConfig = AugmentConfig(),
         channels_last: bool = False,
+        group_images: int | None = None,
     ) -> None:
         self.cfg, self.device, self.channels_last = cfg, device, channels_last
+        # On CUDA several batches are augmented by one set of kernels (about 8k images, a few hundred MB), so
+        # the host launches augmentation kernels once per group rather than once per step; the CPU gains
+        # nothing from it and keeps each batch in cache.
+        if group_images is None:
+            group_images = GROUP_IMAGES_CUDA if device.type == "cuda" else 0
+        self.group_images = group_images
         p = cfg.pad
         padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect") if p else images
         self.images = torch.from_numpy(np.ascontiguousarray(padded.transpose(0, 3, 1, 2))).to(device)
@@ -161,41 +171,71 @@ class BatchAugmenter:
         return max(1, len(self) // batch_size)
 
     def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``num_batches(batch_size)`` augmented batches of one shuffled epoch."""
+        """Yield ``num_batches(batch_size)`` augmented batches of one shuffled epoch.
+
+        The epoch's random numbers (order, crop offsets, flips, holes) are drawn at its start from a CPU
+        generator, so that runs are reproducible on every device, and cross to the device in one copy from
+        pinned memory: no step waits on the host, where a copy per step from pageable memory could.
+        """
         n = len(self)
-        # Random numbers come from a CPU generator so that runs are reproducible on every device.
-        perm = torch.randperm(n, generator=generator).to(self.device, non_blocking=True)
+        perm = torch.randperm(n, generator=generator)
         if self.cfg.flip and self.cfg.alternate_flip:
             self._flip_now = ((torch.rand(n, generator=generator) < 0.5).to(self.device, non_blocking=True)
                               if self._flip_now is None else ~self._flip_now)
-        for b in range(self.num_batches(batch_size)):
-            idx = perm[b * batch_size : (b + 1) * batch_size] if n >= batch_size else perm
-            yield self.augment(idx, generator), self.labels[idx]
+        draws = torch.cat([perm[None], self._draw(n, generator)])  # (1 + 6, n): one transfer
+        if self.device.type == "cuda":
+            draws = draws.pin_memory()
+        draws = draws.to(self.device, non_blocking=True)
+        if n < batch_size:  # one batch of everything
+            yield self._apply(draws[0], draws[1:]), self.labels[draws[0]]
+            return
+        batches = self.num_batches(batch_size)
+        per_group = max(1, self.group_images // batch_size)
+        for first in range(0, batches, per_group):
+            count = min(per_group, batches - first)
+            part = draws[:, first * batch_size : (first + count) * batch_size]
+            x, y = self._apply(part[0], part[1:]), self.labels[part[0]]
+            for b in range(count):
+                yield x[b * batch_size : (b + 1) * batch_size], y[b * batch_size : (b + 1) * batch_size]
 
     def augment(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment the images at ``idx`` with fresh random draws from ``generator``."""
+        return self._apply(idx.to(self.device), self._draw(len(idx), generator).to(self.device))
+
+    def _draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Random numbers for ``n`` images as rows of a (6, n) int64 CPU tensor: dy, dx, flip, cy, cx, hole."""
+        cfg, s = self.cfg, self.size
+        out = torch.zeros(6, n, dtype=torch.long)
+        if cfg.pad:
+            out[0] = torch.randint(0, 2 * cfg.pad + 1, (n,), generator=generator)
+            out[1] = torch.randint(0, 2 * cfg.pad + 1, (n,), generator=generator)
+        if cfg.flip and self._flip_now is None:
+            out[2] = torch.rand(n, generator=generator) < 0.5
+        if cfg.cutout:
+            out[3] = torch.randint(0, s - cfg.cutout + 1, (n,), generator=generator)
+            out[4] = torch.randint(0, s - cfg.cutout + 1, (n,), generator=generator)
+            out[5] = torch.rand(n, generator=generator) < cfg.cutout_p
+        return out
+
+    def _apply(self, idx: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+        """Crop, flip, normalise and cut out the images at ``idx``; ``draws`` is ``_draw``'s, on the device."""
         cfg, s, dev = self.cfg, self.size, self.device
         batch = self.images[idx]  # (B, 3, S+2p, S+2p) uint8
         bsz, side = batch.shape[0], batch.shape[-1]
         if cfg.pad:
-            dy = torch.randint(0, 2 * cfg.pad + 1, (bsz,), generator=generator).to(dev, non_blocking=True)
-            dx = torch.randint(0, 2 * cfg.pad + 1, (bsz,), generator=generator).to(dev, non_blocking=True)
+            dy, dx = draws[0], draws[1]
             ar = torch.arange(s, device=dev)
             flat = ((dy[:, None, None] + ar[None, :, None]) * side + (dx[:, None, None] + ar[None, None, :])).view(
                 bsz, 1, s * s
             )
             batch = torch.gather(batch.view(bsz, 3, side * side), 2, flat.expand(bsz, 3, s * s)).view(bsz, 3, s, s)
         if cfg.flip:
-            if self._flip_now is not None:
-                flip = self._flip_now[idx]
-            else:
-                flip = (torch.rand(bsz, generator=generator) < 0.5).to(dev, non_blocking=True)
+            flip = self._flip_now[idx] if self._flip_now is not None else draws[2].bool()
             batch = torch.where(flip.view(bsz, 1, 1, 1), batch.flip(3), batch)
         x = (batch.float() - self.mean) * self.inv_std
         if cfg.cutout:
             c = cfg.cutout
-            cy = torch.randint(0, s - c + 1, (bsz,), generator=generator).to(dev, non_blocking=True)
-            cx = torch.randint(0, s - c + 1, (bsz,), generator=generator).to(dev, non_blocking=True)
-            on = (torch.rand(bsz, generator=generator) < cfg.cutout_p).to(dev, non_blocking=True)
+            cy, cx, on = draws[3], draws[4], draws[5].bool()
             ar = torch.arange(s, device=dev)
             rows = (ar[None, :] >= cy[:, None]) & (ar[None, :] < cy[:, None] + c)
             cols = (ar[None, :] >= cx[:, None]) & (ar[None, :] < cx[:, None] + c)
