@@ -54,7 +54,7 @@ def _main(args) -> int:
     from cifarlab.lr_finder import lr_range_test
     from cifarlab.report.figures import lrfind_figure
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
-    from cifarlab.timing import environment, resolve_device
+    from cifarlab.timing import configure_device, environment, resolve_device
     from cifarlab.train import TrainConfig, autocast, build_model, build_optimizer
 
     console = _cli.console()
@@ -63,6 +63,7 @@ def _main(args) -> int:
     if args.steps < 3:
         raise ConfigError(f"--steps must be at least 3 for a suggestion, got {args.steps}")
     device = resolve_device(args.device)
+    configure_device(device)
     out = check_writable(args.out)
     config = TrainConfig(arch=args.arch, optimizer=args.optimizer, batch_size=args.batch_size,
                          weight_decay=args.weight_decay, max_lr=args.start_lr, precision=args.precision,

@@ -26,7 +26,7 @@ from cifarlab.augment import (
     seed_pipeline,
 )
 from cifarlab.data import DataSplits
-from cifarlab.timing import Timer, synchronize
+from cifarlab.timing import Timer, configure_device, synchronize
 from cifarlab.train import TrainConfig, autocast, build_model, build_optimizer, evaluate
 
 EPOCH_IMAGES = 50_000  # the seeds' "epoch" is the whole CIFAR-10 training set
@@ -41,6 +41,7 @@ class Case:
     channels_last: bool = True
     data_path: str = "batched"  # batched (in-memory, on device) or dataloader (seed: per-sample albumentations)
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays CUDA graphs
     fused_optimizer: bool = True  # the seed's optimizer loops over its tensors; torch's fused kernel does not
     matmul_convs: bool = True  # CPU: 3x3 convs on <= 4x4 maps as GEMMs (cifarlab.matmul_conv)
     seed_layers: bool = False  # the seed's layers (ReLU, plain BN, unwhitened) instead of the default recipe's
@@ -136,6 +137,7 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
               eval_images: int = 1024, profile_steps: int = 0) -> CaseResult:
     """Time ``case``; with ``profile_steps`` also profile that many steps into a breakdown by kind of operation."""
     device = torch.device(case.device)
+    configure_device(device)  # as fit() does: cuDNN's autotuner on CUDA
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     norm = Normalization.from_images(splits.train_images)
@@ -144,7 +146,7 @@ def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, 
     # The model training builds (its recipe's whitening and frozen BN scales), with this case's kernels.
     model = build_model(config, splits, norm, device, case.channels_last, generator=gen,
                         matmul_convs=case.matmul_convs)
-    step_model: nn.Module = torch.compile(model) if case.compile else model
+    step_model: nn.Module = torch.compile(model, mode=case.compile_mode) if case.compile else model
     optimizer = build_optimizer(config, model, fused=case.fused_optimizer)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     batches = _batches(case, splits, norm, device, gen)
@@ -246,4 +248,7 @@ def ablation_ladder(arch: str, device: str, batch_size: int, *, with_compile: bo
         steps.append(Case(arch, device, batch_size, "bf16", True, "batched", step="+ the recipe's layers"))
     if with_compile:
         steps.append(Case(arch, device, batch_size, "bf16", True, "batched", compile=True, step="+ torch.compile"))
+        if torch.device(device).type == "cuda":  # a GPU that waits on the host: one launch per graph
+            steps.append(Case(arch, device, batch_size, "bf16", True, "batched", compile=True,
+                              compile_mode="reduce-overhead", step="+ torch.compile, CUDA graphs"))
     return steps

@@ -26,10 +26,11 @@ from cifarlab.errors import ConfigError, TrainingDiverged
 from cifarlab.matmul_conv import use_matmul_convs
 from cifarlab.models import create_model, list_models
 from cifarlab.models.layers import ACTIVATIONS, use_activation, use_ghost_batch_norm
-from cifarlab.timing import Timer, resolve_device, synchronize
+from cifarlab.timing import Timer, configure_device, resolve_device, synchronize
 from cifarlab.whitening import whiten_first_conv
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": "auto, bf16 or fp32 (auto: bf16 where fast)"})
     channels_last: str = field(default="auto", metadata={"help": "auto, on or off"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (compile time reported apart)"})
+    compile_mode: str = field(default="default", metadata={
+        "help": "torch.compile's mode with --compile: default, reduce-overhead (CUDA graphs: one launch per "
+                "graph instead of one per kernel, for GPUs that wait on the host), max-autotune or "
+                "max-autotune-no-cudagraphs"})
     augment: str = field(default="batched", metadata={"help": "batched (in-memory, on device) or dataloader (seed)"})
     loader_workers: int = field(default=2, metadata={"help": "DataLoader workers for --augment dataloader"})
     eval_batch_size: int = field(default=1024, metadata={"help": "images per evaluation batch"})
@@ -123,6 +128,8 @@ class TrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; valid: auto, bf16, fp32")
         if self.channels_last not in ("auto", "on", "off"):
             raise ConfigError(f"channels-last must be auto, on or off, got {self.channels_last!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode {self.compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
         if self.augment not in ("batched", "dataloader"):
             raise ConfigError(f"unknown augmentation path {self.augment!r}; valid: batched, dataloader")
         if self.alternate_flip and self.augment != "batched":
@@ -391,10 +398,7 @@ def fit(
     # Flags first, then what bench.devices --choose measured for this architecture on this device, then a rule.
     speed = resolve_speed(config.arch, device, config.precision, config.channels_last)
     precision, channels_last = speed.precision, speed.channels_last
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_device(device)  # CUDA: cudnn.benchmark (fixed shapes) and TF32
     gen = seed_everything(config.seed)
     wall_start = time.perf_counter()
 
@@ -403,7 +407,7 @@ def fit(
     # Chance-level cross-entropy is ln(classes); a mean loss ten times that has left any useful basin even when
     # it is still finite (weights blown up by a huge LR stay finite in fp32 for a while).
     diverged_above = 10 * math.log(max(splits.num_classes, 2))
-    train_model: nn.Module = torch.compile(model) if config.compile else model
+    train_model: nn.Module = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
     steps_per_epoch, epoch_batches = _train_batches(config, splits, norm, device, channels_last, gen)
     optimizer = build_optimizer(config, model)
