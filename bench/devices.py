@@ -25,8 +25,9 @@ def build_parser():
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 where the device runs it fast, measured (default: auto)")
     p.add_argument("--threads", type=_cli.positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--images", default="2048",
-                   help="training images timed per repetition, or 'all' for a whole epoch (default: 2048)")
+    p.add_argument("--images", default="auto",
+                   help="training images timed per repetition, 'all' for a whole epoch, or 'auto': 2048 on the CPU "
+                        "and a whole epoch on CUDA, where 4 steps would take milliseconds (default: auto)")
     p.add_argument("--repeats", type=_cli.positive_int, default=3, help="timed repetitions (default: 3)")
     p.add_argument("--warmup", type=_cli.non_negative_int, default=5, help="untimed warm-up steps (default: 5)")
     mode = p.add_mutually_exclusive_group()
@@ -53,17 +54,22 @@ def main(argv: list[str] | None = None) -> int:
     return _cli.run(build_parser(), _main, argv)
 
 
-def _images(text: str, train: int) -> int:
+CPU_AUTO_IMAGES = 2048
+
+
+def _images(text: str, train: int, device_type: str = "cpu") -> int:
     from cifarlab.errors import ConfigError
 
+    if text == "auto":
+        text = "all" if device_type == "cuda" else str(CPU_AUTO_IMAGES)
     if text == "all":
         return train
     try:
         n = int(text)
     except ValueError:
-        raise ConfigError(f"--images must be a positive count or 'all', got {text!r}") from None
+        raise ConfigError(f"--images must be a positive count, 'all' or 'auto', got {text!r}") from None
     if n < 1:
-        raise ConfigError(f"--images must be a positive count or 'all', got {n}")
+        raise ConfigError(f"--images must be a positive count, 'all' or 'auto', got {n}")
     return min(n, train)
 
 
@@ -78,7 +84,7 @@ def _main(args) -> int:
     from cifarlab.errors import ConfigError
     from cifarlab.models import create_model
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
-    from cifarlab.timing import environment, training_flops_per_image
+    from cifarlab.timing import configure_device, environment, training_flops_per_image
     from studies.onecycle import parse_archs
 
     console = _cli.console()
@@ -89,7 +95,7 @@ def _main(args) -> int:
         torch.set_num_threads(args.threads)
     out = check_writable(args.out)
     splits = load_splits(args.data, val_size=args.val_size, cache_dir=args.cache_dir)
-    images = _images(args.images, len(splits.train_labels))
+    _images(args.images, len(splits.train_labels))  # a bad --images fails before anything is timed
     bad = [b for b in args.batch_size if b > len(splits.train_labels)]
     if bad:
         raise ConfigError(f"--batch-size {bad[0]} is larger than the training set ({len(splits.train_labels)})")
@@ -105,11 +111,15 @@ def _main(args) -> int:
         rows.append({"arch": "all", "device": "cuda", "status": "no CUDA device on this machine"})
     env = environment()
     console.print(f"{env['cpu_model']}, {env['cpu_count']} cores, {torch.get_num_threads()} threads, "
-                  f"torch {env['torch']}; data {splits.source}; {images} images x {args.repeats} repeats")
+                  f"torch {env['torch']}; data {splits.source}; --images {args.images} x {args.repeats} repeats")
 
     flops = {arch: training_flops_per_image(create_model(arch, splits.num_classes)) for arch in archs}
     for dev in devices:
         device = torch.device(dev)
+        images = _images(args.images, len(splits.train_labels), device.type)
+        # Before the first probe: on CUDA training lets fp32 matmuls use TF32, so the fp32 peak is TF32's in
+        # both probes (on an H100 51 TFLOP/s without it, 355 with it), never one of each.
+        configure_device(device)
         peaks = _matmul_peaks(device, args.peak_seconds)
         console.print(f"{dev}: matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f}")
         first_row, first_conv = len(rows), len(conv_rows)

@@ -69,7 +69,7 @@ def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capsys):
     ops = read_rows(run_dir / "breakdown.csv")
     assert {r["category"] for r in ops} >= {"conv forward", "conv backward", "batch norm", "optimizer"}
     assert sum(float(r["seconds_per_step"]) for r in ops if r["category"].startswith("conv")) > 0
-    layers = read_rows(run_dir / "conv_layers.csv")
+    layers = [r for r in read_rows(run_dir / "conv_layers.csv") if r["device"] == "cpu"]  # CUDA adds its own
     assert len(layers) == 8 and layers[0]["layer"] == "prep.0"
     assert "Where the time goes" in page and (run_dir / "breakdown.png").is_file()
     assert (run_dir / "conv_layers.png").is_file() and "conv backward" in out
@@ -118,3 +118,10 @@ def test_bad_flags(argv, message, tmp_path, capsys):
 def test_cuda_only_without_cuda_is_a_user_error(tmp_path, capsys):
     assert devices.main([*BENCH, "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_images_auto_times_a_whole_epoch_on_cuda_and_2048_images_on_the_cpu():
+    assert devices._images("auto", 45_000, "cpu") == devices.CPU_AUTO_IMAGES == 2048
+    assert devices._images("auto", 45_000, "cuda") == 45_000
+    assert devices._images("auto", 1_000, "cpu") == 1_000  # never more than the split holds
+    assert devices._images("512", 45_000, "cuda") == 512
