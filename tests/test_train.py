@@ -100,7 +100,8 @@ def test_seed_style_dataloader_path_trains(tiny):
     [({"arch": "vgg"}, "unknown architecture 'vgg'"), ({"optimizer": "lion"}, "unknown optimizer 'lion'"),
      ({"max_lr": 0.0}, "max-lr must be a positive"), ({"epochs": 0}, "epochs must be at least 1"),
      ({"pct_start": 1.0}, "pct-start"), ({"precision": "fp8"}, "unknown precision"),
-     ({"alternate_flip": True, "augment": "dataloader"}, "alternate-flip needs --augment batched")],
+     ({"alternate_flip": True, "augment": "dataloader"}, "alternate-flip needs --augment batched"),
+     ({"compile_mode": "fast"}, "unknown compile mode 'fast'; valid: default, reduce-overhead")],
 )
 def test_bad_config_is_refused(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -118,6 +119,50 @@ def test_cuda_path_keeps_data_on_device(tiny):
     assert x.is_cuda and y.is_cuda
     result = fit(quick(epochs=1, device="cuda", precision="bf16"), tiny)
     assert result.device.startswith("cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_augmented_epoch_needs_no_host_synchronisation(tiny):
+    from cifarlab.augment import AugmentConfig, BatchAugmenter, Normalization
+
+    norm = Normalization.from_images(tiny.train_images)
+    aug = BatchAugmenter(tiny.train_images, tiny.train_labels, norm, torch.device("cuda"),
+                         AugmentConfig(alternate_flip=True), channels_last=True)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
+        batches = [b for _ in range(2) for b in aug.epoch(32, torch.Generator().manual_seed(0))]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(batches) == 2 * (192 // 32)
+    assert all(x.is_cuda and x.shape == (32, 3, 32, 32) and y.is_cuda for x, y in batches)
+
+
+def _host_syncs_in_one_epoch(splits, steps):
+    import warnings
+
+    config = quick(epochs=1, device="cuda", batch_size=8, log_every=10_000)
+    part = splits.with_train_subset(8 * steps, seed=0)
+    fit(config, part)  # warm-up: cuDNN's autotuning and first-use allocations sync in the first run only
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.cuda.set_sync_debug_mode("warn")
+            fit(config, part)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_steps_do_not_wait_on_the_host(tiny):
+    # Host synchronisations happen per epoch (logging, evaluation, the timers), never per step: an epoch of
+    # 24 steps makes no more of them than one of 8 (4 would be a one-step warm-up, which OneCycleLR refuses).
+    few, many = _host_syncs_in_one_epoch(tiny, 8), _host_syncs_in_one_epoch(tiny, 24)
+    assert few > 0  # the detector works: the epoch-end log and the evaluation do synchronise
+    assert many == few, (few, many)
 
 
 def test_ema_weights_are_validated_in_place_of_the_last_steps(tiny):
@@ -150,8 +195,8 @@ def test_cuda_weight_ema_updates_without_a_host_synchronisation():
     model = create_model("custom_resnet").cuda()
     ema = WeightEMA(model, 0.9)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
-    try:
+    try:  # set inside: should setting it raise, the mode must still be reset for the tests after this one
+        torch.cuda.set_sync_debug_mode("error")  # any host synchronisation raises
         for _ in range(3):
             ema.update(model)
     finally:
