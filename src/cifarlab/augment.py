@@ -186,10 +186,7 @@ class BatchAugmenter:
         if self.device.type == "cuda":
             draws = draws.pin_memory()
         draws = draws.to(self.device, non_blocking=True)
-        if n < batch_size:  # one batch of everything
-            yield self._apply(draws[0], draws[1:]), self.labels[draws[0]]
-            return
-        batches = self.num_batches(batch_size)
+        batches = self.num_batches(batch_size)  # 1 when n < batch_size: the slices below then take all n
         per_group = max(1, self.group_images // batch_size)
         for first in range(0, batches, per_group):
             count = min(per_group, batches - first)
