@@ -106,6 +106,7 @@ def _main(args) -> int:
     rows: list[dict] = []
     op_rows: list[dict] = []  # the breakdown: seconds per step by kind of operation
     conv_rows: list[dict] = []  # and convolution by convolution
+    gap_rows: list[dict] = []  # and the step against the matmul peak: where the rest of the peak goes
     breakdown = not (args.ablation or args.choose or args.no_breakdown)
     if args.device == "all" and not torch.cuda.is_available():
         rows.append({"arch": "all", "device": "cuda", "status": "no CUDA device on this machine"})
@@ -177,6 +178,8 @@ def _main(args) -> int:
         for row in conv_rows[first_conv:]:
             row["peak_tflops"] = peaks[row["precision"]] / 1e12
             row["share_of_peak"] = row["total_tflops"] / row["peak_tflops"]
+        if breakdown:
+            gap_rows += _peak_gaps(rows[first_row:], op_rows, flops)
     frame = pd.DataFrame(rows)
     frame = _add_ratios(frame)
     run_dir = new_record_dir(out, "devices", "bench")
@@ -184,14 +187,16 @@ def _main(args) -> int:
     write_json(run_dir / "devices.json", {"kind": "devices", "environment": env, "rows": frame.to_dict("records"),
                                           "args": {k: v for k, v in vars(args).items() if k != "out"}})
     _print_table(console, frame, Table)
-    ops, convs = pd.DataFrame(op_rows), pd.DataFrame(conv_rows)
+    ops, convs, gaps = pd.DataFrame(op_rows), pd.DataFrame(conv_rows), pd.DataFrame(gap_rows)
     if len(ops):
         write_csv(run_dir / "breakdown.csv", ops)
         write_csv(run_dir / "conv_layers.csv", convs)
+        write_csv(run_dir / "peak_gap.csv", gaps)
         _print_breakdown(console, ops, convs, Table)
+        _print_peak_gaps(console, frame, gaps, Table)
     from cifarlab.report.devices import devices_page
 
-    devices_page(run_dir, frame, env, ops=ops, convs=convs)
+    devices_page(run_dir, frame, env, ops=ops, convs=convs, gaps=gaps)
     console.print(f"written: {run_dir / 'index.html'}")
     _cli.rebuild_reports(out, console)
     return 0
@@ -226,6 +231,43 @@ def _store_choice(console, arch, device, batch_size, timed, args) -> None:
     })
     console.print(f"  {arch}: chose {best['step']} ({best['images_per_second']:.0f} img/s); stored in {path}",
                   highlight=False)
+
+
+def _peak_gaps(rows: list[dict], op_rows: list[dict], flops: dict) -> list[dict]:
+    """Each profiled row's step against the matmul peak (``breakdown.peak_gap``); adds its ceiling to the row."""
+    from cifarlab.breakdown import peak_gap
+
+    out = []
+    for row in rows:
+        ids = {k: row.get(k) for k in ("arch", "device", "batch_size", "precision")}
+        ops = [r for r in op_rows if all(r[k] == v for k, v in ids.items())]
+        if not ops or "share_of_peak" not in row:
+            continue
+        bs = row["batch_size"]
+        gap = peak_gap(ops, bs / row["images_per_second"], flops[row["arch"]]["train"] * bs,
+                       row["peak_tflops"] * 1e12)
+        row["share_if_matmuls_at_peak"] = gap["ceiling"]
+        row["matmul_share_of_step"] = gap["matmul_share"]
+        out += [{**ids, **part} for part in gap["parts"]]
+    return out
+
+
+def _print_peak_gaps(console, frame, gaps, Table) -> None:
+    """Per architecture: the step's time against the matmul peak, and the share kernel work alone could reach."""
+    if not len(gaps):
+        return
+    for (arch, dev, bs), grp in gaps.groupby(["arch", "device", "batch_size"], sort=False):
+        (row,) = frame[(frame["arch"] == arch) & (frame["device"] == dev) & (frame["batch_size"] == bs)
+                       & (frame["status"] == "ok")].to_dict("records")
+        table = Table(title=f"{arch} on {dev}, batch {bs}: the step against the {row['precision']} matmul peak")
+        for c in ("part of the step", "ms / step", "share"):
+            table.add_column(c, justify="right")
+        for _, r in grp.iterrows():
+            table.add_row(r["part"], f"{r['seconds_per_step'] * 1e3:.0f}", f"{r['share']:.1%}")
+        console.print(table)
+        console.print(f"  {arch}: {row['share_of_peak']:.0%} of the peak; convs + GEMMs take "
+                      f"{row['matmul_share_of_step']:.0%} of the step. With every conv and GEMM at the peak and "
+                      f"the rest as measured: {row['share_if_matmuls_at_peak']:.0%}.", highlight=False)
 
 
 def _add_ratios(frame):

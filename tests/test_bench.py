@@ -73,6 +73,14 @@ def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capsys):
     assert len(layers) == 8 and layers[0]["layer"] == "prep.0"
     assert "Where the time goes" in page and (run_dir / "breakdown.png").is_file()
     assert (run_dir / "conv_layers.png").is_file() and "conv backward" in out
+    # The step against the peak: its parts add up to the unprofiled step, the first being the share of peak.
+    gaps = read_rows(run_dir / "peak_gap.csv")
+    step_ms = 1e3 * 32 / float(cpu[0]["images_per_second"])
+    assert sum(float(r["seconds_per_step"]) for r in gaps) * 1e3 == pytest.approx(step_ms)
+    assert float(gaps[0]["share"]) == pytest.approx(float(cpu[0]["share_of_peak"]))
+    assert float(cpu[0]["share_of_peak"]) < float(cpu[0]["share_if_matmuls_at_peak"]) <= 1
+    assert "Against the peak" in page and (run_dir / "peak_gap.png").is_file()
+    assert "With every conv and GEMM at the peak" in out
 
 
 def test_no_breakdown_skips_it(tmp_path):

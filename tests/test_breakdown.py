@@ -6,7 +6,15 @@ import pytest
 import torch
 from torch import nn
 
-from cifarlab.breakdown import CATEGORIES, DATA_ANNOTATION, categorize, conv_flops, conv_layer_table, op_breakdown
+from cifarlab.breakdown import (
+    CATEGORIES,
+    DATA_ANNOTATION,
+    categorize,
+    conv_flops,
+    conv_layer_table,
+    op_breakdown,
+    peak_gap,
+)
 from cifarlab.matmul_conv import use_matmul_convs
 from cifarlab.models import create_model
 
@@ -59,6 +67,25 @@ def test_op_breakdown_accounts_for_the_step_and_names_each_kind():
     shares = sum(r["share"] for r in rows)
     assert 0.5 < shares <= 1.0 + 1e-6
     assert all(r["seconds_per_step"] >= 0 for r in rows)
+
+
+def test_peak_gap_splits_the_step_against_the_peak():
+    # A profiled step of 2 s (profiling slows it): convs 1.2 s, batch norm 0.4, Python 0.4. Unprofiled it takes
+    # 1 s and does 0.3 TFLOP against a 1 TFLOP/s peak: a share of 30%, convs 60% of the step.
+    ops = [{"category": c, "seconds_per_step": s} for c, s in (
+        ("conv forward", 0.4), ("conv backward", 0.8), ("batch norm", 0.4), ("pooling", 0.0),
+        ("python + dispatch", 0.4))]
+    gap = peak_gap(ops, step_seconds=1.0, step_flops=0.3e12, peak_flops=1e12)
+    parts = {p["part"]: p["seconds_per_step"] for p in gap["parts"]}
+    assert parts == pytest.approx({"counted FLOPs at the peak": 0.3, "convs + GEMMs above the peak": 0.3,
+                                   "batch norm": 0.2, "python + dispatch": 0.2})  # pooling took nothing
+    assert sum(parts.values()) == pytest.approx(1.0)
+    assert gap["share"] == pytest.approx(0.3) and gap["matmul_share"] == pytest.approx(0.6)
+    # Convs at the peak (0.3 s) and the other 0.4 s as they are: 0.3 / 0.7.
+    assert gap["ceiling"] == pytest.approx(0.3 / 0.7)
+    assert gap["matmul_tflops"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="profiled step"):
+        peak_gap([], step_seconds=1.0, step_flops=1.0, peak_flops=1.0)
 
 
 def test_conv_flops_match_torchs_flop_counter():

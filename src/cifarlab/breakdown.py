@@ -212,3 +212,34 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
             row["share_of_peak"] = row["total_tflops"] * 1e12 / peak_flops
         rows.append(row)
     return rows
+
+
+# The categories that do the FLOPs torch's flop counter counts (convolutions and matrix products); the others
+# (batch norm, pooling, activations, the optimizer, copies, Python) add time but no counted FLOPs.
+MATMUL_CATEGORIES = ("conv forward", "conv backward", "linear + loss")
+
+
+def peak_gap(ops: list[dict], step_seconds: float, step_flops: float, peak_flops: float) -> dict:
+    """Where a step's time goes against the matmul peak: the rest of the peak that a share of peak leaves out.
+
+    ``ops`` are one step's ``op_breakdown`` rows; profiling slows a step down, so their shares are applied to
+    ``step_seconds``, the unprofiled step. The step's counted FLOPs at ``peak_flops`` take ``ideal`` seconds, its
+    share of peak; the convolutions and GEMMs take ``matmul_excess`` more than that; each other kind of operation
+    adds its whole time. ``ceiling`` is the share of peak the step would reach with every convolution and GEMM at
+    the peak and everything else as measured: what kernel work alone can win.
+    """
+    profiled = sum(r["seconds_per_step"] for r in ops)
+    if profiled <= 0 or step_seconds <= 0 or peak_flops <= 0:
+        raise ValueError("peak_gap needs a profiled step, a step time and a peak")
+    scale = step_seconds / profiled
+    ideal = step_flops / peak_flops
+    matmul = sum(r["seconds_per_step"] for r in ops if r["category"] in MATMUL_CATEGORIES) * scale
+    parts = [{"part": "counted FLOPs at the peak", "seconds_per_step": ideal},
+             {"part": "convs + GEMMs above the peak", "seconds_per_step": matmul - ideal}]
+    parts += [{"part": r["category"], "seconds_per_step": r["seconds_per_step"] * scale} for r in ops
+              if r["category"] not in MATMUL_CATEGORIES and r["seconds_per_step"] > 0]
+    for p in parts:
+        p["share"] = p["seconds_per_step"] / step_seconds
+    rest = step_seconds - matmul
+    return {"parts": parts, "share": ideal / step_seconds, "matmul_share": matmul / step_seconds,
+            "ceiling": ideal / (ideal + rest), "matmul_tflops": step_flops / matmul / 1e12 if matmul > 0 else 0.0}

@@ -11,7 +11,7 @@ from cifarlab.report.figures import plt, save, sns
 
 
 def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataFrame | None = None,
-                 convs: pd.DataFrame | None = None) -> Path:
+                 convs: pd.DataFrame | None = None, gaps: pd.DataFrame | None = None) -> Path:
     run_dir = Path(run_dir)
     ok = frame[frame["status"] == "ok"].copy() if "status" in frame else frame.iloc[0:0]
     parts = []
@@ -71,6 +71,8 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataF
                      'a repetition synchronised around every step. <a href="devices.csv">devices.csv</a></p>')
     if ops is not None and len(ops):
         parts.append(_breakdown_section(ops, convs, run_dir))
+    if gaps is not None and len(gaps):
+        parts.append(_peak_gap_section(gaps, frame, run_dir))
     shown_env = {k: v for k, v in env.items() if v is not None}  # the benchmark has no single device
     env_frame = pd.DataFrame({"": list(shown_env), "value": [str(v) for v in shown_env.values()]})
     parts.append("<h2>Environment</h2>" + html.table(env_frame))
@@ -83,11 +85,42 @@ def redraw_devices_page(run_dir: Path) -> Path:
 
     doc = read_json(run_dir / "devices.json")
     extra = {}
-    for key, name in (("ops", "breakdown.csv"), ("convs", "conv_layers.csv")):
+    for key, name in (("ops", "breakdown.csv"), ("convs", "conv_layers.csv"), ("gaps", "peak_gap.csv")):
         if (run_dir / name).is_file():
             extra[key] = pd.read_csv(run_dir / name)
     devices_page(run_dir, pd.DataFrame(doc.get("rows", [])), doc.get("environment", {}), **extra)
     return run_dir / "index.html"
+
+
+def _peak_gap_section(gaps: pd.DataFrame, frame: pd.DataFrame, run_dir: Path) -> str:
+    """Each profiled step split against the matmul peak: its FLOPs at the peak, then what adds time beyond them."""
+    gaps = gaps.copy()
+    gaps["label"] = gaps["arch"] + " · " + gaps["device"]
+    wide = gaps.pivot_table(index="label", columns="part", values="share", sort=False)
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * len(wide)))
+    wide.plot(kind="barh", stacked=True, ax=ax, colormap="tab20", width=0.6)
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
+    ax.set(title="a training step against the matmul peak (first segment: the share of peak)",
+           xlabel="share of the step's time", ylabel="")
+    _legend_outside(ax)
+    save(fig, run_dir / "peak_gap.png")
+    table = gaps.pivot_table(index="part", columns="label", values="seconds_per_step", sort=False) * 1e3
+    table.columns.name = None
+    table = table.reset_index().rename(columns={"part": "part of the step (ms)"})
+    lines = []
+    profiled = frame[frame["share_if_matmuls_at_peak"].notna()] if "share_if_matmuls_at_peak" in frame \
+        else frame.iloc[0:0]
+    for _, r in profiled.iterrows():
+        lines.append(f"{html.esc(r['arch'])} on {html.esc(r['device'])}: {r['share_of_peak']:.0%} of the peak; "
+                     f"convolutions and GEMMs take {r['matmul_share_of_step']:.0%} of the step; with all of them "
+                     f"at the peak and the rest as measured, {r['share_if_matmuls_at_peak']:.0%}.")
+    return ("<h2>Against the peak</h2>" + html.figure("peak_gap.png", "A training step against the matmul peak")
+            + html.table(table, float_format="{:,.0f}")
+            + "".join(f'<p class="note">{line}</p>' for line in lines)
+            + '<p class="note">The profiled breakdown above, applied to the unprofiled step time. "Counted FLOPs at '
+              'the peak" is the time the flop counter\'s FLOPs would take at the matmul peak (the share of peak); '
+              'the convolutions and GEMMs take the next segment beyond that; every other kind of operation adds '
+              'its whole time. <a href="peak_gap.csv">peak_gap.csv</a></p>')
 
 
 def _legend_outside(ax) -> None:
