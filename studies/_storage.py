@@ -65,13 +65,24 @@ def _storage_class():
     class StudyStorage(optuna.storages.RDBStorage):
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
             stale = super()._get_stale_trial_ids(study_id)
-            grace = self.grace_period or 2 * self.heartbeat_interval
+            grace = grace_period(self)
             for trial_id in stale:
                 with contextlib.suppress(Exception):  # another worker may have failed it first
                     self.set_trial_user_attr(trial_id, "fail_reason", STALE_REASON.format(grace=grace))
             return stale
 
     return StudyStorage
+
+
+def grace_period(storage) -> float:
+    """Seconds without a heartbeat after which a RUNNING trial is stale, as Optuna's stale-trial query reckons it.
+
+    ``Study`` wraps an RDB storage in a cache that has no ``grace_period`` of its own: the storage beneath it is
+    read, so every message and check here uses the grace period Optuna applies (twice the heartbeat interval
+    when none was set).
+    """
+    rdb = getattr(storage, "_backend", storage)
+    return rdb.grace_period or 2 * rdb.get_heartbeat_interval()
 
 
 def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
@@ -150,7 +161,7 @@ def mark_stale_trials(study) -> list[int]:
         stale = storage._get_stale_trial_ids(study._study_id)  # the query fail_stale_trials runs; writes reasons
     except AttributeError:  # a storage without heartbeats
         return []
-    grace = getattr(storage, "grace_period", None) or 2 * storage.get_heartbeat_interval()
+    grace = grace_period(storage)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)

@@ -254,11 +254,13 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     orphan = study.ask()  # RUNNING, never a heartbeat: as a worker killed at that moment leaves it
     assert orphan.params == {"x": 0.5} or orphan.suggest_float("x", 0, 1) == 0.5
     assert mark_stale_trials(study) == []  # young: its worker may still be starting
-    time.sleep(4.5)  # twice the grace period of 2 heartbeats
+    time.sleep(4.5)  # older than the grace period (3 heartbeats), not yet twice it
+    assert mark_stale_trials(study) == []
+    time.sleep(2)  # twice the grace period: the grace the stale-trial message gives, read through Study's cache
     assert len(mark_stale_trials(study)) == 1
     states = {t.number: t.state.name for t in study.trials}
     assert states[orphan.number] == "FAIL"
-    assert "before its first heartbeat" in study.trials[orphan.number].user_attrs["fail_reason"]
+    assert "before its first heartbeat (started over 6 s ago)" in study.trials[orphan.number].user_attrs["fail_reason"]
     (retry,) = [t for t in study.trials if t.state.name == "WAITING"]
     assert retry.params == {"x": 0.5}  # the configuration is tried again
     assert mark_stale_trials(study) == []
