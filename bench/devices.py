@@ -78,7 +78,7 @@ def _main(args) -> int:
     import torch
     from rich.table import Table
 
-    from cifarlab.bench import Case, ablation_ladder, choice_cases, time_case
+    from cifarlab.bench import Case, ablation_ladder, choice_cases, time_cases
     from cifarlab.choices import best_peaks, resolve_speed
     from cifarlab.data import load_splits
     from cifarlab.errors import ConfigError
@@ -134,9 +134,10 @@ def _main(args) -> int:
                     speed = resolve_speed(arch, device, args.precision, "auto")
                     cases = [Case(arch, dev, bs, speed.precision, speed.channels_last, step="default")]
                 timed = []
-                for case in cases:
-                    result = time_case(case, splits, images=images, repeats=args.repeats, warmup_steps=args.warmup,
-                                       profile_steps=2 if breakdown else 0)
+                # Cases compared with each other (a ladder, the four choices) take turns, repetition by repetition.
+                results = time_cases(cases, splits, images=images, repeats=args.repeats, warmup_steps=args.warmup,
+                                     profile_steps=2 if breakdown else 0)
+                for case, result in zip(cases, results):
                     row = result.row(train_images=len(splits.train_labels), val_images=len(splits.val_labels),
                                      flops=flops[arch], peak_flops=peaks[case.precision])
                     row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" \

@@ -107,6 +107,70 @@ def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
     assert (run_dir / "ablation.png").is_file()
 
 
+def test_compared_cases_take_turns_one_repetition_each(monkeypatch):
+    # A slow spell of minutes fell on a ladder's last rungs three runs in a row when each case ran its
+    # repetitions back to back; taking turns spreads every spell over all the cases.
+    from cifarlab import bench
+    from cifarlab.data import load_splits
+
+    order = []
+    repeat = bench.CaseRun.repeat
+
+    def logged(self):
+        order.append(self.case.step)
+        return repeat(self)
+
+    monkeypatch.setattr(bench.CaseRun, "repeat", logged)
+    splits = load_splits("synthetic:96:32", val_size=16)
+    cases = [bench.Case("custom_resnet", "cpu", 16, "fp32", False, step=name) for name in "ab"]
+    results = bench.time_cases(cases, splits, images=16, repeats=3, warmup_steps=1)
+    assert order == ["a", "b"] * 3
+    assert [r.case.step for r in results] == ["a", "b"] and all(len(r.seconds) == 3 for r in results)
+
+
+def test_settle_waits_until_every_prefetched_batch_is_ready():
+    # The seed path's workers refill their prefetch queue after the last step of a repetition; that work is the
+    # repetition's, and done inside it it cannot run while another case is being timed.
+    from types import SimpleNamespace
+
+    from cifarlab import bench
+
+    ready = iter([0, 1, 3, 4, 4])
+    polls = []
+
+    def qsize():
+        polls.append(1)
+        return next(ready)
+
+    batches = bench._Batches.__new__(bench._Batches)
+    batches._iter = SimpleNamespace(_num_workers=2, _tasks_outstanding=4, _data_queue=SimpleNamespace(qsize=qsize))
+    batches.settle()
+    assert len(polls) == 4  # returned at the first poll that found all four batches ready
+    batches._iter = SimpleNamespace(_num_workers=2, _tasks_outstanding=4,
+                                    _data_queue=SimpleNamespace(qsize=lambda: 0))
+    batches.settle(timeout=0.05)  # a worker that never delivers does not hang the benchmark
+
+
+def test_a_dataloader_repetition_ends_with_its_workers_prefetch_done():
+    # settle() reads DataLoader internals; this fails if a torch release renames them (settle would then do
+    # nothing, silently).
+    from cifarlab import bench
+    from cifarlab.data import load_splits
+
+    splits = load_splits("synthetic:256:32", val_size=16)
+    case = bench.Case("custom_resnet", "cpu", 16, "fp32", False, data_path="dataloader", fused_optimizer=False,
+                      matmul_convs=False, seed_layers=True)
+    run = bench.CaseRun(case, splits, images=32, warmup_steps=1)
+    try:
+        run.repeat()
+        it = run.batches._iter
+        # Every batch asked of the workers and not yet received is ready in their result queue: none is in work.
+        assert it._num_workers == 2 and it._tasks_outstanding > 0
+        assert it._data_queue.qsize() >= it._tasks_outstanding
+    finally:
+        run.batches.close()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--arch", "vgg"], "unknown architecture vgg"), (["--device", "tpu"], "invalid choice"),

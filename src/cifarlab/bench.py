@@ -1,7 +1,9 @@
 """Epoch timing the way ``fit()`` trains: warm-up excluded, device synchronised at every clock read.
 
 Each case trains ``images`` images (``images // batch_size`` steps) ``repeats`` times after ``warmup_steps``
-untimed steps; the median and spread of those repetitions are reported. One further repetition synchronises
+untimed steps; the median and spread of those repetitions are reported. Cases that are compared with each other
+take turns, one repetition each (``time_cases``), so that a slow spell of the machine falls on all of them. One
+further repetition synchronises
 the device around every step to split the time into data/augmentation and forward+backward+step (per-step
 synchronisation removes CPU/GPU overlap, so that repetition is not used for the throughput). Evaluation is
 timed on the validation split at inference speed.
@@ -113,97 +115,167 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (kB on Linux)
 
 
-def _batches(case: Case, splits: DataSplits, norm: Normalization, device: torch.device, gen: torch.Generator):
-    """An endless stream of training batches by the case's data path."""
-    if case.data_path == "batched":
-        aug = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, AugmentConfig(),
-                             case.channels_last)
+class _Batches:
+    """An endless stream of training batches by the case's data path.
+
+    ``settle()`` waits until a DataLoader's workers have every batch they were asked to prefetch ready. Called at
+    the end of each timed repetition, inside it, it charges the repetition with the augmentation work its own
+    steps set off, instead of leaving that work to run during whatever is timed next: the next repetition of
+    the same case in steady state (no difference), or another case when cases take turns (``time_cases``).
+    """
+
+    def __init__(self, case: Case, splits: DataSplits, norm: Normalization, device: torch.device,
+                 gen: torch.Generator) -> None:
+        self.case, self.device, self._iter = case, device, None
+        if case.data_path == "batched":
+            aug = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, AugmentConfig(),
+                                 case.channels_last)
+            self._loader = None
+            self._stream = self._from_augmenter(aug, gen)
+            return
+        dataset = AlbumentationsDataset(splits.train_images, splits.train_labels, seed_pipeline(norm))
+        self._loader = torch.utils.data.DataLoader(
+            dataset, batch_size=case.batch_size, shuffle=True, drop_last=True, num_workers=case.loader_workers,
+            generator=gen, pin_memory=device.type == "cuda", persistent_workers=case.loader_workers > 0,
+            worker_init_fn=reseed_worker)
+        self._stream = self._from_loader()
+
+    def _from_augmenter(self, aug: BatchAugmenter, gen: torch.Generator):
         while True:
-            yield from aug.epoch(case.batch_size, gen)
-    dataset = AlbumentationsDataset(splits.train_images, splits.train_labels, seed_pipeline(norm))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=case.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=case.loader_workers, generator=gen,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=case.loader_workers > 0, worker_init_fn=reseed_worker)
-    while True:
-        for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            if case.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(device, non_blocking=True)
+            yield from aug.epoch(self.case.batch_size, gen)
+
+    def _from_loader(self):
+        while True:
+            self._iter = iter(self._loader)
+            for x, y in self._iter:
+                x = x.to(self.device, non_blocking=True)
+                if self.case.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(self.device, non_blocking=True)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self._stream)
+
+    def settle(self, timeout: float = 60.0) -> None:
+        it = self._iter
+        if it is None or not getattr(it, "_num_workers", 0):
+            return
+        deadline = time.perf_counter() + timeout
+        try:  # DataLoader internals: batches asked of the workers, and those ready in the result queue
+            while it._data_queue.qsize() < it._tasks_outstanding and time.perf_counter() < deadline:
+                time.sleep(0.002)
+        except (AttributeError, NotImplementedError):  # another torch's iterator, or no qsize on this platform
+            pass
+
+    def close(self) -> None:
+        self._stream.close()  # stops the DataLoader workers of the seed-style path
+        self._iter = self._loader = None
 
 
-def time_case(case: Case, splits: DataSplits, *, images: int, repeats: int = 3, warmup_steps: int = 5,
-              eval_images: int = 1024, profile_steps: int = 0) -> CaseResult:
-    """Time ``case``; with ``profile_steps`` also profile that many steps into a breakdown by kind of operation."""
-    device = torch.device(case.device)
-    configure_device(device)  # as fit() does: cuDNN's autotuner on CUDA
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    norm = Normalization.from_images(splits.train_images)
-    config = TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision, device=case.device,
-                         **(SEED_LAYERS if case.seed_layers else {}))
-    # The model training builds (its recipe's whitening and frozen BN scales), with this case's kernels.
-    model = build_model(config, splits, norm, device, case.channels_last, generator=gen,
-                        matmul_convs=case.matmul_convs)
-    step_model: nn.Module = torch.compile(model, mode=case.compile_mode) if case.compile else model
-    optimizer = build_optimizer(config, model, fused=case.fused_optimizer)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    batches = _batches(case, splits, norm, device, gen)
-    steps = max(1, images // case.batch_size)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+class CaseRun:
+    """One case built and warmed up, then timed a repetition at a time, so that several cases can take turns."""
 
-    def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with autocast(device, case.precision):
-            loss = criterion(step_model(x).float() * config.logit_scale, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def __init__(self, case: Case, splits: DataSplits, *, images: int, warmup_steps: int = 5) -> None:
+        self.case, self.splits = case, splits
+        self.device = device = torch.device(case.device)
+        configure_device(device)  # as fit() does: cuDNN's autotuner on CUDA
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed(0)
+        self.norm = norm = Normalization.from_images(splits.train_images)
+        config = TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision,
+                             device=case.device, **(SEED_LAYERS if case.seed_layers else {}))
+        # The model training builds (its recipe's whitening and frozen BN scales), with this case's kernels.
+        self.model = model = build_model(config, splits, norm, device, case.channels_last, generator=gen,
+                                         matmul_convs=case.matmul_convs)
+        step_model: nn.Module = torch.compile(model, mode=case.compile_mode) if case.compile else model
+        optimizer = build_optimizer(config, model, fused=case.fused_optimizer)
+        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.batches = _Batches(case, splits, norm, device, gen)
+        self.steps = max(1, images // case.batch_size)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    compile_seconds = None
-    model.train()
-    for i in range(warmup_steps):  # oneDNN / cuDNN build their kernels on first use; compile happens here too
-        t0 = time.perf_counter()
-        train_step(*next(batches))
-        if i == 0 and case.compile:
-            synchronize(device)
-            compile_seconds = time.perf_counter() - t0
-    seconds = []
-    for _ in range(repeats):
-        with Timer(device) as t:
-            for _ in range(steps):
-                train_step(*next(batches))
-        seconds.append(t.seconds)
-    data_s = compute_s = 0.0
-    for _ in range(steps):  # the breakdown: a synchronised clock read around each part of each step
-        with Timer(device) as td:
-            x, y = next(batches)
-        with Timer(device) as tc:
-            train_step(x, y)
-        data_s += td.seconds
-        compute_s += tc.seconds
-    breakdown = None
-    if profile_steps:
-        from cifarlab.breakdown import DATA_ANNOTATION, op_breakdown
+        def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
+            with autocast(device, case.precision):
+                loss = criterion(step_model(x).float() * config.logit_scale, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
-        def profiled_step() -> None:
-            with torch.profiler.record_function(DATA_ANNOTATION):
+        self.train_step = train_step
+        self.compile_seconds = None
+        self.seconds: list[float] = []
+        model.train()
+        for i in range(warmup_steps):  # oneDNN / cuDNN build their kernels on first use; compile happens here too
+            t0 = time.perf_counter()
+            train_step(*next(self.batches))
+            if i == 0 and case.compile:
+                synchronize(device)
+                self.compile_seconds = time.perf_counter() - t0
+        self.batches.settle()
+
+    def repeat(self) -> float:
+        """Time one repetition: ``steps`` training steps, and the augmentation they leave the workers to do."""
+        with Timer(self.device) as t:
+            for _ in range(self.steps):
+                self.train_step(*next(self.batches))
+            self.batches.settle()
+        self.seconds.append(t.seconds)
+        return t.seconds
+
+    def finish(self, *, eval_images: int = 1024, profile_steps: int = 0) -> CaseResult:
+        """The data/compute split, the profile when asked, evaluation speed; then the data stream is closed."""
+        device, batches, train_step = self.device, self.batches, self.train_step
+        data_s = compute_s = 0.0
+        for _ in range(self.steps):  # the breakdown: a synchronised clock read around each part of each step
+            with Timer(device) as td:
                 x, y = next(batches)
-            train_step(x, y)
+            with Timer(device) as tc:
+                train_step(x, y)
+            data_s += td.seconds
+            compute_s += tc.seconds
+        breakdown = None
+        if profile_steps:
+            from cifarlab.breakdown import DATA_ANNOTATION, op_breakdown
 
-        breakdown = op_breakdown(profiled_step, device, steps=profile_steps)
-    n_eval = min(eval_images, len(splits.val_labels))
-    eval_kw = {"device": device, "precision": case.precision, "channels_last": case.channels_last,
-               "batch_size": 1024}
-    evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], norm, **eval_kw)  # warm-up
-    with Timer(device) as te:
-        evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], norm, **eval_kw)
-    batches.close()  # stops DataLoader workers of the seed-style path
-    return CaseResult(case=case, images_timed=steps * case.batch_size, repeats=repeats, seconds=seconds,
-                      data_seconds=data_s, compute_seconds=compute_s, eval_seconds_per_image=te.seconds / n_eval,
-                      peak_memory_mb=peak_memory_mb(device), compile_seconds=compile_seconds, breakdown=breakdown,
-                      model=model)
+            def profiled_step() -> None:
+                with torch.profiler.record_function(DATA_ANNOTATION):
+                    x, y = next(batches)
+                train_step(x, y)
+
+            breakdown = op_breakdown(profiled_step, device, steps=profile_steps)
+        splits, model = self.splits, self.model
+        n_eval = min(eval_images, len(splits.val_labels))
+        eval_kw = {"device": device, "precision": self.case.precision, "channels_last": self.case.channels_last,
+                   "batch_size": 1024}
+        evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], self.norm, **eval_kw)  # warm-up
+        with Timer(device) as te:
+            evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], self.norm, **eval_kw)
+        batches.close()
+        return CaseResult(case=self.case, images_timed=self.steps * self.case.batch_size,
+                          repeats=len(self.seconds), seconds=list(self.seconds), data_seconds=data_s,
+                          compute_seconds=compute_s, eval_seconds_per_image=te.seconds / n_eval,
+                          peak_memory_mb=peak_memory_mb(device), compile_seconds=self.compile_seconds,
+                          breakdown=breakdown, model=model)
+
+
+def time_cases(cases: list[Case], splits: DataSplits, *, images: int, repeats: int = 3, warmup_steps: int = 5,
+               eval_images: int = 1024, profile_steps: int = 0) -> list[CaseResult]:
+    """Time cases that are to be compared, taking turns: repetition r of every case, then repetition r + 1.
+
+    A shared machine has slow spells that last minutes (its matmul probe read 1.9 TFLOP/s bf16 and 0.9 a few
+    minutes apart). Timed one after another, a ladder's later steps can land in one and read as a loss that is
+    the machine's; taking turns puts every case's repetitions in the same stretches of time, so their medians
+    compare. All cases are built and warmed up first (their models and data stay in memory together).
+    """
+    runs = [CaseRun(case, splits, images=images, warmup_steps=warmup_steps) for case in cases]
+    for _ in range(repeats):
+        for run in runs:
+            run.repeat()
+    return [run.finish(eval_images=eval_images, profile_steps=profile_steps) for run in runs]
 
 
 CHOICE_STEP = "{precision} · {layout}"
