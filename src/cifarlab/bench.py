@@ -3,10 +3,9 @@
 Each case trains ``images`` images (``images // batch_size`` steps) ``repeats`` times after ``warmup_steps``
 untimed steps; the median and spread of those repetitions are reported. Cases that are compared with each other
 take turns, one repetition each (``time_cases``), so that a slow spell of the machine falls on all of them. One
-further repetition synchronises
-the device around every step to split the time into data/augmentation and forward+backward+step (per-step
-synchronisation removes CPU/GPU overlap, so that repetition is not used for the throughput). Evaluation is
-timed on the validation split at inference speed.
+further repetition synchronises the device around every step to split the time into data/augmentation and
+forward+backward+step (per-step synchronisation removes CPU/GPU overlap, so that repetition is not used for the
+throughput). Evaluation is timed on the validation split at inference speed.
 """
 
 from __future__ import annotations
