@@ -255,6 +255,8 @@ def _peak_gaps(rows: list[dict], op_rows: list[dict], flops: dict) -> list[dict]
 
 def _print_peak_gaps(console, frame, gaps, Table) -> None:
     """Per architecture: the step's time against the matmul peak, and the share kernel work alone could reach."""
+    from cifarlab.breakdown import ceiling_sentence
+
     if not len(gaps):
         return
     for (arch, dev, bs), grp in gaps.groupby(["arch", "device", "batch_size"], sort=False):
@@ -266,9 +268,7 @@ def _print_peak_gaps(console, frame, gaps, Table) -> None:
         for _, r in grp.iterrows():
             table.add_row(r["part"], f"{r['seconds_per_step'] * 1e3:.0f}", f"{r['share']:.1%}")
         console.print(table)
-        console.print(f"  {arch}: {row['share_of_peak']:.0%} of the peak; convs + GEMMs take "
-                      f"{row['matmul_share_of_step']:.0%} of the step. With every conv and GEMM at the peak and "
-                      f"the rest as measured: {row['share_if_matmuls_at_peak']:.0%}.", highlight=False)
+        console.print(f"  {arch}: {ceiling_sentence(row)}", highlight=False)
 
 
 def _add_ratios(frame):

@@ -223,10 +223,10 @@ def peak_gap(ops: list[dict], step_seconds: float, step_flops: float, peak_flops
     """Where a step's time goes against the matmul peak: the rest of the peak that a share of peak leaves out.
 
     ``ops`` are one step's ``op_breakdown`` rows; profiling slows a step down, so their shares are applied to
-    ``step_seconds``, the unprofiled step. The step's counted FLOPs at ``peak_flops`` take ``ideal`` seconds, its
-    share of peak; the convolutions and GEMMs take ``matmul_excess`` more than that; each other kind of operation
-    adds its whole time. ``ceiling`` is the share of peak the step would reach with every convolution and GEMM at
-    the peak and everything else as measured: what kernel work alone can win.
+    ``step_seconds``, the unprofiled step. ``parts``: the step's counted FLOPs at ``peak_flops`` (their share of
+    the step is ``share``, the share of peak), the time the convolutions and GEMMs take beyond that, and each
+    other kind of operation's whole time. ``ceiling`` is the share of peak the step would reach with every
+    convolution and GEMM at the peak and everything else as measured: what kernel work alone can win.
     """
     profiled = sum(r["seconds_per_step"] for r in ops)
     if profiled <= 0 or step_seconds <= 0 or peak_flops <= 0:
@@ -243,3 +243,10 @@ def peak_gap(ops: list[dict], step_seconds: float, step_flops: float, peak_flops
     rest = step_seconds - matmul
     return {"parts": parts, "share": ideal / step_seconds, "matmul_share": matmul / step_seconds,
             "ceiling": ideal / (ideal + rest), "matmul_tflops": step_flops / matmul / 1e12 if matmul > 0 else 0.0}
+
+
+def ceiling_sentence(row: dict) -> str:
+    """One line on a ``bench.devices`` row with a peak gap: its share, its convs' share of the step, its ceiling."""
+    return (f"{row['share_of_peak']:.0%} of the peak; convs + GEMMs take {row['matmul_share_of_step']:.0%} of the "
+            f"step. With every conv and GEMM at the peak and the rest as measured: "
+            f"{row['share_if_matmuls_at_peak']:.0%}.")

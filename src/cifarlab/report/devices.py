@@ -94,6 +94,8 @@ def redraw_devices_page(run_dir: Path) -> Path:
 
 def _peak_gap_section(gaps: pd.DataFrame, frame: pd.DataFrame, run_dir: Path) -> str:
     """Each profiled step split against the matmul peak: its FLOPs at the peak, then what adds time beyond them."""
+    from cifarlab.breakdown import ceiling_sentence  # imports torch, which drawing a page otherwise does not need
+
     gaps = gaps.copy()
     gaps["label"] = gaps["arch"] + " · " + gaps["device"]
     wide = gaps.pivot_table(index="label", columns="part", values="share", sort=False)
@@ -111,9 +113,7 @@ def _peak_gap_section(gaps: pd.DataFrame, frame: pd.DataFrame, run_dir: Path) ->
     profiled = frame[frame["share_if_matmuls_at_peak"].notna()] if "share_if_matmuls_at_peak" in frame \
         else frame.iloc[0:0]
     for _, r in profiled.iterrows():
-        lines.append(f"{html.esc(r['arch'])} on {html.esc(r['device'])}: {r['share_of_peak']:.0%} of the peak; "
-                     f"convolutions and GEMMs take {r['matmul_share_of_step']:.0%} of the step; with all of them "
-                     f"at the peak and the rest as measured, {r['share_if_matmuls_at_peak']:.0%}.")
+        lines.append(f"{html.esc(r['arch'])} on {html.esc(r['device'])}: {html.esc(ceiling_sentence(r))}")
     return ("<h2>Against the peak</h2>" + html.figure("peak_gap.png", "A training step against the matmul peak")
             + html.table(table, float_format="{:,.0f}")
             + "".join(f'<p class="note">{line}</p>' for line in lines)
