@@ -145,7 +145,10 @@ def study_spec(args, budget: Budget, arch: str) -> dict:
 # default recipe refuses to top up an older study rather than mixing trials of two recipes in one ranking.
 RECIPE_FIELDS = ("momentum", "cycle_momentum", "div_factor", "final_div_factor", "anneal_strategy", "logit_scale",
                  "cutout", "cutout_p", "ema", "whiten", "bn_scale", "bias_lr_scale",
-                 "activation", "ghost_batch", "alternate_flip")
+                 "activation", "ghost_batch", "alternate_flip", "crop_pad")
+# What a recipe field's value was before it became a setting: a study stored without it ran with that value,
+# so it still tops up under the same recipe instead of being refused for a field that did not exist yet.
+FORMER_RECIPE = {"activation": "relu", "ghost_batch": 0, "alternate_flip": False, "crop_pad": 4}
 
 
 def recipe_defaults() -> dict:
@@ -232,6 +235,13 @@ def _spec_differences(stored: dict, spec: dict) -> list[str]:
     return sorted(diff)
 
 
+def _with_former_recipe(stored: dict) -> dict:
+    recipe = stored.get("fixed", {}).get("recipe")
+    if not isinstance(recipe, dict):
+        return stored
+    return {**stored, "fixed": {**stored["fixed"], "recipe": {**FORMER_RECIPE, **recipe}}}
+
+
 def load_study(storage, name: str, args, spec: dict, *, create: bool):
     import optuna
 
@@ -245,7 +255,7 @@ def load_study(storage, name: str, args, spec: dict, *, create: bool):
         stored = study.user_attrs.get("spec")
         if stored is None:
             study.set_user_attr("spec", spec)
-        elif stored != spec:
+        elif (stored := _with_former_recipe(stored)) != spec:
             diff = _spec_differences(stored, spec)
             raise ConfigError(f"study {name!r} exists with another {' and '.join(diff)}; "
                               "rerun with its original flags or pick a new --study-name")

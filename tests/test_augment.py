@@ -60,16 +60,17 @@ def _denorm(x, norm):
     return (x * std + mean).round().to(torch.uint8)
 
 
-def test_every_batched_crop_is_a_window_of_the_reflect_padded_image(images):
+@pytest.mark.parametrize("pad", [2, 4])
+def test_every_batched_crop_is_a_window_of_the_reflect_padded_image(images, pad):
     norm = Normalization.from_images(images)
-    aug = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(cutout=0, flip=False))
-    out = _denorm(aug.augment(torch.arange(8), torch.Generator().manual_seed(1)), norm)
-    padded = np.pad(images[:8], ((0, 0), (4, 4), (4, 4), (0, 0)), mode="reflect").transpose(0, 3, 1, 2)
+    aug = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(pad=pad, cutout=0, flip=False))
+    out = _denorm(aug.augment(torch.arange(16), torch.Generator().manual_seed(1)), norm)
+    padded = np.pad(images[:16], ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect").transpose(0, 3, 1, 2)
     offsets = set()
-    for i in range(8):
-        hits = [(dy, dx) for dy in range(9) for dx in range(9)
+    for i in range(16):
+        hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
                 if np.array_equal(padded[i, :, dy:dy + 32, dx:dx + 32], out[i].numpy())]
-        assert hits, f"image {i} is no 32x32 window of its padded source"
+        assert hits, f"image {i} is no 32x32 window of its {pad}-pixel padded source"
         offsets.add(hits[0])
     assert len(offsets) > 1  # the offsets are random, not fixed
 

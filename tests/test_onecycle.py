@@ -242,6 +242,21 @@ def test_a_study_of_another_default_recipe_is_refused_not_mixed(tmp_path, capsys
     assert finished(load(tmp_path)) == 1 and db.read_bytes() == before
 
 
+def test_a_study_stored_before_a_recipe_setting_existed_still_tops_up(tmp_path, monkeypatch):
+    # --crop-pad became a setting after studies had run with a fixed 4-pixel pad: those studies ran this recipe
+    argv = [*SYNTH, "--arch", "custom_resnet", "--out", str(tmp_path)]
+    current = onecycle.recipe_defaults()
+    older = {k: v for k, v in current.items() if k != "crop_pad"}
+    monkeypatch.setattr(onecycle, "recipe_defaults", lambda: older)
+    assert onecycle.main([*argv, "--trials", "1"]) == 0
+    monkeypatch.setattr(onecycle, "recipe_defaults", lambda: current)
+    assert onecycle.main([*argv, "--trials", "2"]) == 0
+    assert finished(load(tmp_path)) == 2
+    # but not under another pad than the one it ran with
+    monkeypatch.setattr(onecycle, "recipe_defaults", lambda: {**current, "crop_pad": 2})
+    assert onecycle.main([*argv, "--trials", "3"]) == 2
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retried(tmp_path):
     # Optuna's stale-trial query skips RUNNING trials with no heartbeat: a worker SIGKILLed between creating a

@@ -101,7 +101,8 @@ def test_seed_style_dataloader_path_trains(tiny):
      ({"max_lr": 0.0}, "max-lr must be a positive"), ({"epochs": 0}, "epochs must be at least 1"),
      ({"pct_start": 1.0}, "pct-start"), ({"precision": "fp8"}, "unknown precision"),
      ({"alternate_flip": True, "augment": "dataloader"}, "alternate-flip needs --augment batched"),
-     ({"compile_mode": "fast"}, "unknown compile mode 'fast'; valid: default, reduce-overhead")],
+     ({"compile_mode": "fast"}, "unknown compile mode 'fast'; valid: default, reduce-overhead"),
+     ({"crop_pad": 9}, r"crop-pad must lie in \[0, 8\] pixels, got 9")],
 )
 def test_bad_config_is_refused(kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -254,3 +255,29 @@ def test_bias_lr_scale_gives_biases_their_own_lr_and_weight_decay():
     # Adam normalises each parameter's step: a 64x bias LR would move the shifts 64x faster in absolute terms.
     adam = build_optimizer(TrainConfig(optimizer="adam", max_lr=1e-3, bias_lr_scale=64.0), model)
     assert len(adam.param_groups) == 1 and adam.param_groups[0]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("pad", [0, 2])
+def test_crop_pad_bounds_each_training_image_shift(tiny, pad):
+    # --crop-pad reaches the augmenter: every training image is a window of its source padded by `pad` (with
+    # 0, the image or its mirror), and with a pad some images do move.
+    from cifarlab.augment import Normalization
+    from cifarlab.train import _train_batches
+
+    norm = Normalization.from_images(tiny.train_images)
+    config = quick(crop_pad=pad, batch_size=256)
+    _, epoch = _train_batches(config, tiny, norm, torch.device("cpu"), False, torch.Generator().manual_seed(0))
+    (x, y), = list(epoch())
+    mean = torch.tensor(norm.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(norm.std).view(1, 3, 1, 1) * 255
+    out = (x.float() * std + mean).round().clamp(0, 255).numpy()
+    src = np.pad(tiny.train_images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect").transpose(0, 3, 1, 2)
+    moved = 0
+    for img, label in zip(out[:32], y[:32].tolist(), strict=True):
+        same_class = np.flatnonzero(tiny.train_labels == label)
+        windows = [(i, dy, dx) for i in same_class for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                   for view in (src[i], src[i, :, :, ::-1])
+                   if np.abs(view[:, dy:dy + 32, dx:dx + 32] - img).max() <= 2]
+        assert windows, "a training image is no window of its padded source"
+        moved += all((dy, dx) != (pad, pad) for _, dy, dx in windows)
+    assert (moved > 0) == (pad > 0)

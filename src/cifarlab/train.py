@@ -53,6 +53,8 @@ class TrainConfig:
     label_smoothing: float = field(default=0.2, metadata={"help": "cross-entropy label smoothing in [0, 1)"})
     logit_scale: float = field(default=0.0625, metadata={
         "help": "multiply logits by this before the loss (DAWNBench's 0.125; 1 for none)"})
+    crop_pad: int = field(default=4, metadata={
+        "help": "pixels of reflect padding before the random 32x32 crop, i.e. the largest shift (0: no crop)"})
     cutout: int = field(default=0, metadata={"help": "cutout hole side in pixels (0: off)"})
     cutout_p: float = field(default=0.5, metadata={"help": "probability of a cutout hole per image"})
     alternate_flip: bool = field(default=False, metadata={
@@ -134,6 +136,8 @@ class TrainConfig:
             raise ConfigError(f"unknown augmentation path {self.augment!r}; valid: batched, dataloader")
         if self.alternate_flip and self.augment != "batched":
             raise ConfigError("alternate-flip needs --augment batched (the seed's DataLoader path flips at random)")
+        if not 0 <= self.crop_pad <= 8:
+            raise ConfigError(f"crop-pad must lie in [0, 8] pixels, got {self.crop_pad}")
         if not 0 <= self.cutout < 32 or not 0 <= self.cutout_p <= 1:
             raise ConfigError("cutout must lie in [0, 32) pixels and cutout-p in [0, 1]")
         if self.loader_workers < 0:
@@ -326,7 +330,8 @@ class WeightEMA:
 def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
                    channels_last: bool, gen: torch.Generator):
     """(number of steps per epoch, a function that yields one epoch of batches)."""
-    aug = AugmentConfig(cutout=config.cutout, cutout_p=config.cutout_p, alternate_flip=config.alternate_flip)
+    aug = AugmentConfig(pad=config.crop_pad, cutout=config.cutout, cutout_p=config.cutout_p,
+                        alternate_flip=config.alternate_flip)
     n = len(splits.train_labels)
     if config.augment == "batched":
         augmenter = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, aug, channels_last)
