@@ -245,7 +245,7 @@ def test_a_study_of_another_default_recipe_is_refused_not_mixed(tmp_path, capsys
 def test_a_study_stored_before_a_recipe_setting_existed_still_tops_up(tmp_path, monkeypatch):
     # --crop-pad became a setting after studies had run with a fixed 4-pixel pad: those studies ran this recipe
     argv = [*SYNTH, "--arch", "custom_resnet", "--out", str(tmp_path)]
-    current = onecycle.recipe_defaults()
+    current = {**onecycle.recipe_defaults(), "crop_pad": 4}  # the pad every study had before the setting
     older = {k: v for k, v in current.items() if k != "crop_pad"}
     monkeypatch.setattr(onecycle, "recipe_defaults", lambda: older)
     assert onecycle.main([*argv, "--trials", "1"]) == 0

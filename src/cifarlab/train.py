@@ -53,7 +53,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.2, metadata={"help": "cross-entropy label smoothing in [0, 1)"})
     logit_scale: float = field(default=0.0625, metadata={
         "help": "multiply logits by this before the loss (DAWNBench's 0.125; 1 for none)"})
-    crop_pad: int = field(default=4, metadata={
+    crop_pad: int = field(default=2, metadata={
         "help": "pixels of reflect padding before the random 32x32 crop, i.e. the largest shift (0: no crop)"})
     cutout: int = field(default=0, metadata={"help": "cutout hole side in pixels (0: off)"})
     cutout_p: float = field(default=0.5, metadata={"help": "probability of a cutout hole per image"})
@@ -63,8 +63,8 @@ class TrainConfig:
     ema: float = field(default=0.99, metadata={
         "help": "decay per step of an exponential moving average of the weights (and BN statistics), which is "
                 "then validated and tested in their place (0: off; e.g. 0.99)"})
-    activation: str = field(default="relu", metadata={"help": "relu, or celu: CELU(0.3), as in Page's recipe"})
-    ghost_batch: int = field(default=0, metadata={
+    activation: str = field(default="celu", metadata={"help": "relu, or celu: CELU(0.3), as in Page's recipe"})
+    ghost_batch: int = field(default=32, metadata={
         "help": "images per ghost batch for batch-norm statistics in training (0: the whole batch; Page: 32)"})
     bn_scale: str = field(default="frozen", metadata={
         "help": "learned, or frozen: batch-norm scales fixed at 1, as in Page's 10-epoch recipe"})
