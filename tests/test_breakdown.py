@@ -26,6 +26,7 @@ CPU = torch.device("cpu")
     [("aten::mkldnn_convolution", None, "conv forward"), ("aten::cudnn_convolution", None, "conv forward"),
      ("aten::convolution_backward", None, "conv backward"), ("aten::native_batch_norm_backward", None, "batch norm"),
      ("aten::max_pool2d_with_indices_backward", None, "pooling"), ("aten::threshold_backward", None, "activation"),
+     ("aten::celu", None, "activation"), ("aten::elu_backward", None, "activation"),
      ("aten::addmm", None, "linear + loss"), ("aten::_log_softmax", None, "linear + loss"),
      ("aten::mm", None, "linear + loss"), ("aten::_to_copy", None, "casts + copies"),
      ("aten::fill_", None, "zero fill"),

@@ -46,7 +46,7 @@ def categorize(name: str, annotation: str | None = None) -> str:
         return "batch norm"
     if "pool" in n:
         return "pooling"
-    if any(k in n for k in ("relu", "threshold", "clamp_min")):
+    if any(k in n for k in ("relu", "threshold", "clamp_min", "elu")):  # elu: CELU's kernels, elu and elu_backward
         return "activation"
     if any(k in n for k in ("addmm", "linear", "matmul", "softmax", "nll_loss", "cross_entropy")) or n in ("mm",
                                                                                                            "bmm"):
