@@ -55,6 +55,15 @@ def postgres_url() -> tuple[str, str]:
     return url, url.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
 
 
+def denormalize(x, norm):
+    """Normalised training images back to uint8 pixels, to compare them with their sources."""
+    import torch
+
+    mean = torch.tensor(norm.mean).view(1, 3, 1, 1) * 255
+    std = torch.tensor(norm.std).view(1, 3, 1, 1) * 255
+    return (x.float() * std + mean).round().clamp(0, 255).to(torch.uint8)
+
+
 def write_image_folder(root: Path, classes_train, classes_test=None, per_class: int = 6, size: int = 32,
                        ext: str = ".png", seed: int = 0) -> Path:
     """A small ImageFolder tree with train/ and test/ of random images; returns ``root``."""

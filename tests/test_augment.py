@@ -3,6 +3,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import denormalize
 
 from cifarlab.augment import AugmentConfig, BatchAugmenter, Normalization, seed_pipeline
 
@@ -54,17 +55,11 @@ def test_batched_output_shape_dtype_and_range(images):
     assert torch.equal(seen, torch.from_numpy(np.sort(np.arange(64) % 10)))  # each image once per epoch
 
 
-def _denorm(x, norm):
-    mean = torch.tensor(norm.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(norm.std).view(1, 3, 1, 1) * 255
-    return (x * std + mean).round().to(torch.uint8)
-
-
 @pytest.mark.parametrize("pad", [2, 4])
 def test_every_batched_crop_is_a_window_of_the_reflect_padded_image(images, pad):
     norm = Normalization.from_images(images)
     aug = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(pad=pad, cutout=0, flip=False))
-    out = _denorm(aug.augment(torch.arange(16), torch.Generator().manual_seed(1)), norm)
+    out = denormalize(aug.augment(torch.arange(16), torch.Generator().manual_seed(1)), norm)
     padded = np.pad(images[:16], ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect").transpose(0, 3, 1, 2)
     offsets = set()
     for i in range(16):
@@ -78,7 +73,7 @@ def test_every_batched_crop_is_a_window_of_the_reflect_padded_image(images, pad)
 def test_flip_gives_the_image_or_its_mirror_and_both_occur(images):
     norm = Normalization.from_images(images)
     aug = BatchAugmenter(images, np.zeros(64), norm, CPU, AugmentConfig(pad=0, cutout=0))
-    out = _denorm(aug.augment(torch.arange(64), torch.Generator().manual_seed(2)), norm).numpy()
+    out = denormalize(aug.augment(torch.arange(64), torch.Generator().manual_seed(2)), norm).numpy()
     src = images.transpose(0, 3, 1, 2)
     same = [np.array_equal(out[i], src[i]) for i in range(64)]
     mirrored = [np.array_equal(out[i], src[i][:, :, ::-1]) for i in range(64)]
@@ -92,7 +87,7 @@ def _flips_by_image(aug, images, norm, batch_size, gen) -> dict[int, bool]:
     mirror = {np.ascontiguousarray(images[i][:, ::-1]).tobytes(): i for i in range(len(images))}
     seen = {}
     for x, _ in aug.epoch(batch_size, gen):
-        for img in _denorm(x, norm).numpy().transpose(0, 2, 3, 1):
+        for img in denormalize(x, norm).numpy().transpose(0, 2, 3, 1):
             key = np.ascontiguousarray(img).tobytes()
             if key in src:
                 seen[src[key]] = False

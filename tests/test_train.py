@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import denormalize
 
 from cifarlab.data import load_splits
 from cifarlab.errors import ConfigError, TrainingDiverged
@@ -268,9 +269,7 @@ def test_crop_pad_bounds_each_training_image_shift(tiny, pad):
     config = quick(crop_pad=pad, batch_size=256)
     _, epoch = _train_batches(config, tiny, norm, torch.device("cpu"), False, torch.Generator().manual_seed(0))
     (x, y), = list(epoch())
-    mean = torch.tensor(norm.mean).view(1, 3, 1, 1) * 255
-    std = torch.tensor(norm.std).view(1, 3, 1, 1) * 255
-    out = (x.float() * std + mean).round().clamp(0, 255).numpy()
+    out = denormalize(x, norm).numpy().astype(np.int64)
     src = np.pad(tiny.train_images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect").transpose(0, 3, 1, 2)
     moved = 0
     for img, label in zip(out[:32], y[:32].tolist(), strict=True):
