@@ -79,10 +79,10 @@ def _main(args) -> int:
     from rich.table import Table
 
     from cifarlab.errors import ConfigError
-    from cifarlab.models import create_model, model_summary
+    from cifarlab.models import model_summary
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
     from cifarlab.timing import resolve_device
-    from cifarlab.train import TrainConfig, fit
+    from cifarlab.train import TrainConfig, fit, recipe_model
 
     console = _cli.console()
     config = _cli.dataclass_from_args(TrainConfig, args)
@@ -102,7 +102,7 @@ def _main(args) -> int:
     if splits.resized:
         console.print(f"[yellow]note:[/] {splits.resized} images were not 32x32 and were resized on load")
     if not args.quiet:
-        console.print(model_summary(create_model(config.arch, splits.num_classes)), highlight=False)
+        console.print(model_summary(recipe_model(config, splits.num_classes)), highlight=False)
 
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]} batch {task.fields[batch]}"), BarColumn(),

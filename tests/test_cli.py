@@ -87,10 +87,16 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
     assert (run_dir / "epochs.csv").read_text().startswith("epoch,train_loss")
 
 
-def test_train_cli_prints_the_layer_table(tmp_path, capsys):
-    argv = [*SYNTH, "--batch-size", "32", "--precision", "fp32", "--epochs", "1", "--no-test", "--out", str(tmp_path)]
+@pytest.mark.parametrize(("recipe", "shown", "absent"), [
+    ([], ("CELU", "GhostBatchNorm2d"), ("ReLU", "─BatchNorm2d")),
+    (["--activation", "relu", "--ghost-batch", "0"], ("ReLU", "─BatchNorm2d"), ("CELU", "Ghost")),
+])
+def test_train_cli_prints_the_layer_table_of_the_model_it_trains(tmp_path, capsys, recipe, shown, absent):
+    argv = [*SYNTH, "--batch-size", "32", "--precision", "fp32", "--epochs", "1", "--no-test", "--out", str(tmp_path),
+            *recipe]
     code, out, _ = run_main(train_cli.main, argv, capsys)
     assert code == 0 and "Total params: 6,573,120" in out
+    assert all(name in out for name in shown) and not any(name in out for name in absent)
 
 
 def test_lrfind_cli_writes_csv_plot_and_suggestions(tmp_path, capsys):

@@ -210,18 +210,27 @@ def seed_everything(seed: int) -> torch.Generator:
     return gen
 
 
-def build_model(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
-                channels_last: bool, *, generator: torch.Generator | None = None,
-                matmul_convs: bool | None = None) -> nn.Module:
-    """The model ``config`` trains, as training, the LR range test and the benchmark all build it."""
-    model = create_model(config.arch, num_classes=splits.num_classes).to(device)
-    if config.matmul_convs if matmul_convs is None else matmul_convs:
-        use_matmul_convs(model)
+def recipe_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """The architecture with the recipe's layers (activation, ghost batch norm, frozen scales), on the CPU.
+
+    What ``studies.train`` prints as the layer table; ``build_model`` adds the execution choices to it.
+    """
+    model = create_model(config.arch, num_classes=num_classes)
     use_activation(model, config.activation)
     if config.ghost_batch:
         use_ghost_batch_norm(model, config.ghost_batch)
     if config.bn_scale == "frozen":
         freeze_bn_scales(model)
+    return model
+
+
+def build_model(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
+                channels_last: bool, *, generator: torch.Generator | None = None,
+                matmul_convs: bool | None = None) -> nn.Module:
+    """The model ``config`` trains, as training, the LR range test and the benchmark all build it."""
+    model = recipe_model(config, splits.num_classes).to(device)
+    if config.matmul_convs if matmul_convs is None else matmul_convs:
+        use_matmul_convs(model)
     if config.whiten:
         whiten_first_conv(model, splits.train_images, norm, generator=generator)
     if channels_last:
