@@ -35,6 +35,31 @@ def test_flop_counts_per_image(arch, gflop):
     assert flops["train"] == pytest.approx(flops["forward"] + flops["backward"])
 
 
+def test_a_dtype_the_cpu_only_emulates_is_probed_at_a_size_that_fits(monkeypatch):
+    # bf16 on an AVX2-only CPU ran at about 1 GFLOP/s: one 2048 x 2048 product took 19 s, and a probe runs eight.
+    from types import SimpleNamespace
+
+    from cifarlab import timing
+
+    now, sizes = [0.0], []
+
+    def mm(a, b):  # a fake device at 1 GFLOP/s, on a fake clock
+        sizes.append(a.shape[0])
+        now[0] += 2 * a.shape[0] ** 3 / 1e9
+        return a
+
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(torch, "mm", mm)
+    rate = timing.matmul_flops_per_second(torch.device("cpu"), torch.bfloat16, n=2048, min_seconds=1)
+    assert rate == pytest.approx(1e9)
+    assert sizes[:2] == [256, 256] and len(set(sizes[2:])) == 1
+    assert 256 < sizes[-1] < 2048 and 2 * sizes[-1] ** 3 / 1e9 <= 0.5  # one product fits half a second
+    assert now[0] < 15  # the whole probe, against about 150 s at full size
+    sizes.clear()
+    timing.matmul_flops_per_second(torch.device("cpu"), torch.float32, n=512, min_seconds=1)
+    assert sizes[:2] == [256, 256] and set(sizes[2:]) == {512}  # a product that fits keeps its size
+
+
 def read_rows(path):
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
@@ -91,20 +116,43 @@ def test_no_breakdown_skips_it(tmp_path):
 
 
 def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
+    # --precision fp32 (BENCH's): the ladder a CPU without bf16 units climbs; the bf16 one's rungs are below.
     assert devices.main([*BENCH, "--ablation", "--no-compile", "--out", str(tmp_path)]) == 0
     (run_dir,) = (tmp_path / "devices").iterdir()
     rows = [r for r in read_rows(run_dir / "devices.csv") if r["device"] == "cpu"]
     assert [r["step"] for r in rows] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
-                                         "+ bf16 autocast", "+ channels_last", "+ batched in-memory data",
-                                         "+ fused optimizer", "+ 4x4 convs as GEMMs", "+ the recipe's layers"]
-    assert [r["fused_optimizer"] for r in rows] == ["False"] * 4 + ["True"] * 3
-    assert [r["matmul_convs"] for r in rows] == ["False"] * 5 + ["True"] * 2
+                                         "+ batched in-memory data", "+ fused optimizer", "+ 4x4 convs as GEMMs",
+                                         "+ the recipe's layers"]
+    assert [r["fused_optimizer"] for r in rows] == ["False"] * 2 + ["True"] * 3
+    assert [r["matmul_convs"] for r in rows] == ["False"] * 3 + ["True"] * 2
     # Every rung but the last trains the seed's layers; the last adds the default recipe's (whitening, frozen
-    # BN scales), so the ladder shows their cost apart from the speed techniques.
-    assert [r["seed_layers"] for r in rows] == ["True"] * 6 + ["False"]
+    # BN scales, CELU, ghost batches), so the ladder shows their cost apart from the speed techniques.
+    assert [r["seed_layers"] for r in rows] == ["True"] * 4 + ["False"]
+    assert {r["precision"] for r in rows} == {"fp32"} and {r["channels_last"] for r in rows} == {"False"}
+    assert rows[-1]["choice_source"].startswith("rule")  # no --choose measurement stored
     assert float(rows[0]["speedup_vs_baseline"]) == 1.0
     assert rows[0]["data_path"] == "dataloader" and rows[-1]["data_path"] == "batched"
     assert (run_dir / "ablation.png").is_file()
+
+
+def test_an_fp32_default_path_climbs_a_ladder_without_bf16_or_channels_last_rungs():
+    # A CPU without bf16 units (AVX2 only: the bf16 matmul emulated at 1-2 GFLOP/s against fp32's 120) trains
+    # fp32 NCHW; the ladder's top must be that path, not a bf16 one that training never takes there.
+    from cifarlab.bench import ablation_ladder
+
+    rungs = ablation_ladder("custom_resnet", "cpu", 32, precision="fp32", channels_last=False, with_compile=True)
+    assert [r.step for r in rungs] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
+                                       "+ batched in-memory data", "+ fused optimizer", "+ 4x4 convs as GEMMs",
+                                       "+ the recipe's layers", "+ torch.compile"]
+    assert {(r.precision, r.channels_last) for r in rungs} == {("fp32", False)}
+    bf16 = ablation_ladder("custom_resnet", "cpu", 32, precision="bf16", channels_last=True, with_compile=False)
+    assert [r.step for r in bf16] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)", "+ bf16 autocast",
+                                      "+ channels_last", "+ batched in-memory data", "+ fused optimizer",
+                                      "+ 4x4 convs as GEMMs", "+ the recipe's layers"]
+    assert [(r.precision, r.channels_last) for r in bf16[1:3]] == [("bf16", False), ("bf16", True)]
+    assert (bf16[-1].precision, bf16[-1].channels_last, bf16[-1].seed_layers) == ("bf16", True, False)
+    no_cl = ablation_ladder("custom_resnet", "cpu", 32, precision="bf16", channels_last=False, with_compile=False)
+    assert "+ channels_last" not in [r.step for r in no_cl] and not no_cl[-1].channels_last
 
 
 def test_compared_cases_take_turns_one_repetition_each(monkeypatch):

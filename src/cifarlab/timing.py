@@ -100,13 +100,34 @@ def environment(device: torch.device | None = None) -> dict[str, object]:
     return env
 
 
+PROBE_SIZE = 256  # the small product that sizes the probe where one full-size product would be too slow
+
+
 def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5,
-                            min_seconds: float = 0.2) -> float:
+                            min_seconds: float = 0.2, max_product_seconds: float | None = None) -> float:
     """Median dense-matmul throughput (FLOP/s) of an ``n x n`` product, after warm-up.
 
     The warm-up runs products for ``min_seconds``, not once: oneDNN and cuBLAS build kernels on first use, and
     a CPU's matrix units (AMX) and clocks take a while to come up to speed.
+
+    A dtype the device only emulates is slow enough that one ``n x n`` product takes seconds (bf16 on an AVX2-only
+    CPU: about 1 GFLOP/s, 19 s for a 2048 x 2048 product), so a product expected to take longer than
+    ``max_product_seconds`` (default: half of ``min_seconds``, at least 0.25 s) is measured at the largest size
+    that fits, estimated from a 256 x 256 one. The figure is then a bound for a unit that is not there.
     """
+    if max_product_seconds is None:
+        max_product_seconds = max(min_seconds, 0.5) / 2
+    if n > PROBE_SIZE:
+        small = torch.randn(PROBE_SIZE, PROBE_SIZE, device=device).to(dtype)
+        torch.mm(small, small)
+        synchronize(device)
+        t0 = time.perf_counter()
+        torch.mm(small, small)
+        synchronize(device)
+        expected = (time.perf_counter() - t0) * (n / PROBE_SIZE) ** 3
+        if expected > max_product_seconds:
+            fits = PROBE_SIZE * (max_product_seconds / expected * (n / PROBE_SIZE) ** 3) ** (1 / 3)
+            n = max(PROBE_SIZE, int(fits) // 64 * 64)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     warm_until = time.perf_counter() + min_seconds
@@ -139,8 +160,8 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 2
 def cpu_prefers_bf16() -> bool:
     """Whether bf16 matmul beats fp32 on this CPU by a clear margin, measured (not every CPU has bf16 units)."""
     cpu = torch.device("cpu")
-    fp32 = matmul_flops_per_second(cpu, torch.float32, n=1024, repeats=3, min_seconds=0.05)
-    bf16 = matmul_flops_per_second(cpu, torch.bfloat16, n=1024, repeats=3, min_seconds=0.05)
+    fp32 = matmul_flops_per_second(cpu, torch.float32, n=1024, repeats=3, min_seconds=0.05, max_product_seconds=0.05)
+    bf16 = matmul_flops_per_second(cpu, torch.bfloat16, n=1024, repeats=3, min_seconds=0.05, max_product_seconds=0.05)
     return bf16 > 1.5 * fp32
 
 
