@@ -78,7 +78,7 @@ def _main(args) -> int:
     import torch
     from rich.table import Table
 
-    from cifarlab.bench import Case, ablation_ladder, choice_cases, time_cases
+    from cifarlab.bench import Case, ablation_ladder, choice_cases, choice_precisions, time_cases
     from cifarlab.choices import best_peaks, resolve_speed
     from cifarlab.data import load_splits
     from cifarlab.errors import ConfigError
@@ -124,14 +124,24 @@ def _main(args) -> int:
         peaks = _matmul_peaks(device, args.peak_seconds)
         console.print(f"{dev}: matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f}")
         first_row, first_conv = len(rows), len(conv_rows)
+        if args.choose:
+            precisions, left_out = choice_precisions(dev, peaks)
+            if left_out:
+                console.print(f"{dev}: {left_out}", highlight=False)
         for arch in archs:
             for bs in args.batch_size:
+                # What training would use: the flags, else a stored measurement, else the rule. The ladder
+                # climbs to it, so a CPU without bf16 units gets a ladder without a bf16 rung.
+                speed = resolve_speed(arch, device, args.precision, "auto")
                 if args.ablation:
-                    cases = ablation_ladder(arch, dev, bs, with_compile=not args.no_compile)
+                    console.print(f"  {arch}: the default path on {dev} is {speed.precision}, "
+                                  f"{'channels_last' if speed.channels_last else 'NCHW'} ({speed.source})",
+                                  highlight=False)
+                    cases = ablation_ladder(arch, dev, bs, precision=speed.precision,
+                                            channels_last=speed.channels_last, with_compile=not args.no_compile)
                 elif args.choose:
-                    cases = choice_cases(arch, dev, bs)
-                else:  # what training would use: the flags, else a stored measurement, else the rule
-                    speed = resolve_speed(arch, device, args.precision, "auto")
+                    cases = choice_cases(arch, dev, bs, precisions)
+                else:
                     cases = [Case(arch, dev, bs, speed.precision, speed.channels_last, step="default")]
                 timed = []
                 # Cases compared with each other (a ladder, the four choices) take turns, repetition by repetition.
@@ -142,7 +152,7 @@ def _main(args) -> int:
                                      flops=flops[arch], peak_flops=peaks[case.precision])
                     row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" \
                         else env["cpu_model"]
-                    if not args.ablation and not args.choose:
+                    if not args.choose:  # why the default path (and the ladder's top) is what it is
                         row["choice_source"] = speed.source
                     rows.append(row)
                     timed.append(row)

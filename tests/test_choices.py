@@ -78,19 +78,22 @@ BENCH = ["--data", "synthetic:200:40", "--val-size", "40", "--arch", "custom_res
          "--peak-seconds", "0.05"]
 
 
-def test_choose_times_four_combinations_stores_the_fastest_and_training_uses_it(tmp_path, capsys):
+def test_choose_times_each_combination_stores_the_fastest_and_training_uses_it(tmp_path, capsys, monkeypatch):
+    # Probes as an AVX2-only CPU reads them (bf16 emulated, 1/80 of fp32): --choose leaves bf16 out there rather
+    # than time a step 12x slower. Where bf16 is fast, its two layouts join (test below); the timing is the same.
+    monkeypatch.setattr(devices, "_matmul_peaks", lambda device, seconds: {"fp32": 1.2e11, "bf16": 1.5e9})
     assert devices.main([*BENCH, "--choose", "--out", str(tmp_path)]) == 0
+    assert "bf16 left out: its matmul ran at 1.5 GFLOP/s here, 1/80 of fp32's" in capsys.readouterr().out
     (run_dir,) = (tmp_path / "devices").iterdir()
     doc = json.loads((run_dir / "devices.json").read_text())
     rows = doc["rows"]
-    assert sorted((r["precision"], r["channels_last"]) for r in rows) == [
-        ("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)]
+    assert sorted((r["precision"], r["channels_last"]) for r in rows) == [("fp32", False), ("fp32", True)]
     (chosen,) = [r for r in rows if r["chosen"]]
     page = (run_dir / "index.html").read_text()
     assert "Per-architecture choice" in page and (run_dir / "choice.png").is_file()
     stored = choices.lookup("custom_resnet", CPU)
     assert (stored["precision"], stored["channels_last"]) == (chosen["precision"], chosen["channels_last"])
-    assert len(stored["alternatives"]) == 4
+    assert len(stored["alternatives"]) == 2
     capsys.readouterr()
 
     # the default benchmark and a training run with --precision auto now use the stored choice
@@ -106,6 +109,17 @@ def test_choose_times_four_combinations_stores_the_fastest_and_training_uses_it(
     resolved = json.loads((run / "run.json").read_text())["resolved"]
     assert (resolved["precision"], resolved["channels_last"]) == (chosen["precision"], chosen["channels_last"])
     assert resolved["speed_choice"].startswith("measured")
+
+
+def test_choose_times_bf16_only_where_its_matmul_is_not_emulated():
+    from cifarlab.bench import choice_cases, choice_precisions
+
+    assert choice_precisions("cpu", {"fp32": 0.3e12, "bf16": 2.0e12}) == (["fp32", "bf16"], "")
+    precisions, note = choice_precisions("cpu", {"fp32": 1.2e11, "bf16": 1.5e9})
+    assert precisions == ["fp32"] and note.startswith("bf16 left out")
+    four = choice_cases("custom_resnet", "cpu", 32, ["fp32", "bf16"])
+    assert [c.step for c in four] == ["fp32 · NCHW", "fp32 · channels_last", "bf16 · NCHW", "bf16 · channels_last"]
+    assert all(c.data_path == "batched" and not c.seed_layers for c in four)
 
 
 def test_choose_and_ablation_together_is_a_user_error(tmp_path, capsys):

@@ -280,13 +280,27 @@ def time_cases(cases: list[Case], splits: DataSplits, *, images: int, repeats: i
 CHOICE_STEP = "{precision} · {layout}"
 
 
-def choice_cases(arch: str, device: str, batch_size: int) -> list[Case]:
-    """The four precision x memory-format combinations on the batched data path, for ``bench.devices --choose``."""
+# bf16 whose matmul runs under this fraction of fp32's is emulated (an AVX2-only CPU: 1-2 GFLOP/s against 120):
+# timing a training step in it would take hours and could only lose.
+EMULATED_BF16 = 0.25
+
+
+def choice_precisions(device: str, peaks: dict[str, float]) -> tuple[list[str], str]:
+    """The precisions ``--choose`` times on ``device``, and why any is left out (empty when none is)."""
     dev = torch.device(device)
-    precisions = ["fp32"] if dev.type == "cuda" and not torch.cuda.is_bf16_supported() else ["fp32", "bf16"]
+    if dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return ["fp32"], "bf16 left out: this GPU does not support it"
+    if peaks["bf16"] < EMULATED_BF16 * peaks["fp32"]:
+        return ["fp32"], (f"bf16 left out: its matmul ran at {peaks['bf16'] / 1e9:.1f} GFLOP/s here, "
+                          f"1/{peaks['fp32'] / max(peaks['bf16'], 1.0):.0f} of fp32's (no bf16 units)")
+    return ["fp32", "bf16"], ""
+
+
+def choice_cases(arch: str, device: str, batch_size: int, precisions: list[str] | None = None) -> list[Case]:
+    """Each precision x memory-format combination on the batched data path, for ``bench.devices --choose``."""
     return [Case(arch, device, batch_size, precision, cl, "batched",
                  step=CHOICE_STEP.format(precision=precision, layout="channels_last" if cl else "NCHW"))
-            for precision in precisions for cl in (False, True)]
+            for precision in precisions or ["fp32", "bf16"] for cl in (False, True)]
 
 
 # The seed's layers, where the default recipe swaps them for Page's (CELU, ghost BN, frozen scales, whitening).
@@ -298,28 +312,37 @@ def recipe_layers_differ() -> bool:
     return any(getattr(defaults, k) != v for k, v in SEED_LAYERS.items())
 
 
-def ablation_ladder(arch: str, device: str, batch_size: int, *, with_compile: bool = True) -> list[Case]:
-    """The seed-style baseline, then each speed technique added in turn."""
+def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str = "bf16", channels_last: bool = True,
+                    with_compile: bool = True) -> list[Case]:
+    """The seed-style baseline, then each speed technique of the default path added in turn.
+
+    ``precision`` and ``channels_last`` are the default path's on this device (``resolve_speed``): a CPU without
+    bf16 units trains in fp32, so its ladder has no bf16 rung, and one that trains NCHW has no channels_last rung.
+    The last rung before ``torch.compile`` is what ``studies.train`` runs.
+    """
     base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
                 fused_optimizer=False, matmul_convs=False, seed_layers=True,
                 step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
     seed_kernels = {"fused_optimizer": False, "matmul_convs": False, "seed_layers": True}
-    steps = [
-        base,
-        Case(arch, device, batch_size, "bf16", False, "dataloader", **seed_kernels, step="+ bf16 autocast"),
-        Case(arch, device, batch_size, "bf16", True, "dataloader", **seed_kernels, step="+ channels_last"),
-        Case(arch, device, batch_size, "bf16", True, "batched", **seed_kernels, step="+ batched in-memory data"),
-        Case(arch, device, batch_size, "bf16", True, "batched", matmul_convs=False, seed_layers=True,
+    p, cl = precision, channels_last
+    steps = [base]
+    if p == "bf16":
+        steps.append(Case(arch, device, batch_size, "bf16", False, "dataloader", **seed_kernels,
+                          step="+ bf16 autocast"))
+    if cl:
+        steps.append(Case(arch, device, batch_size, p, True, "dataloader", **seed_kernels, step="+ channels_last"))
+    steps += [
+        Case(arch, device, batch_size, p, cl, "batched", **seed_kernels, step="+ batched in-memory data"),
+        Case(arch, device, batch_size, p, cl, "batched", matmul_convs=False, seed_layers=True,
              step="+ fused optimizer"),
     ]
     if torch.device(device).type == "cpu":
-        steps.append(Case(arch, device, batch_size, "bf16", True, "batched", seed_layers=True,
-                          step="+ 4x4 convs as GEMMs"))
+        steps.append(Case(arch, device, batch_size, p, cl, "batched", seed_layers=True, step="+ 4x4 convs as GEMMs"))
     if recipe_layers_differ():  # what the default recipe's layers cost or save
-        steps.append(Case(arch, device, batch_size, "bf16", True, "batched", step="+ the recipe's layers"))
+        steps.append(Case(arch, device, batch_size, p, cl, "batched", step="+ the recipe's layers"))
     if with_compile:
-        steps.append(Case(arch, device, batch_size, "bf16", True, "batched", compile=True, step="+ torch.compile"))
+        steps.append(Case(arch, device, batch_size, p, cl, "batched", compile=True, step="+ torch.compile"))
         if torch.device(device).type == "cuda":  # a GPU that waits on the host: one launch per graph
-            steps.append(Case(arch, device, batch_size, "bf16", True, "batched", compile=True,
+            steps.append(Case(arch, device, batch_size, p, cl, "batched", compile=True,
                               compile_mode="reduce-overhead", step="+ torch.compile, CUDA graphs"))
     return steps
