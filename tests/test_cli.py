@@ -13,7 +13,7 @@ from studies import lrfind as lrfind_cli
 from studies import train as train_cli
 
 SYNTH = ["--data", "synthetic:200:40", "--val-size", "40"]
-FAST = ["--batch-size", "32", "--eval-batch-size", "64", "--precision", "bf16", "--quiet"]
+FAST = ["--batch-size", "32", "--eval-batch-size", "64", "--precision", "auto", "--quiet"]
 
 
 def run_main(main, argv, capsys):

@@ -33,7 +33,7 @@ from studies import train as train_cli
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--data", "synthetic:200:40", "--val-size", "40"]
 STUDY = ["--data", "synthetic:400:60", "--val-size", "60", "--budget", "smoke", "--seed-max-lr", "0.003",
-         "--precision", "bf16", "--quiet"]
+         "--precision", "auto", "--quiet"]
 TINY = ["--train-subset", "64", "--val-size", "20"]  # a trial in about a second: these tests are about storage
 CLIS = {"train": train_cli.main, "lrfind": lrfind_cli.main, "onecycle": onecycle.main, "report": report_cli.main,
         "devices": devices_cli.main}

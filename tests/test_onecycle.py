@@ -13,7 +13,7 @@ from studies._storage import mask_url, open_storage, scrub
 
 # 64 training images: these tests are about the study runner, not about learning (test_train.py covers that).
 SYNTH = ["--data", "synthetic:400:60", "--val-size", "20", "--train-subset", "64", "--budget", "smoke",
-         "--seed-max-lr", "0.003", "--precision", "bf16", "--quiet", "--no-report"]
+         "--seed-max-lr", "0.003", "--precision", "auto", "--quiet", "--no-report"]
 
 
 def load(out: Path, arch: str = "custom_resnet", url: str | None = None):
