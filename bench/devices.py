@@ -259,6 +259,7 @@ def _peak_gaps(rows: list[dict], op_rows: list[dict], flops: dict) -> list[dict]
                        row["peak_tflops"] * 1e12)
         row["share_if_matmuls_at_peak"] = gap["ceiling"]
         row["matmul_share_of_step"] = gap["matmul_share"]
+        row["matmuls_above_peak"] = gap["above_peak"]
         out += [{**ids, **part} for part in gap["parts"]]
     return out
 

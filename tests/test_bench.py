@@ -102,10 +102,14 @@ def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capsys):
     gaps = read_rows(run_dir / "peak_gap.csv")
     step_ms = 1e3 * 32 / float(cpu[0]["images_per_second"])
     assert sum(float(r["seconds_per_step"]) for r in gaps) * 1e3 == pytest.approx(step_ms)
-    assert float(gaps[0]["share"]) == pytest.approx(float(cpu[0]["share_of_peak"]))
-    assert float(cpu[0]["share_of_peak"]) < float(cpu[0]["share_if_matmuls_at_peak"]) <= 1
+    share, ceiling = float(cpu[0]["share_of_peak"]), float(cpu[0]["share_if_matmuls_at_peak"])
+    if cpu[0]["matmuls_above_peak"] == "True":  # fp32 convs on an AVX2-only EPYC beat the matmul probe
+        assert ceiling == pytest.approx(share) and float(gaps[1]["seconds_per_step"]) == 0
+        assert float(gaps[0]["share"]) == pytest.approx(float(cpu[0]["matmul_share_of_step"]))
+    else:
+        assert float(gaps[0]["share"]) == pytest.approx(share) and share < ceiling <= 1
     assert "Against the peak" in page and (run_dir / "peak_gap.png").is_file()
-    assert "With every conv and GEMM at the peak" in out
+    assert ("With every conv and GEMM at the peak" in out) != (cpu[0]["matmuls_above_peak"] == "True")
 
 
 def test_no_breakdown_skips_it(tmp_path):

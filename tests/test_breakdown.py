@@ -10,6 +10,7 @@ from cifarlab.breakdown import (
     CATEGORIES,
     DATA_ANNOTATION,
     categorize,
+    ceiling_sentence,
     conv_flops,
     conv_layer_table,
     op_breakdown,
@@ -85,8 +86,23 @@ def test_peak_gap_splits_the_step_against_the_peak():
     # Convs at the peak (0.3 s) and the other 0.4 s as they are: 0.3 / 0.7.
     assert gap["ceiling"] == pytest.approx(0.3 / 0.7)
     assert gap["matmul_tflops"] == pytest.approx(0.5)
+    assert not gap["above_peak"]
     with pytest.raises(ValueError, match="profiled step"):
         peak_gap([], step_seconds=1.0, step_flops=1.0, peak_flops=1.0)
+
+
+def test_convs_that_beat_the_matmul_probe_leave_nothing_above_the_peak():
+    # fp32 on an AVX2-only EPYC: the convs' counted FLOP/s ran above the 2048 x 2048 product's. Step 1 s, convs
+    # 0.6 s of it doing 0.9 TFLOP against a 1 TFLOP/s probe: a share of 90%, more than the convs' 60% of the step.
+    ops = [{"category": c, "seconds_per_step": s} for c, s in (("conv forward", 0.6), ("batch norm", 0.4))]
+    gap = peak_gap(ops, step_seconds=1.0, step_flops=0.9e12, peak_flops=1e12)
+    parts = {p["part"]: p["seconds_per_step"] for p in gap["parts"]}
+    assert parts == pytest.approx({"counted FLOPs at the peak": 0.6, "convs + GEMMs above the peak": 0.0,
+                                   "batch norm": 0.4})
+    assert gap["above_peak"] and gap["share"] == pytest.approx(0.9) and gap["ceiling"] == pytest.approx(0.9)
+    assert "no ceiling on this device" in ceiling_sentence(
+        {"share_of_peak": 0.9, "matmul_share_of_step": 0.6, "share_if_matmuls_at_peak": 0.9,
+         "matmuls_above_peak": True})
 
 
 def test_conv_flops_match_torchs_flop_counter():
