@@ -103,6 +103,9 @@ def test_convs_that_beat_the_matmul_probe_leave_nothing_above_the_peak():
     assert "no ceiling on this device" in ceiling_sentence(
         {"share_of_peak": 0.9, "matmul_share_of_step": 0.6, "share_if_matmuls_at_peak": 0.9,
          "matmuls_above_peak": True})
+    assert "With every conv" in ceiling_sentence(  # as read back from devices.csv
+        {"share_of_peak": 0.3, "matmul_share_of_step": 0.6, "share_if_matmuls_at_peak": 0.43,
+         "matmuls_above_peak": "False"})
 
 
 def test_conv_flops_match_torchs_flop_counter():

@@ -254,7 +254,7 @@ def peak_gap(ops: list[dict], step_seconds: float, step_flops: float, peak_flops
 
 def ceiling_sentence(row: dict) -> str:
     """One line on a ``bench.devices`` row with a peak gap: its share, its convs' share of the step, its ceiling."""
-    if row.get("matmuls_above_peak"):
+    if row.get("matmuls_above_peak") in (True, "True"):  # a bool, or its text in a row read back from CSV
         return (f"{row['share_of_peak']:.0%} of the peak; convs + GEMMs take {row['matmul_share_of_step']:.0%} of "
                 f"the step and already run above the matmul probe's peak, which is no ceiling on this device.")
     return (f"{row['share_of_peak']:.0%} of the peak; convs + GEMMs take {row['matmul_share_of_step']:.0%} of the "
