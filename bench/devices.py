@@ -132,7 +132,7 @@ def _main(args) -> int:
             for bs in args.batch_size:
                 # What training would use: the flags, else a stored measurement, else the rule. The ladder
                 # climbs to it, so a CPU without bf16 units gets a ladder without a bf16 rung.
-                speed = resolve_speed(arch, device, args.precision, "auto")
+                speed = None if args.choose else resolve_speed(arch, device, args.precision, "auto")
                 if args.ablation:
                     console.print(f"  {arch}: the default path on {dev} is {speed.precision}, "
                                   f"{'channels_last' if speed.channels_last else 'NCHW'} ({speed.source})",
@@ -152,7 +152,7 @@ def _main(args) -> int:
                                      flops=flops[arch], peak_flops=peaks[case.precision])
                     row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" \
                         else env["cpu_model"]
-                    if not args.choose:  # why the default path (and the ladder's top) is what it is
+                    if speed is not None:  # why the default path (and the ladder's top) is what it is
                         row["choice_source"] = speed.source
                     rows.append(row)
                     timed.append(row)

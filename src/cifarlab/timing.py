@@ -124,9 +124,9 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 2
         t0 = time.perf_counter()
         torch.mm(small, small)
         synchronize(device)
-        expected = (time.perf_counter() - t0) * (n / PROBE_SIZE) ** 3
-        if expected > max_product_seconds:
-            fits = PROBE_SIZE * (max_product_seconds / expected * (n / PROBE_SIZE) ** 3) ** (1 / 3)
+        small_seconds = time.perf_counter() - t0
+        if small_seconds * (n / PROBE_SIZE) ** 3 > max_product_seconds:  # time grows with the cube of the side
+            fits = PROBE_SIZE * (max_product_seconds / small_seconds) ** (1 / 3)
             n = max(PROBE_SIZE, int(fits) // 64 * 64)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
