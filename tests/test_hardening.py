@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--data", "synthetic:200:40", "--val-size", "40"]
 STUDY = ["--data", "synthetic:400:60", "--val-size", "60", "--budget", "smoke", "--seed-max-lr", "0.003",
          "--precision", "auto", "--quiet"]
-TINY = ["--train-subset", "64", "--val-size", "20"]  # a trial in about a second: these tests are about storage
+TINY = ["--train-subset", "32", "--val-size", "16"]  # one step a trial: these tests are about storage
 CLIS = {"train": train_cli.main, "lrfind": lrfind_cli.main, "onecycle": onecycle.main, "report": report_cli.main,
         "devices": devices_cli.main}
-BASE = {"train": DATA, "lrfind": DATA, "onecycle": STUDY, "report": [], "devices": DATA}
+BASE = {"train": DATA, "lrfind": DATA, "onecycle": [*STUDY, *TINY], "report": [], "devices": DATA}
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 
 
@@ -51,10 +51,10 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def stored(tmp_path_factory) -> Path:
     """An output folder holding a run, an LR range test, a study and the reports, as a user's would."""
     out = tmp_path_factory.mktemp("stored")
-    fast = ["--batch-size", "32", "--precision", "fp32", "--out", str(out)]
+    fast = ["--batch-size", "32", "--precision", "fp32", "--train-subset", "96", "--out", str(out)]
     assert train_cli.main([*DATA, *fast, "--epochs", "1", "--quiet"]) == 0
     assert lrfind_cli.main([*DATA, *fast, "--steps", "5"]) == 0
-    assert onecycle.main([*STUDY, "--arch", "custom_resnet", "--trials", "1", "--out", str(out)]) == 0
+    assert onecycle.main([*STUDY, *TINY, "--arch", "custom_resnet", "--trials", "1", "--out", str(out)]) == 0
     gc.collect()  # close every SQLite connection before the bytes are taken
     return out
 
@@ -94,7 +94,7 @@ BATTERY = [
     ("onecycle", ["--storage", UNREACHABLE_PG], "cannot reach the study storage"),
     ("onecycle", ["--weight-decay", "0.01", "--trials", "2"], "exists with another fixed"),
     ("onecycle", ["--data", "{missing}"], "does not exist"),
-    ("onecycle", ["--train-subset", "100000"], "--train-subset asks for 100000 images but only 340 are available"),
+    ("onecycle", ["--train-subset", "100000"], "--train-subset asks for 100000 images but only 384 are available"),
     # studies.train
     ("train", ["--arch", "vgg"], "unknown architecture 'vgg'; valid: custom_resnet, resnet18"),
     ("train", ["--optimizer", "lion"], "unknown optimizer 'lion'"),
@@ -375,6 +375,7 @@ def test_load_two_machines_of_two_workers_on_postgresql(tmp_path, postgres_url):
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter")  # the enqueued LR lies far outside the search range
 def test_a_trial_configured_to_diverge_is_pruned_with_its_reason(tmp_path):
+    # the smoke budget's 256 images: two steps of the enqueued batch of 128, so that the first update can blow up
     base = [*STUDY, "--arch", "custom_resnet", "--no-report", "--out", str(tmp_path)]
     assert onecycle.main([*base, "--trials", "1"]) == 0
     load(tmp_path).enqueue_trial({"optimizer": "sgd", "max_lr": 1e6, "batch_size": 128})
@@ -388,7 +389,7 @@ def test_a_trial_configured_to_diverge_is_pruned_with_its_reason(tmp_path):
 
 def test_study_names_with_html_and_shell_metacharacters_are_kept_literally(tmp_path):
     name = "<b>x</b>;$(touch pwned)`id`&'\""
-    code = onecycle.main([*STUDY, "--arch", "custom_resnet", "--trials", "1", "--study-name", name,
+    code = onecycle.main([*STUDY, *TINY, "--arch", "custom_resnet", "--trials", "1", "--study-name", name,
                           "--out", str(tmp_path)])
     assert code == 0
     storage = f"sqlite:///{tmp_path / 'studies' / 'studies.db'}"

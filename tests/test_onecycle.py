@@ -203,7 +203,8 @@ def test_pruned_trials_keep_their_records(tmp_path, monkeypatch):
 
 
 def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_path, capsys):
-    base = [*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--out", str(tmp_path)]
+    # 100 training images: the final runs retrain on all of them (no subset), twice
+    base = [*SYNTH, "--data", "synthetic:120:20", "--arch", "custom_resnet", "--trials", "2", "--out", str(tmp_path)]
     assert onecycle.main([*base, "--final", "--final-epochs", "1", "--final-seeds", "2"]) == 0
     out = capsys.readouterr().out
     assert "test accuracy" in out and "over 2 seed(s)" in out

@@ -25,10 +25,13 @@ SYNTH = ["--data", "synthetic:200:40", "--val-size", "40"]
 def out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reports")
     common = ["--out", str(out)]
-    assert train.main([*SYNTH, "--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--quiet", *common]) == 0
-    assert lrfind.main([*SYNTH, "--steps", "8", "--batch-size", "32", "--precision", "fp32", *common]) == 0
-    assert onecycle.main([*SYNTH, "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet", "--seed-max-lr",
-                          "0.003", "--precision", "fp32", "--study-name", EVIL, "--quiet", *common]) == 0
+    # Small subsets: these tests are about the pages, not the figures on them.
+    assert train.main([*SYNTH, "--train-subset", "64", "--epochs", "1", "--batch-size", "32", "--precision", "fp32",
+                       "--quiet", *common]) == 0
+    assert lrfind.main([*SYNTH, "--steps", "8", "--batch-size", "16", "--precision", "fp32", *common]) == 0
+    assert onecycle.main([*SYNTH, "--train-subset", "64", "--budget", "smoke", "--trials", "3", "--arch",
+                          "custom_resnet", "--seed-max-lr", "0.003", "--precision", "fp32", "--study-name", EVIL,
+                          "--quiet", *common]) == 0
     assert devices.main([*SYNTH, "--arch", "custom_resnet", "--images", "32", "--batch-size", "32", "--repeats", "1",
                          "--warmup", "1", "--precision", "fp32", "--peak-seconds", "0.05", *common]) == 0
     return out
