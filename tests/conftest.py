@@ -10,11 +10,30 @@ import numpy as np
 import pytest
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (-n), each worker gets its share of the cores: torch's default is a thread per core in
+    every worker, and on 2 cores two workers of 2 threads each run slower than one. Subprocesses that the tests
+    start (studies, benchmarks) inherit the share through OMP_NUM_THREADS."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Decoded-array cache in a per-session temp folder: tests never touch the user's cache."""
+    """Decoded-array cache in a temp folder of this test session, shared by its xdist workers (entries are
+    written atomically): tests never touch the user's cache, and the real CIFAR-10 is decoded once a session."""
     old = os.environ.get("CIFARLAB_CACHE")
-    os.environ["CIFARLAB_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    cache = base / "cifarlab-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["CIFARLAB_CACHE"] = str(cache)
     yield
     if old is None:
         os.environ.pop("CIFARLAB_CACHE", None)
