@@ -23,13 +23,6 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Test files that hold a slow test run first: under xdist's --dist loadfile the longest file (the real-data
-    training) then starts at once, rather than last on one worker while the other has nothing left to do."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file keeps its own order
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Decoded-array cache in a temp folder of this test session, shared by its xdist workers (entries are
