@@ -536,9 +536,11 @@ def _spawn_workers(args, raw_argv, arch, study, console) -> None:
     """K processes on this machine, one study; on several GPUs each worker sees only its own."""
     import torch
 
+    from cifarlab.timing import threads_per_worker
+
     argv = _strip_flags(raw_argv, {"--workers", "--arch", "--final", "--worker-index"})
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
-    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    threads = threads_per_worker(args.workers)
     procs = []
     for i in range(args.workers):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))

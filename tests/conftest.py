@@ -11,14 +11,15 @@ import pytest
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (-n), each worker gets its share of the cores: torch's default is a thread per core in
-    every worker, and on 2 cores two workers of 2 threads each run slower than one. Subprocesses that the tests
-    start (studies, benchmarks) inherit the share through OMP_NUM_THREADS."""
+    """Under pytest-xdist (-n), each worker gets its share of the cores, as studies.onecycle --workers gives its
+    workers. Subprocesses that the tests start (studies, benchmarks) inherit it through OMP_NUM_THREADS."""
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         import torch
 
-        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        from cifarlab.timing import threads_per_worker
+
+        threads = threads_per_worker(int(workers))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
 

@@ -68,6 +68,12 @@ class Timer:
         self.seconds = self.clock() - self._start
 
 
+def threads_per_worker(workers: int) -> int:
+    """Each of ``workers`` processes on this machine gets its share of the cores (at least one): torch's default
+    of a thread per core in every process makes them fight over the cores and all run slower."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
