@@ -35,6 +35,42 @@ def test_ghost_batch_norm_falls_back_on_uneven_batches_and_keeps_channels_last()
     assert bn(cl).is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_folded_ghost_batch_norm_is_the_per_ghost_batch_one(channels_last):
+    # CUDA takes the folded form (one batch_norm call, not one per ghost batch); it is run here on the CPU and
+    # must give the chunked form's output, gradients and, to first order in the momentum, running statistics.
+    torch.manual_seed(0)
+    x = torch.randn(96, 4, 6, 6) * torch.arange(1, 97).view(96, 1, 1, 1) ** 0.5 + torch.arange(96).view(96, 1, 1, 1)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    chunked, folded = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    for bn in (chunked, folded):
+        use_ghost_batch_norm(bn, 32)
+        with torch.no_grad():
+            bn.weight.copy_(torch.tensor([0.5, 1.0, 1.5, 2.0]))
+            bn.bias.copy_(torch.tensor([0.0, 0.1, -0.1, 0.2]))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya = chunked(xa)
+    yb = folded.forward_folded(xb, 3, 0.1)
+    assert yb.shape == x.shape and yb.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.allclose(ya, yb, atol=1e-5)
+    # each run of 32 images comes out centred on its own (the three have means near 15, 47 and 79)
+    assert yb[32:64].mean(dim=(0, 2, 3)).sub(folded.bias).abs().max() < 1e-4
+    grad = torch.randn_like(x)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-5)
+    assert torch.allclose(chunked.weight.grad, folded.weight.grad, atol=1e-4)
+    assert torch.allclose(chunked.bias.grad, folded.bias.grad, atol=1e-4)
+    # one step moves the running statistics by the momentum x the mean of the ghost batches' statistics ...
+    groups = x.detach().view(3, 32, 4, 6, 6)
+    assert torch.allclose(folded.running_mean, 0.1 * groups.mean(dim=(1, 3, 4)).mean(0), rtol=1e-4)
+    assert torch.allclose(folded.running_var, 0.9 + 0.1 * groups.var(dim=(1, 3, 4)).mean(0), rtol=1e-4)
+    # ... where the chunked form moves them in three steps of a third: the same to first order in the momentum
+    assert torch.allclose(chunked.running_mean, folded.running_mean, rtol=0.03)
+    assert torch.allclose(chunked.running_var, folded.running_var, rtol=0.03)
+
+
 @pytest.mark.parametrize("arch", list_models())
 def test_swaps_keep_parameters_and_change_the_function(arch):
     torch.manual_seed(0)

@@ -18,9 +18,18 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     """Batch norm whose training statistics come from ghost batches of ``ghost_batch`` images each.
 
     Smaller batches give noisier statistics, which regularise (Hoffer et al. 2017; Page's recipe uses 32 images
-    of a 512 batch). Each ghost batch updates the running statistics with ``momentum / ghost batches``, so that
-    one step moves them as far as plain batch norm does; evaluation uses them as usual. A batch that does not
-    split evenly is normalised whole.
+    of a 512 batch). The ghost batches are consecutive runs of ``ghost_batch`` images. One step moves the running
+    statistics as far as plain batch norm does, by the mean of the ghost batches' statistics; evaluation uses
+    them as usual. A batch that does not split evenly is normalised whole.
+
+    Two ways to compute the same thing, by device. On the CPU one ``batch_norm`` per ghost batch (chunks are views
+    in NCHW and channels-last alike): each kernel runs in the calling thread, and this was 7-12% faster than the
+    folded form on a 2-core EPYC. On CUDA the 16 calls per layer and their backward are 16 times the kernel
+    launches, and a launch-bound GPU step waits on every one of them; there the ghost batches are folded into the
+    channels and normalised by one call. On an H200 (custom ResNet, batch 512, bf16) that trained 48,015 img/s
+    against the chunked form's 25,231 in channels_last, and 52,740 against 33,031 in NCHW, where the fold is a
+    view and the step as fast as with plain batch norm (51,395); in channels_last its copies in and out cost
+    against plain batch norm's 90,312.
     """
 
     ghost_batch: int = 32
@@ -32,10 +41,29 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-        momentum = (self.momentum if self.momentum is not None else 0.1) / splits
-        # Chunks along the batch are views in NCHW and channels-last alike.
+        momentum = self.momentum if self.momentum is not None else 0.1
+        if x.is_cuda:
+            return self.forward_folded(x, splits, momentum)
         return torch.cat([F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias, True,
-                                       momentum, self.eps) for chunk in x.chunk(splits)])
+                                       momentum / splits, self.eps) for chunk in x.chunk(splits)])
+
+    def forward_folded(self, x: torch.Tensor, splits: int, momentum: float) -> torch.Tensor:
+        """One ``batch_norm`` call: ghost batch ``s``'s channels become channels ``s*C .. s*C + C-1`` of a batch of
+        ``ghost_batch`` images. The running statistics move by ``momentum`` x the mean over the ghost batches."""
+        n, c, h, w = x.shape
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        folded = x.view(splits, n // splits, c, h, w).transpose(0, 1).reshape(n // splits, splits * c, h, w)
+        mean = self.running_mean.repeat(splits) if self.running_mean is not None else None
+        var = self.running_var.repeat(splits) if self.running_var is not None else None
+        weight = self.weight.repeat(splits) if self.weight is not None else None
+        bias = self.bias.repeat(splits) if self.bias is not None else None
+        y = F.batch_norm(folded, mean, var, weight, bias, True, momentum, self.eps)
+        if mean is not None and var is not None:
+            with torch.no_grad():
+                self.running_mean.copy_(mean.view(splits, c).mean(0))
+                self.running_var.copy_(var.view(splits, c).mean(0))
+        y = y.view(n // splits, splits, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 def use_ghost_batch_norm(model: nn.Module, ghost_batch: int) -> int:
