@@ -213,6 +213,12 @@ def _main(args) -> int:
     return 0
 
 
+def _ms(ms: float) -> str:
+    """Milliseconds to three significant figures: a CUDA step's parts are fractions of a millisecond, a CPU's
+    hundreds of milliseconds."""
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
+
+
 def _matmul_peaks(device, seconds: float) -> dict[str, float]:
     """Dense-matmul FLOP/s per precision, ``seconds`` of products each after as long a warm-up."""
     import torch
@@ -277,7 +283,7 @@ def _print_peak_gaps(console, frame, gaps, Table) -> None:
         for c in ("part of the step", "ms / step", "share"):
             table.add_column(c, justify="right")
         for _, r in grp.iterrows():
-            table.add_row(r["part"], f"{r['seconds_per_step'] * 1e3:.0f}", f"{r['share']:.1%}")
+            table.add_row(r["part"], _ms(r["seconds_per_step"] * 1e3), f"{r['share']:.1%}")
         console.print(table)
         console.print(f"  {arch}: {ceiling_sentence(row)}", highlight=False)
 
@@ -330,7 +336,7 @@ def _print_breakdown(console, ops, convs, Table) -> None:
             table.add_column(c, justify="right")
         for _, r in grp.iterrows():
             if r["seconds_per_step"] > 0:
-                table.add_row(r["category"], f"{r['seconds_per_step'] * 1e3:.0f}", f"{r['share']:.1%}")
+                table.add_row(r["category"], _ms(r["seconds_per_step"] * 1e3), f"{r['share']:.1%}")
         console.print(table)
         layers = convs[(convs["arch"] == arch) & (convs["device"] == dev) & (convs["batch_size"] == bs)]
         table = Table(title=f"{arch}: each convolution alone, batch {bs} (TFLOP/s by pass)")
@@ -340,9 +346,11 @@ def _print_breakdown(console, ops, convs, Table) -> None:
         for _, r in layers.iterrows():
             def f(v, spec):
                 return "—" if v != v else format(v, spec)  # NaN: the first layer needs no input gradient
+            def ms(v):
+                return "—" if v != v else _ms(v)
             table.add_row(r["layer"], f"{r['in_shape']} → {r['out_shape']}", str(r.get("kernel", "")),
-                          f(r["forward_ms"], ".0f"),
-                          f(r["input_grad_ms"], ".0f"), f(r["weight_grad_ms"], ".0f"), f(r["forward_tflops"], ".2f"),
+                          ms(r["forward_ms"]), ms(r["input_grad_ms"]), ms(r["weight_grad_ms"]),
+                          f(r["forward_tflops"], ".2f"),
                           f(r["input_grad_tflops"], ".2f"), f(r["weight_grad_tflops"], ".2f"),
                           f(r.get("share_of_peak", float("nan")), ".0%"))
         console.print(table)

@@ -252,3 +252,8 @@ def test_images_auto_times_a_whole_epoch_on_cuda_and_2048_images_on_the_cpu():
     assert devices._images("auto", 45_000, "cuda") == 45_000
     assert devices._images("auto", 1_000, "cpu") == 1_000  # never more than the split holds
     assert devices._images("512", 45_000, "cuda") == 512
+
+
+def test_breakdown_milliseconds_keep_three_figures():
+    # A CUDA step's parts are fractions of a millisecond: rounded to whole milliseconds they all printed as 0.
+    assert [devices._ms(v) for v in (0.0123, 1.234, 12.34, 573.2, 1234.5)] == ["0.0123", "1.23", "12.3", "573", "1234"]
