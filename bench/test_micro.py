@@ -5,6 +5,7 @@ import torch
 
 from cifarlab.augment import BatchAugmenter, Normalization
 from cifarlab.models import create_model
+from cifarlab.models.layers import GhostBatchNorm2d, use_activation, use_ghost_batch_norm
 from cifarlab.timing import resolve_precision
 from cifarlab.train import TrainConfig, autocast, build_optimizer, evaluate
 
@@ -35,6 +36,40 @@ def test_train_step(benchmark, splits, norm, arch):
 
     benchmark.pedantic(step, rounds=5, warmup_rounds=2)
     benchmark.extra_info.update({"images": BATCH, "precision": precision})
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("memory_format", ["channels_last", "nchw"])
+@pytest.mark.parametrize("form", ["plain", "chunked", "folded"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_ghost_batch_norm_step(benchmark, monkeypatch, device, form, memory_format):
+    """The custom ResNet's training step (CELU, batch 512) with plain batch norm or ghost batches of 32, computed
+    per ghost batch or folded into one call; on an H200 the per-batch calls made the eager step launch-bound."""
+    device = torch.device(device)
+    precision = resolve_precision("auto", device)
+    model = create_model("custom_resnet")
+    use_activation(model, "celu")
+    if form != "plain":
+        use_ghost_batch_norm(model, 32)
+        monkeypatch.setattr(GhostBatchNorm2d, "form", form)
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+    model = model.to(device, memory_format=fmt)
+    batch = 512 if device.type == "cuda" else 64  # 64: still two ghost batches, a CPU step in seconds
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step():
+        with autocast(device, precision):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=7 if device.type == "cuda" else 3, iterations=5 if device.type == "cuda" else 1,
+                       warmup_rounds=2)
+    benchmark.extra_info.update({"images": batch, "precision": precision})
 
 
 def test_augment_batch(benchmark, splits, norm):

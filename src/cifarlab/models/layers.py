@@ -33,6 +33,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     """
 
     ghost_batch: int = 32
+    form: str = "auto"  # "chunked", "folded", or "auto": folded on CUDA, chunked elsewhere (set for benchmarks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -42,7 +43,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 0.1
-        if x.is_cuda:
+        if self.form == "folded" or (self.form == "auto" and x.is_cuda):
             return self.forward_folded(x, splits, momentum)
         return torch.cat([F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias, True,
                                        momentum / splits, self.eps) for chunk in x.chunk(splits)])
