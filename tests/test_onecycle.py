@@ -35,8 +35,9 @@ def finished(study) -> int:
 
 @pytest.mark.realdata
 def test_smoke_study_on_real_subset_end_to_end(real_data_path, tmp_path, capsys):
+    # half the smoke budget's 256 + 256 images a trial: the test is about the study on real files, not its figures
     argv = ["--data", str(real_data_path), "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet",
-            "--seed-max-lr", "0.002", "--out", str(tmp_path), "--quiet"]
+            "--train-subset", "128", "--val-size", "128", "--seed-max-lr", "0.002", "--out", str(tmp_path), "--quiet"]
     assert onecycle.main(argv) == 0
     out = capsys.readouterr().out
     assert "onecycle-custom_resnet: 3 finished" in out and "seed" in out

@@ -31,13 +31,14 @@ def quick(**kw):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_short_training_on_real_subset_learns(real_data_path):
-    # 1,024 images in 48 steps of 64: val accuracy 0.42-0.47 over seeds 0-2 on an fp32 CPU (85 s there); batches
-    # of 128 on as many images stopped at 0.22-0.25, too close to the bar below.
-    splits = load_splits(real_data_path, val_size=500, seed=0).with_train_subset(1024, seed=0)
-    result = fit(TrainConfig(epochs=3, batch_size=64, max_lr=0.1, label_smoothing=0.0), splits)
+    # 1,024 images, 2 epochs of 32 steps of 32: val accuracy 0.36-0.40 and a last-epoch loss 0.79-0.81x the first
+    # over seeds 0-2 on an fp32 CPU (60 s there on two threads; 3 epochs in steps of 64 took 85 s for 0.42-0.47;
+    # batches of 128 on as many images stopped at 0.22-0.25, too close to the bar below).
+    splits = load_splits(real_data_path, val_size=400, seed=0).with_train_subset(1024, seed=0)
+    result = fit(TrainConfig(epochs=2, batch_size=32, max_lr=0.1, label_smoothing=0.0), splits)
     losses = [r.train_loss for r in result.records]
     assert losses[-1] < losses[0] * 0.9, losses
-    assert result.records[-1].val_accuracy > 0.25  # chance is 0.10 on 500 held-out real images
+    assert result.records[-1].val_accuracy > 0.25  # chance is 0.10 on 400 held-out real images
     assert all(r.images_per_second > 0 and r.epoch_seconds > 0 for r in result.records)
 
 
@@ -46,10 +47,10 @@ def _metrics(result):
 
 
 def test_same_seed_same_metrics_on_cpu(small):
-    a = fit(quick(seed=7), small)
-    b = fit(quick(seed=7), small)
+    a = fit(quick(seed=7, epochs=1), small)  # one epoch: 3 steps, a validation and the records
+    b = fit(quick(seed=7, epochs=1), small)
     assert _metrics(a) == _metrics(b)
-    c = fit(quick(seed=8), small)
+    c = fit(quick(seed=8, epochs=1), small)
     assert _metrics(c) != _metrics(a)
 
 
