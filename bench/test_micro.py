@@ -45,8 +45,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.mark.parametrize("form", ["plain", "chunked", "folded"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_ghost_batch_norm_step(benchmark, monkeypatch, device, form, memory_format):
-    """The custom ResNet's training step (CELU, batch 512) with plain batch norm or ghost batches of 32, computed
-    per ghost batch or folded into one call; on an H200 the per-batch calls made the eager step launch-bound."""
+    """The custom ResNet's training step (CELU; batch 512 on CUDA, 64 on the CPU) with plain batch norm or ghost
+    batches of 32, computed per ghost batch or folded into one call; on an H200 the per-batch calls made the eager
+    step launch-bound."""
     device = torch.device(device)
     precision = resolve_precision("auto", device)
     model = create_model("custom_resnet")
