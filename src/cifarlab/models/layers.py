@@ -53,10 +53,9 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
         n, c, h, w = x.shape
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
         folded = x.view(splits, n // splits, c, h, w).transpose(0, 1).reshape(n // splits, splits * c, h, w)
-        mean = self.running_mean.repeat(splits) if self.running_mean is not None else None
-        var = self.running_var.repeat(splits) if self.running_var is not None else None
-        weight = self.weight.repeat(splits) if self.weight is not None else None
-        bias = self.bias.repeat(splits) if self.bias is not None else None
+        # each of C channels' buffers and parameters, once per ghost batch
+        mean, var, weight, bias = (t.repeat(splits) if t is not None else None
+                                   for t in (self.running_mean, self.running_var, self.weight, self.bias))
         y = F.batch_norm(folded, mean, var, weight, bias, True, momentum, self.eps)
         if mean is not None and var is not None:
             with torch.no_grad():
