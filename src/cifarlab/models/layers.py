@@ -49,19 +49,10 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
 
     def forward_folded(self, x: torch.Tensor, splits: int, momentum: float) -> torch.Tensor:
         """One ``batch_norm`` call: ghost batch ``s``'s channels become channels ``s*C .. s*C + C-1`` of a batch of
-        ``ghost_batch`` images. The running statistics move by ``momentum`` x the mean over the ghost batches.
-
-        One copy in and one out, in either memory format: a channels-last input, whose memory runs (ghost batch,
-        image, row, column, channel), is folded by moving the ghost-batch index next to the channel, which leaves
-        the folded batch channels-last too (two copies fewer than folding through NCHW and back)."""
+        ``ghost_batch`` images. The running statistics move by ``momentum`` x the mean over the ghost batches."""
         n, c, h, w = x.shape
-        g = n // splits
         channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        if channels_last:
-            folded = (x.permute(0, 2, 3, 1).reshape(splits, g, h, w, c).permute(1, 2, 3, 0, 4)
-                      .reshape(g, h, w, splits * c).permute(0, 3, 1, 2))
-        else:
-            folded = x.view(splits, g, c, h, w).transpose(0, 1).reshape(g, splits * c, h, w)
+        folded = x.view(splits, n // splits, c, h, w).transpose(0, 1).reshape(n // splits, splits * c, h, w)
         # each of C channels' buffers and parameters, once per ghost batch
         mean, var, weight, bias = (t.repeat(splits) if t is not None else None
                                    for t in (self.running_mean, self.running_var, self.weight, self.bias))
@@ -70,10 +61,8 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.running_mean.copy_(mean.view(splits, c).mean(0))
                 self.running_var.copy_(var.view(splits, c).mean(0))
-        if channels_last:
-            return (y.permute(0, 2, 3, 1).reshape(g, h, w, splits, c).permute(3, 0, 1, 2, 4)
-                    .reshape(n, h, w, c).permute(0, 3, 1, 2))
-        return y.view(g, splits, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        y = y.view(n // splits, splits, c, h, w).transpose(0, 1).reshape(n, c, h, w)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
 
 
 def use_ghost_batch_norm(model: nn.Module, ghost_batch: int) -> int:
