@@ -322,7 +322,7 @@ def _print_table(console, frame, Table) -> None:
         def fmt(v, spec):
             return "—" if v != v else format(v, spec)  # NaN
         table.add_row(r["arch"], r["device"], r["step"], str(int(r["batch_size"])), f"{r['images_per_second']:.0f}",
-                      f"±{r['spread_pct']:.0f}%", f"{r['epoch_50k_seconds']:.0f} ({r['epoch_kind'][0]})",
+                      f"{r['spread_pct']:.0f}%", f"{r['epoch_50k_seconds']:.0f} ({r['epoch_kind'][0]})",
                       f"{r['data_share']:.1%}", f"{r['share_of_peak']:.0%}", fmt(r["speedup_vs_baseline"], ".1f"),
                       fmt(r["speedup_vs_cpu"], ".1f"), f"{r['peak_memory_mb']:.0f}")
     console.print(table)

@@ -30,6 +30,14 @@ def test_pick_fastest_keeps_the_rule_on_a_near_tie():
     assert pick_fastest(rows, rule=("bf16", True)) is rows[0]  # 11% apart: the measurement wins
 
 
+def test_pick_fastest_keeps_the_rule_within_the_measured_spread():
+    # the H200's four combinations: fp32 channels_last 4% ahead of the rule's bf16 channels_last, spreads 8 and 6%
+    rows = [{**combo("fp32", True, 41_720), "spread_pct": 8.0}, {**combo("bf16", True, 40_127), "spread_pct": 6.0}]
+    assert pick_fastest(rows, rule=("bf16", True)) is rows[1]
+    steady = [{**r, "spread_pct": 1.0} for r in rows]  # the same medians, repeated closely: 4% is a real lead
+    assert pick_fastest(steady, rule=("bf16", True)) is steady[0]
+
+
 def test_no_measurement_falls_back_to_the_rule():
     speed = resolve_speed("custom_resnet", CPU, "fp32", "auto")
     assert (speed.precision, speed.channels_last) == ("fp32", False)
