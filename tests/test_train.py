@@ -31,15 +31,24 @@ def quick(**kw):
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_short_training_on_real_subset_learns(real_data_path):
-    # 1,024 images, 2 epochs of 32 steps of 32: val accuracy 0.36-0.40 and a last-epoch loss 0.79-0.81x the first
-    # over seeds 0-2 on an fp32 CPU (60 s there on two threads; 3 epochs in steps of 64 took 85 s for 0.42-0.47;
-    # batches of 128 on as many images stopped at 0.22-0.25, too close to the bar below).
+    # One epoch of 32 steps of 32 on 1,024 real images: over seeds 0-2 (subsets drawn with the seed) on an fp32
+    # CPU, the last 8 steps' mean loss was 0.82-0.85x the first 8's and val accuracy 0.29-0.36 (52 s on one
+    # thread; two epochs took twice that for 0.36-0.40; peak LR 0.05 or 0.3 gave 0.22-0.28, 1.0 gave 0.14-0.22).
     splits = load_splits(real_data_path, val_size=400, seed=0).with_train_subset(1024, seed=0)
-    result = fit(TrainConfig(epochs=2, batch_size=32, max_lr=0.1, label_smoothing=0.0), splits)
-    losses = [r.train_loss for r in result.records]
-    assert losses[-1] < losses[0] * 0.9, losses
-    assert result.records[-1].val_accuracy > 0.25  # chance is 0.10 on 400 held-out real images
-    assert all(r.images_per_second > 0 and r.epoch_seconds > 0 for r in result.records)
+    means = []  # the epoch's running mean loss after each step
+
+    def on_step(epoch, step, steps, mean_loss, accuracy):
+        means.append(mean_loss)
+
+    result = fit(TrainConfig(epochs=1, batch_size=32, max_lr=0.1, label_smoothing=0.0, log_every=1), splits,
+                 on_step=on_step)
+    n, k = len(means), len(means) // 4
+    assert n == 32
+    first = means[k - 1]
+    last = (n * means[-1] - (n - k) * means[n - k - 1]) / k  # every step has 32 images
+    assert last < 0.9 * first, (first, last)
+    assert result.records[-1].val_accuracy > 0.2  # chance is 0.10 (s.d. 0.015) on 400 held-out real images
+    assert result.records[-1].images_per_second > 0 and result.records[-1].epoch_seconds > 0
 
 
 def _metrics(result):
