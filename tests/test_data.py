@@ -114,6 +114,40 @@ def test_an_unreadable_image_is_named(image_folder):
         load_raw(image_folder)
 
 
+@pytest.mark.parametrize("decoder", ["torchcodec", "pillow"])
+def test_jpeg_folders_decode_to_pillows_pixels_by_either_decoder(tmp_path, monkeypatch, decoder):
+    # TorchCodec decodes JPEGs, Pillow everything else and anything TorchCodec refuses or cannot load: the pixels
+    # must not depend on which one ran (a cached array is reused whichever wrote it).
+    from PIL import Image
+
+    import cifarlab.data as data
+
+    if decoder == "pillow":
+        monkeypatch.setattr(data, "_jpeg_decoder", lambda: None)  # as where TorchCodec cannot load
+    else:
+        assert data._jpeg_decoder() is not None
+    root = write_image_folder(tmp_path / "jpeg", ["cat", "dog"], per_class=3, ext=".jpg")
+    gray = root / "train" / "dog" / "0001.jpg"
+    Image.fromarray(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)).save(gray)  # one-channel JPEG
+    png_named_jpg = root / "test" / "cat" / "0002.jpg"
+    Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(png_named_jpg, format="PNG")
+    raw = load_raw(root, cache_dir=tmp_path / "cache")
+    files = sorted((root / "train").rglob("*.jpg")) + sorted((root / "test").rglob("*.jpg"))
+    expected = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])
+    np.testing.assert_array_equal(np.concatenate([raw.train_images, raw.test_images]), expected)
+    assert raw.train_images[4].std(axis=2).max() == 0  # the gray image came out as three equal channels
+    assert raw.test_images[2].min() == 200 and raw.resized == 0
+
+
+def test_a_damaged_jpeg_is_named(tmp_path):
+    root = write_image_folder(tmp_path / "jpeg", ["cat", "dog"], per_class=2, ext=".jpg")
+    bad = root / "train" / "cat" / "0001.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(data[:len(data) * 6 // 10])  # cut off mid-scan, as an interrupted copy leaves it
+    with pytest.raises(DataError, match=r"cannot read image .*cat/0001\.jpg"):
+        load_raw(root, cache_dir=tmp_path / "cache")
+
+
 def test_torchvision_without_network_or_local_copy_is_a_clear_error(tmp_path, monkeypatch):
     import torchvision.datasets
 
