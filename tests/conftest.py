@@ -103,3 +103,17 @@ def write_image_folder(root: Path, classes_train, classes_test=None, per_class: 
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "tiny", ["cat", "dog", "frog"])
+
+
+# The study command the hardening and fault tests run: a synthetic set, the smoke budget, one step a trial.
+REPO = Path(__file__).resolve().parents[1]
+STUDY = ["--data", "synthetic:400:60", "--val-size", "60", "--budget", "smoke", "--seed-max-lr", "0.003",
+         "--precision", "auto", "--quiet"]
+TINY = ["--train-subset", "32", "--val-size", "16"]  # one step a trial: these tests are about storage
+
+
+def load_study_at(out: Path):
+    """The custom ResNet's study under ``out``'s default SQLite storage."""
+    import optuna
+
+    return optuna.load_study(study_name="onecycle-custom_resnet", storage=f"sqlite:///{out / 'studies' / 'studies.db'}")

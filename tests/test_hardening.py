@@ -1,5 +1,5 @@
-"""Hardening: bad input to every CLI, kills at chosen and at random moments, load on both storages, secrets,
-escaping and reproducibility. The README's "Reliability" section names these tests.
+"""Hardening: bad input to every CLI, secrets, escaping and reproducibility (kills and load are in
+test_faults.py). The README's "Reliability" section names these tests.
 
 Every bad input must give one or two lines naming the problem, exit status 2, no traceback, and leave the
 results already stored byte for byte as they were.
@@ -8,21 +8,12 @@ results already stored byte for byte as they were.
 from __future__ import annotations
 
 import gc
-import json
-import os
-import random
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
-from conftest import write_image_folder
-from PIL import Image
+from conftest import REPO, STUDY, TINY, load_study_at, write_image_folder
 
 from bench import devices as devices_cli
 from studies import lrfind as lrfind_cli
@@ -30,11 +21,7 @@ from studies import onecycle
 from studies import report as report_cli
 from studies import train as train_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--data", "synthetic:200:40", "--val-size", "40"]
-STUDY = ["--data", "synthetic:400:60", "--val-size", "60", "--budget", "smoke", "--seed-max-lr", "0.003",
-         "--precision", "auto", "--quiet"]
-TINY = ["--train-subset", "32", "--val-size", "16"]  # one step a trial: these tests are about storage
 CLIS = {"train": train_cli.main, "lrfind": lrfind_cli.main, "onecycle": onecycle.main, "report": report_cli.main,
         "devices": devices_cli.main}
 BASE = {"train": DATA, "lrfind": DATA, "onecycle": [*STUDY, *TINY], "report": [], "devices": DATA}
@@ -181,211 +168,6 @@ def test_an_unwritable_output_folder_is_refused_by_every_cli(stored, capsys):
     assert snapshot(stored) == before
 
 
-# ------------------------------------------------------------------------------------------------- faults
-
-
-def run_study(out: Path, trials: int, *extra: str, fault: str | None = None, timeout: int = 600):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    env.pop("CIFARLAB_FAULT", None)
-    if fault:
-        env["CIFARLAB_FAULT"] = fault
-    argv = [sys.executable, "-m", "studies.onecycle", *STUDY, *TINY, "--arch", "custom_resnet",
-            "--trials", str(trials), "--heartbeat", "1", "--out", str(out), *extra]
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env,
-                          preexec_fn=_default_sigint)
-
-
-def _default_sigint() -> None:
-    """A shell starts background jobs with SIGINT ignored, and children inherit that: Ctrl-C must reach the study."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def load(out: Path) -> optuna.Study:
-    return optuna.load_study(study_name="onecycle-custom_resnet", storage=f"sqlite:///{out / 'studies' / 'studies.db'}")
-
-
-def finished_trials(study) -> dict[int, tuple]:
-    return {t.number: (t.params, t.value, t.state.name) for t in study.get_trials(deepcopy=False)
-            if t.state.name in ("COMPLETE", "PRUNED")}
-
-
-def assert_intact(out: Path, trials: int) -> optuna.Study:
-    """Exactly ``trials`` finished, SQLite intact, Optuna's own CLI reads it, every report image decodes."""
-    db = out / "studies" / "studies.db"
-    with sqlite3.connect(db) as con:
-        assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    study = load(out)
-    assert len(finished_trials(study)) == trials
-    cli = Path(sys.executable).with_name("optuna")
-    proc = subprocess.run([str(cli), "studies", "--storage", f"sqlite:///{db}", "-f", "json"], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stderr
-    assert {s["name"]: s["n_trials"] for s in json.loads(proc.stdout)}["onecycle-custom_resnet"] == len(study.trials)
-    index = (out / "index.html").read_text()
-    assert "onecycle-custom_resnet" in index
-    for png in out.rglob("*.png"):
-        with Image.open(png) as im:
-            im.load()
-    return study
-
-
-# Each fault hits the rerun of the one before, so that four faults cost five study processes rather than eight:
-# (fault, exit status, reason stored on the interrupted trial; None where no trial is interrupted).
-FAULTS = [("epoch:2", -signal.SIGKILL, "no heartbeat"),  # SIGKILL during a trial
-          ("store:2", -signal.SIGKILL, "no heartbeat"),  # SIGKILL while a trial's result is stored
-          ("epoch:2:INT", 130, "Ctrl-C"),  # Ctrl-C during a trial
-          ("report:1", -signal.SIGKILL, None)]  # SIGKILL while the reports are written
-KILLED_TRIALS = 5
-
-
-def test_a_killed_study_resumes_with_nothing_lost(tmp_path):
-    kept: dict[int, tuple] = {}
-    for fault, exit_code, _ in FAULTS:
-        # No wait needed: a trial a kill left running goes stale after 3 heartbeats of 1 s, and the next run
-        # waits for that before it counts the study as complete.
-        run = run_study(tmp_path, KILLED_TRIALS, fault=fault)
-        assert run.returncode == exit_code, (fault, run.stderr[-3000:])
-        now = finished_trials(load(tmp_path))
-        assert {n: now[n] for n in kept} == kept, fault  # no finished trial lost or changed
-        # A kill during a trial leaves the study short; the report kill comes after its last trial is stored.
-        assert (len(now) == KILLED_TRIALS) == fault.startswith("report"), (fault, len(now))
-        kept = now
-    final = run_study(tmp_path, KILLED_TRIALS)
-    assert final.returncode == 0, final.stderr[-3000:]
-    study = assert_intact(tmp_path, KILLED_TRIALS)
-    now = finished_trials(study)
-    assert {n: now[n] for n in kept} == kept
-    interrupted = [t for t in study.trials if t.state.name == "FAIL"]
-    reasons = [t.user_attrs["fail_reason"] for t in interrupted]
-    expected = [reason for _, _, reason in FAULTS if reason]
-    assert len(reasons) == len(expected), reasons  # one interrupted trial per kill during a trial
-    for reason in set(expected):
-        assert sum(reason in r for r in reasons) == expected.count(reason), reasons
-    for trial in interrupted:
-        retried = [t for t in study.trials if t.number > trial.number and t.params == trial.params
-                   and t.state.name in ("COMPLETE", "PRUNED")]
-        assert retried, f"the configuration of interrupted trial {trial.number} was not tried again"
-
-
-def test_sigkill_at_random_moments_then_rerun_completes(tmp_path):
-    rng = random.Random(20261125)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    argv = [sys.executable, "-m", "studies.onecycle", *STUDY, *TINY, "--arch", "custom_resnet", "--trials", "6",
-            "--heartbeat", "1", "--out", str(tmp_path)]
-    seen: dict[int, tuple] = {}
-    for _ in range(3):
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rng.uniform(3.0, 9.0))  # torch's import takes about 3 s: the kills land in the study
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        db = tmp_path / "studies" / "studies.db"
-        if db.exists():
-            with sqlite3.connect(db) as con:
-                assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-            try:
-                now = finished_trials(load(tmp_path))
-            except KeyError:  # killed before the study was created
-                now = {}
-            assert {n: now[n] for n in seen} == seen
-            seen = now
-    final = run_study(tmp_path, 6)
-    assert final.returncode == 0, final.stderr[-3000:]
-    study = assert_intact(tmp_path, 6)
-    assert {n: finished_trials(study)[n] for n in seen} == seen
-
-
-# --------------------------------------------------------------------------------------------------- load
-
-
-LOAD_TRIALS = 8  # two per worker: each trial writes its start, heartbeats, epochs and end, so they contend
-LOAD = [*STUDY, "--arch", "custom_resnet", "--trials", str(LOAD_TRIALS), "--train-subset", "32", "--val-size", "16"]
-BAD_OUTPUT = ("database is locked", "OperationalError", "could not connect", "Traceback")
-
-
-def _assert_counts(study: optuna.Study) -> None:
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    assert len(done) == LOAD_TRIALS
-    assert len({t._trial_id for t in trials}) == len(trials) == len({t.number for t in trials})
-    assert sorted(t.number for t in trials) == list(range(len(trials)))  # none lost
-    assert all(t.state.name != "RUNNING" for t in trials)
-    # A FAIL is only ever a stood-down duplicate start, never a lost result.
-    assert all("not needed" in t.user_attrs.get("fail_reason", "") for t in trials if t.state.name == "FAIL")
-    workers = {t.user_attrs.get("worker") for t in done}
-    assert len(workers) >= 2, workers
-    # Every finished trial tried a configuration of its own: processes with the same --seed must not draw the
-    # same sequence (trial 0, the seed configuration, is drawn by no one).
-    configs = [tuple(sorted(t.params.items())) for t in done]
-    assert len(set(configs)) == len(configs), sorted(configs)
-
-
-def _assert_clean_output(text: str, workers: int) -> None:
-    assert f"{workers} workers started" in text
-    for bad in BAD_OUTPUT:
-        assert bad not in text, text[-3000:]
-
-
-def test_load_four_workers_on_the_embedded_storage(tmp_path):
-    url = f"sqlite:///{tmp_path / 'load.db'}"
-    proc = subprocess.run([sys.executable, "-m", "studies.onecycle", *LOAD, "--workers", "4", "--storage", url,
-                           "--study-name", "load", "--no-report", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-3000:]
-    _assert_clean_output(text, 4)
-    _assert_counts(optuna.load_study(study_name="load-custom_resnet", storage=url))
-
-
-@pytest.mark.postgres
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_load_two_machines_of_two_workers_on_postgresql(tmp_path, postgres_url):
-    """The README's recipe for machines: the same command, two workers each, on each of two "machines" at once,
-    reports included, so that every file they write can be searched for the password too."""
-    url, password = postgres_url
-    name = f"load{int(time.time() * 1000) % 10**9}"
-    argv = [sys.executable, "-m", "studies.onecycle", *LOAD, "--workers", "2", "--storage", url,
-            "--study-name", name]
-    procs = [subprocess.Popen([*argv, "--out", str(tmp_path / f"machine{k}")], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-             for k in range(2)]
-    outputs = [p.communicate(timeout=1200) for p in procs]
-    texts = [o + e for o, e in outputs]
-    assert [p.returncode for p in procs] == [0, 0], [t[-3000:] for t in texts]
-    for text in texts:
-        _assert_clean_output(text, 2)
-        assert password not in text and "***" in text
-    storage = optuna.storages.RDBStorage(url)
-    try:
-        study = optuna.load_study(study_name=f"{name}-custom_resnet", storage=storage)
-        _assert_counts(study)
-        attrs = repr(study.user_attrs) + "".join(repr(t.user_attrs) + repr(t.system_attrs) for t in study.trials)
-        assert password not in attrs
-        written = [path for path in tmp_path.rglob("*") if path.is_file()]
-        assert any(path.name == "index.html" for path in written)
-        for path in written:
-            assert password.encode() not in path.read_bytes(), path
-    finally:
-        storage.engine.dispose()  # close psycopg connections inside this test, not in a later one
-        gc.collect()
-
-
-# ------------------------------------------------------------------------------------- divergence, secrets
-
-
-@pytest.mark.filterwarnings("ignore:Fixed parameter")  # the enqueued LR lies far outside the search range
-def test_a_trial_configured_to_diverge_is_pruned_with_its_reason(tmp_path):
-    # the smoke budget's 256 images: two steps of the enqueued batch of 128, so that the first update can blow up
-    base = [*STUDY, "--arch", "custom_resnet", "--no-report", "--out", str(tmp_path)]
-    assert onecycle.main([*base, "--trials", "1"]) == 0
-    load(tmp_path).enqueue_trial({"optimizer": "sgd", "max_lr": 1e6, "batch_size": 128})
-    assert onecycle.main([*base, "--trials", "3"]) == 0
-    study = load(tmp_path)
-    (diverged,) = [t for t in study.trials if t.params["max_lr"] == 1e6]
-    assert diverged.state.name == "PRUNED"
-    assert diverged.user_attrs["pruned_reason"].startswith("diverged: training loss became")
-    assert len(finished_trials(study)) == 3  # and the study went on
-
 
 def test_study_names_with_html_and_shell_metacharacters_are_kept_literally(tmp_path):
     name = "<b>x</b>;$(touch pwned)`id`&'\""
@@ -394,7 +176,7 @@ def test_study_names_with_html_and_shell_metacharacters_are_kept_literally(tmp_p
     assert code == 0
     storage = f"sqlite:///{tmp_path / 'studies' / 'studies.db'}"
     assert [s.study_name for s in optuna.get_all_study_summaries(storage)] == [f"{name}-custom_resnet"]
-    assert not (ROOT / "pwned").exists() and not (tmp_path / "pwned").exists()
+    assert not (REPO / "pwned").exists() and not (tmp_path / "pwned").exists()
     index = (tmp_path / "index.html").read_text()
     assert "<b>x</b>" not in index and "&lt;b&gt;x&lt;/b&gt;;$(touch pwned)`id`&amp;" in index
     pages = list((tmp_path / "studies").rglob("index.html"))
@@ -410,6 +192,6 @@ def test_two_studies_with_the_same_seed_pick_and_reach_the_same(tmp_path):
         out = tmp_path / f"s{k}"
         assert onecycle.main([*STUDY, *TINY, "--arch", "custom_resnet", "--trials", "4", "--pruner", "none",
                               "--no-report", "--out", str(out)]) == 0
-        runs.append([(t.params, t.value) for t in load(out).trials])
+        runs.append([(t.params, t.value) for t in load_study_at(out).trials])
     assert runs[0] == runs[1]
     assert len({tuple(sorted(p.items())) for p, _ in runs[0]}) == 4  # four different configurations
