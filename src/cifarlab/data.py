@@ -299,7 +299,7 @@ def _list_image_folder(split_dir: Path) -> tuple[tuple[str, ...], list[tuple[str
     return classes, files
 
 
-def _decode(path: Path) -> tuple[np.ndarray, bool]:
+def _decode(path: str | Path) -> tuple[np.ndarray, bool]:
     from PIL import Image, UnidentifiedImageError
 
     try:
