@@ -125,8 +125,9 @@ STUDY = ["--data", "synthetic:400:60", "--val-size", "60", "--budget", "smoke", 
 TINY = ["--train-subset", "32", "--val-size", "16"]  # one step a trial: these tests are about storage
 
 
-def load_study_at(out: Path):
-    """The custom ResNet's study under ``out``'s default SQLite storage."""
+def load_study_at(out: Path, arch: str = "custom_resnet", url: str | None = None):
+    """``arch``'s study of the default name, in ``url`` or else ``out``'s default SQLite storage."""
     import optuna
 
-    return optuna.load_study(study_name="onecycle-custom_resnet", storage=f"sqlite:///{out / 'studies' / 'studies.db'}")
+    storage = url or f"sqlite:///{out / 'studies' / 'studies.db'}"
+    return optuna.load_study(study_name=f"onecycle-{arch}", storage=storage)

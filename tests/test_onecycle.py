@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import optuna
 import pytest
+from conftest import load_study_at as load
 
 from studies import onecycle
 from studies._storage import mask_url, open_storage, scrub
@@ -14,11 +14,6 @@ from studies._storage import mask_url, open_storage, scrub
 # 64 training images: these tests are about the study runner, not about learning (test_train.py covers that).
 SYNTH = ["--data", "synthetic:400:60", "--val-size", "20", "--train-subset", "64", "--budget", "smoke",
          "--seed-max-lr", "0.003", "--precision", "auto", "--quiet", "--no-report"]
-
-
-def load(out: Path, arch: str = "custom_resnet", url: str | None = None):
-    storage = url or f"sqlite:///{out / 'studies' / 'studies.db'}"
-    return optuna.load_study(study_name=f"onecycle-{arch}", storage=storage)
 
 
 def states(study) -> dict[str, int]:
