@@ -40,7 +40,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Decoded-array cache in a temp folder of this test session, shared by its xdist workers (entries are
-    written atomically): tests never touch the user's cache, and the real CIFAR-10 is decoded once a session."""
+    written atomically, and a cold entry decoded by one load while the others wait): tests never touch the user's
+    cache, and the real CIFAR-10 is decoded once a session."""
     old = os.environ.get("CIFARLAB_CACHE")
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -36,6 +36,38 @@ def test_real_validation_split_is_disjoint_and_seeded(real_splits, real_data_pat
     assert not np.array_equal(other.val_indices, s.val_indices)
 
 
+def test_loads_that_start_together_on_a_cold_cache_decode_once(image_folder, tmp_path, monkeypatch):
+    """As a study's workers or machines sharing a cache folder start: one decodes, the others read its entry."""
+    import threading
+    import time
+
+    import cifarlab.data as data
+
+    decoded, decode = [], data._decode_all
+
+    def slow_decode(split_dir, files):
+        decoded.append(split_dir.name)
+        time.sleep(0.3)  # every loader finds the cache empty before the first one has written it
+        return decode(split_dir, files)
+
+    monkeypatch.setattr(data, "_decode_all", slow_decode)
+    start, results = threading.Barrier(3), {}
+
+    def load(i):
+        start.wait()
+        results[i] = load_raw(image_folder, cache_dir=tmp_path / "cache")
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(decoded) == ["test", "train"]  # one load decoded each split once
+    assert sorted(r.from_cache for r in results.values()) == [False, True, True]
+    for r in results.values():
+        np.testing.assert_array_equal(r.train_images, results[0].train_images)
+
+
 def test_image_folder_loads_classes_from_the_tree(image_folder):
     s = load_splits(image_folder, val_size=3, seed=0)
     assert s.classes == ("cat", "dog", "frog")

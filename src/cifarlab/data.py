@@ -8,6 +8,7 @@ the training set; the test set is kept apart and is only read when a caller asks
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -380,13 +381,36 @@ def _image_folder(root: Path, cache: Path) -> RawSplits:
             key.update(f"{split}/{rel}\t{label}\t{size}\t{mtime}\n".encode())
     entry = cache / "imagefolder" / key.hexdigest()[:24]
     cached = _read_cache(entry)
-    if cached is not None:
-        tr_x, tr_y, te_x, te_y, meta = cached
-        return RawSplits(tr_x, tr_y, te_x, te_y, train_classes, str(root), meta.get("resized", 0), from_cache=True)
-    tr_x, tr_y, r1 = _decode_all(root / "train", train_files)
-    te_x, te_y, r2 = _decode_all(root / "test", test_files)
-    _write_cache(entry, tr_x, tr_y, te_x, te_y, {"source": str(root), "resized": r1 + r2, "classes": train_classes})
-    return RawSplits(tr_x, tr_y, te_x, te_y, train_classes, str(root), r1 + r2)
+    if cached is None:
+        with _decode_lock(entry):
+            # A study's workers, or machines sharing a cache folder, start together on a cold cache: the first
+            # decodes, the others wait here and then read what it wrote instead of decoding it all again.
+            cached = _read_cache(entry)
+            if cached is None:
+                tr_x, tr_y, r1 = _decode_all(root / "train", train_files)
+                te_x, te_y, r2 = _decode_all(root / "test", test_files)
+                meta = {"source": str(root), "resized": r1 + r2, "classes": train_classes}
+                _write_cache(entry, tr_x, tr_y, te_x, te_y, meta)
+                return RawSplits(tr_x, tr_y, te_x, te_y, train_classes, str(root), r1 + r2)
+    tr_x, tr_y, te_x, te_y, meta = cached
+    return RawSplits(tr_x, tr_y, te_x, te_y, train_classes, str(root), meta.get("resized", 0), from_cache=True)
+
+
+@contextlib.contextmanager
+def _decode_lock(entry: Path):
+    """An exclusive lock on ``entry``'s lock file while one load decodes into it (POSIX ``flock``; closing the
+    file releases it). Where no lock can be had (no ``fcntl``, an unwritable cache) loads go on unlocked: each
+    then decodes for itself, which costs time and nothing else, since cache entries are written atomically."""
+    with contextlib.ExitStack() as stack:
+        try:
+            import fcntl
+
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            fh = stack.enter_context(open(entry.parent / f"{entry.name}.lock", "a"))
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass
+        yield
 
 
 _CACHE_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
