@@ -37,7 +37,7 @@ def test_real_validation_split_is_disjoint_and_seeded(real_splits, real_data_pat
 
 
 def test_loads_that_start_together_on_a_cold_cache_decode_once(image_folder, tmp_path, monkeypatch):
-    """As a study's workers or machines sharing a cache folder start: one decodes, the others read its entry."""
+    """As study commands started together do (or machines sharing a cache folder): one decodes, the rest read it."""
     import threading
     import time
 
