@@ -383,7 +383,7 @@ def _image_folder(root: Path, cache: Path) -> RawSplits:
     cached = _read_cache(entry)
     if cached is None:
         with _decode_lock(entry):
-            # A study's workers, or machines sharing a cache folder, start together on a cold cache: the first
+            # Study commands started together (machines sharing a cache folder, the tests' xdist workers): the first
             # decodes, the others wait here and then read what it wrote instead of decoding it all again.
             cached = _read_cache(entry)
             if cached is None:
