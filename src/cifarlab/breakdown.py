@@ -14,6 +14,7 @@ views say why:
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -81,6 +82,10 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
     """
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto, the profiler's engine, logs from C++ straight to the terminal when it first starts (USDT and STAGE
+    # lines, and "ERROR ... gpuGetDeviceCount failed" on a machine with no GPU driver): noise between the
+    # benchmark's own lines. Its level is read once, at that start; a user's own setting is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
     t0 = time.perf_counter()
