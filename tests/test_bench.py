@@ -129,23 +129,23 @@ def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
     (run_dir,) = (tmp_path / "devices").iterdir()
     rows = [r for r in read_rows(run_dir / "devices.csv") if r["device"] == "cpu"]
     assert [r["step"] for r in rows] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
-                                         "+ batched in-memory data", "+ fused optimizer", "+ 4x4 convs as GEMMs",
-                                         "+ the recipe's layers"]
-    assert [r["fused_optimizer"] for r in rows] == ["False"] * 2 + ["True"] * 3
-    assert [r["matmul_convs"] for r in rows] == ["False"] * 3 + ["True"] * 2
+                                         "+ channels_last", "+ batched in-memory data", "+ fused optimizer",
+                                         "+ 4x4 convs as GEMMs", "+ the recipe's layers"]
+    assert [r["fused_optimizer"] for r in rows] == ["False"] * 3 + ["True"] * 3
+    assert [r["matmul_convs"] for r in rows] == ["False"] * 4 + ["True"] * 2
     # Every rung but the last trains the seed's layers; the last adds the default recipe's (whitening, frozen
     # BN scales, CELU, ghost batches), so the ladder shows their cost apart from the speed techniques.
-    assert [r["seed_layers"] for r in rows] == ["True"] * 4 + ["False"]
-    assert {r["precision"] for r in rows} == {"fp32"} and {r["channels_last"] for r in rows} == {"False"}
+    assert [r["seed_layers"] for r in rows] == ["True"] * 5 + ["False"]
+    assert {r["precision"] for r in rows} == {"fp32"} and [r["channels_last"] for r in rows] == ["False"] + ["True"] * 5
     assert rows[-1]["choice_source"].startswith("rule")  # no --choose measurement stored
     assert float(rows[0]["speedup_vs_baseline"]) == 1.0
     assert rows[0]["data_path"] == "dataloader" and rows[-1]["data_path"] == "batched"
     assert (run_dir / "ablation.png").is_file()
 
 
-def test_an_fp32_default_path_climbs_a_ladder_without_bf16_or_channels_last_rungs():
+def test_a_ladder_has_only_the_rungs_of_the_path_training_takes():
     # A CPU without bf16 units (AVX2 only: the bf16 matmul emulated at 1-2 GFLOP/s against fp32's 120) trains
-    # fp32 NCHW; the ladder's top must be that path, not a bf16 one that training never takes there.
+    # fp32; the ladder's top must be that path, not a bf16 one that training never takes there (NCHW by flag).
     from cifarlab.bench import ablation_ladder
 
     rungs = ablation_ladder("custom_resnet", "cpu", 32, precision="fp32", channels_last=False, with_compile=True)

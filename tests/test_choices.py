@@ -40,8 +40,9 @@ def test_pick_fastest_keeps_the_rule_within_the_measured_spread():
 
 def test_no_measurement_falls_back_to_the_rule():
     speed = resolve_speed("custom_resnet", CPU, "fp32", "auto")
-    assert (speed.precision, speed.channels_last) == ("fp32", False)
+    assert (speed.precision, speed.channels_last) == ("fp32", True)  # channels_last in fp32 too (an EPYC's 18%)
     assert speed.source.startswith("rule")
+    assert resolve_speed("custom_resnet", CPU, "fp32", "off").channels_last is False  # the seed's, by flag
 
 
 def test_flags_win_over_a_stored_measurement():
