@@ -28,15 +28,26 @@ from studies import onecycle
 # ------------------------------------------------------------------------------------------------- faults
 
 
+ONECYCLE = [sys.executable, "-m", "studies.onecycle"]
+
+
+def quiet_env() -> dict[str, str]:
+    """The environment a study process gets: this session's (its cache folder included), without warnings."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def study_argv(out: Path, trials: int) -> list[str]:
+    return [*ONECYCLE, *STUDY, *TINY, "--arch", "custom_resnet", "--trials", str(trials), "--heartbeat", "1",
+            "--out", str(out)]
+
+
 def run_study(out: Path, trials: int, *extra: str, fault: str | None = None, timeout: int = 600):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = quiet_env()
     env.pop("CIFARLAB_FAULT", None)
     if fault:
         env["CIFARLAB_FAULT"] = fault
-    argv = [sys.executable, "-m", "studies.onecycle", *STUDY, *TINY, "--arch", "custom_resnet",
-            "--trials", str(trials), "--heartbeat", "1", "--out", str(out), *extra]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
-                          preexec_fn=_default_sigint)
+    return subprocess.run([*study_argv(out, trials), *extra], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env, preexec_fn=_default_sigint)
 
 
 def _default_sigint() -> None:
@@ -58,7 +69,7 @@ def assert_intact(out: Path, trials: int) -> optuna.Study:
     assert len(finished_trials(study)) == trials
     cli = Path(sys.executable).with_name("optuna")
     proc = subprocess.run([str(cli), "studies", "--storage", f"sqlite:///{db}", "-f", "json"], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          text=True, timeout=120, env=quiet_env())
     assert proc.returncode == 0, proc.stderr
     assert {s["name"]: s["n_trials"] for s in json.loads(proc.stdout)}["onecycle-custom_resnet"] == len(study.trials)
     index = (out / "index.html").read_text()
@@ -111,9 +122,7 @@ def test_a_killed_study_resumes_with_nothing_lost(tmp_path):
 
 def test_sigkill_at_random_moments_then_rerun_completes(tmp_path):
     rng = random.Random(20261125)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    argv = [sys.executable, "-m", "studies.onecycle", *STUDY, *TINY, "--arch", "custom_resnet", "--trials", "6",
-            "--heartbeat", "1", "--out", str(tmp_path)]
+    env, argv = quiet_env(), study_argv(tmp_path, 6)
     seen: dict[int, tuple] = {}
     for _ in range(3):
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -169,10 +178,10 @@ def _assert_clean_output(text: str, workers: int) -> None:
 
 def test_load_four_workers_on_the_embedded_storage(tmp_path):
     url = f"sqlite:///{tmp_path / 'load.db'}"
-    proc = subprocess.run([sys.executable, "-m", "studies.onecycle", *LOAD, "--workers", "4", "--storage", url,
+    proc = subprocess.run([*ONECYCLE, *LOAD, "--workers", "4", "--storage", url,
                            "--study-name", "load", "--no-report", "--out", str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=1200,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          env=quiet_env())
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-3000:]
     _assert_clean_output(text, 4)
@@ -186,10 +195,10 @@ def test_load_two_machines_of_two_workers_on_postgresql(tmp_path, postgres_url):
     reports included, so that every file they write can be searched for the password too."""
     url, password = postgres_url
     name = f"load{int(time.time() * 1000) % 10**9}"
-    argv = [sys.executable, "-m", "studies.onecycle", *LOAD, "--workers", "2", "--storage", url,
+    argv = [*ONECYCLE, *LOAD, "--workers", "2", "--storage", url,
             "--study-name", name]
     procs = [subprocess.Popen([*argv, "--out", str(tmp_path / f"machine{k}")], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                              stderr=subprocess.PIPE, text=True, env=quiet_env())
              for k in range(2)]
     outputs = [p.communicate(timeout=1200) for p in procs]
     texts = [o + e for o, e in outputs]

@@ -6,8 +6,7 @@ custom ResNet on this CPU, while ResNet-18's results swung with warm-up length (
 first use). ``python -m bench.devices --choose`` times all four after a warm-up and stores the fastest here,
 per architecture and device. ``--precision auto`` / ``--channels-last auto`` in training then use the stored
 choice and say so; with no measurement for this device they fall back to a rule (bf16 where the device runs it
-fast; channels_last, which every measurement so far favoured or tied: bf16 on AMX CPUs and H200s, fp32 on an
-AVX2-only EPYC, 18% and 24% over NCHW at batch 512 for the custom ResNet and ResNet-18, and on the H200).
+fast, and channels_last: see ``rule_choice``).
 
 The file is keyed by device, thread count and torch version: a choice measured elsewhere does not apply.
 """
