@@ -119,6 +119,30 @@ def test_report_command_rebuilds_from_stored_records_alone(out, capsys):
     assert f"{bench_dir.name}/index.html" in (out / "index.html").read_text()
 
 
+def test_a_study_page_is_redrawn_only_when_its_study_or_a_file_of_it_changed(out, tmp_path):
+    import optuna
+
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    (study_dir,) = [p.parent for p in (copy / "studies").glob("*/index.html")]
+    figure = study_dir / "history.png"
+    drawn_at = figure.stat().st_mtime_ns
+    redrawn = []
+    report.rebuild(copy, redrawn=redrawn)
+    assert study_dir not in redrawn and figure.stat().st_mtime_ns == drawn_at  # nothing changed: kept
+    figure.unlink()
+    report.rebuild(copy, redrawn=redrawn)
+    assert redrawn == [study_dir] and figure.is_file()  # a file of it gone: drawn again
+    study = optuna.load_study(study_name=f"{EVIL}-custom_resnet",
+                              storage=f"sqlite:///{copy / 'studies' / 'studies.db'}")
+    study.add_trial(optuna.trial.create_trial(
+        params={"optimizer": "sgd", "max_lr": 0.01, "batch_size": 128}, distributions=study.trials[0].distributions,
+        value=0.5))
+    redrawn.clear()
+    report.rebuild(copy, redrawn=redrawn)
+    assert redrawn == [study_dir] and "4 trials" in (study_dir / "index.html").read_text()  # the study changed
+
+
 def test_report_command_bad_out(tmp_path, capsys):
     assert report.main(["--out", str(tmp_path / "missing")]) == 2
     assert "no output folder" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from cifarlab import faults
+from cifarlab.data import atomic_write_text
 from cifarlab.report import html
 from cifarlab.report.devices import redraw_devices_page
 from cifarlab.report.figures import plt, run_curves_figure, save, sns
@@ -367,7 +368,7 @@ def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | No
         rows = []
         for study in studies:
             slug = study_slug(study.study_name)
-            page = study_page(study, out / "studies" / slug)
+            page = _study_page_if_changed(study, out / "studies" / slug, redrawn)
             faults.point("report")
             frame = study_frame(study)
             done = frame[frame["state"] == "complete"] if len(frame) else frame
@@ -469,6 +470,41 @@ def _records(out: Path, kind: str, name: str, draw, redrawn: list[Path] | None =
         except (OSError, ValueError, KeyError):
             continue
         yield path, doc, page
+
+
+STUDY_PAGE_KEY = ".page-key"  # beside a study's page: what it was drawn from, so an unchanged study is not redrawn
+
+
+def _study_key(study) -> str:
+    """A digest of everything a study page shows: each trial's state, parameters, values, attributes and times,
+    the study's attributes, and this module's source (a new page layout redraws every page once)."""
+    trials = [(t.number, t.state.name, t.values, t.params, t.user_attrs, t.intermediate_values,
+               str(t.datetime_start), str(t.datetime_complete)) for t in study.get_trials(deepcopy=False)]
+    blob = json.dumps([study.study_name, study.user_attrs, trials], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode() + _PAGE_SOURCE).hexdigest()
+
+
+_PAGE_SOURCE = Path(__file__).read_bytes()
+
+
+def _study_page_if_changed(study, out_dir: Path, redrawn: list[Path] | None) -> Path:
+    """The study's page, drawn again only when the study changed since it was drawn or a file of it is missing:
+    every command that stores results rebuilds the index, and a study's figures take seconds to draw."""
+    page, key_file = out_dir / "index.html", out_dir / STUDY_PAGE_KEY
+    key = _study_key(study)
+    try:
+        unchanged = key_file.read_text() == key and all(
+            (out_dir / src).is_file() for src in re.findall(r'(?:src|href)="([^"/:#]+)"', page.read_text()))
+    except OSError:
+        unchanged = False
+    if unchanged:
+        return page
+    key_file.unlink(missing_ok=True)  # a kill while drawing leaves no key, so the next rebuild draws it again
+    page = study_page(study, out_dir)
+    atomic_write_text(key_file, key)
+    if redrawn is not None:
+        redrawn.append(out_dir)
+    return page
 
 
 def _stale(page: Path, record: Path) -> bool:
