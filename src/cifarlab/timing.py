@@ -118,11 +118,11 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 2
 
     A dtype the device only emulates is slow enough that one ``n x n`` product takes seconds (bf16 on an AVX2-only
     CPU: about 1 GFLOP/s, 19 s for a 2048 x 2048 product), so a product expected to take longer than
-    ``max_product_seconds`` (default: half of ``min_seconds``, at least 0.25 s) is measured at the largest size
-    that fits, estimated from a 256 x 256 one. The figure is then a bound for a unit that is not there.
+    ``max_product_seconds`` (default: half of ``min_seconds``) is measured at the largest size that fits (256 x
+    256 at least), estimated from a 256 x 256 one. The figure is then a bound for a unit that is not there.
     """
     if max_product_seconds is None:
-        max_product_seconds = max(min_seconds, 0.5) / 2
+        max_product_seconds = min_seconds / 2
     if n > PROBE_SIZE:
         small = torch.randn(PROBE_SIZE, PROBE_SIZE, device=device).to(dtype)
         torch.mm(small, small)
