@@ -24,13 +24,14 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-# Seconds of test work per file in CI (2 cores, 2026-11-27), longest first. pytest-xdist's --dist loadfile hands
-# out files in collection order (pyproject turns its own by-test-count order off) and gives a worker its next
-# file while it still runs the last tests of one, so a long file handed out last ran alone for minutes at the
-# end; longest first, the last files are short. Files not named here run after these, in the usual order.
-FILE_COST = {"test_faults.py": 245, "test_train.py": 200, "test_onecycle.py": 150, "test_hardening.py": 110,
-             "test_bench.py": 100, "test_cli.py": 85, "test_reports.py": 60, "test_whitening.py": 30,
-             "test_choices.py": 26, "test_lr_finder.py": 15, "test_layers.py": 12}
+# Seconds of test work per file in CI (2 cores, 2026-11-27; test_faults.py with its PostgreSQL test), longest
+# first. pytest-xdist's --dist loadfile hands out files in collection order (pyproject turns its own by-test-count
+# order off) and gives a worker its next file while it still runs the last tests of one, so a long file handed
+# out last ran alone for minutes at the end; longest first, the last files are short. Files not named here run
+# after these, in the usual order.
+FILE_COST = {"test_faults.py": 250, "test_train.py": 210, "test_onecycle.py": 150, "test_bench.py": 85,
+             "test_hardening.py": 80, "test_cli.py": 70, "test_reports.py": 68, "test_whitening.py": 35,
+             "test_choices.py": 32, "test_lr_finder.py": 14, "test_layers.py": 12}
 
 
 def pytest_collection_modifyitems(config, items):

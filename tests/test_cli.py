@@ -72,14 +72,16 @@ def test_unwritable_output_folder(tmp_path, capsys):
 
 
 def test_train_cli_writes_a_run_record(tmp_path, capsys):
-    code, out, _ = run_main(train_cli.main, [*SYNTH, *FAST, "--epochs", "2", "--out", str(tmp_path)], capsys)
+    # 64 images in steps of 16: four steps an epoch, enough for the one-cycle warm-up over two epochs
+    argv = [*SYNTH, *FAST, "--train-subset", "64", "--batch-size", "16", "--epochs", "2", "--out", str(tmp_path)]
+    code, out, _ = run_main(train_cli.main, argv, capsys)
     assert code == 0
     assert "test accuracy:" in out and "augmentation and batching:" in out
     (run_dir,) = (tmp_path / "runs").iterdir()
     doc = json.loads((run_dir / "run.json").read_text())
     assert doc["status"] == "completed" and doc["config"]["epochs"] == 2
     assert [e["epoch"] for e in doc["epochs"]] == [1, 2]
-    assert doc["data"]["train"] == 160 and doc["data"]["classes"][0] == "class0"
+    assert doc["data"]["train"] == 64 and doc["data"]["classes"][0] == "class0"
     assert {"torch", "cpu_model", "torch_threads", "device_name"} <= set(doc["environment"])
     test = doc["test"]
     assert 0 <= test["plain"]["accuracy"] <= 1 and 0 <= test["flip_tta"]["accuracy"] <= 1
@@ -92,8 +94,8 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
     (["--activation", "relu", "--ghost-batch", "0"], ("ReLU", "─BatchNorm2d"), ("CELU", "Ghost")),
 ])
 def test_train_cli_prints_the_layer_table_of_the_model_it_trains(tmp_path, capsys, recipe, shown, absent):
-    argv = [*SYNTH, "--batch-size", "32", "--precision", "fp32", "--epochs", "1", "--no-test", "--out", str(tmp_path),
-            *recipe]
+    argv = [*SYNTH, "--train-subset", "32", "--batch-size", "32", "--precision", "fp32", "--epochs", "1", "--no-test",
+            "--out", str(tmp_path), *recipe]
     code, out, _ = run_main(train_cli.main, argv, capsys)
     assert code == 0 and "Total params: 6,573,120" in out
     assert all(name in out for name in shown) and not any(name in out for name in absent)
