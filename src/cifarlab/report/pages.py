@@ -477,14 +477,14 @@ STUDY_PAGE_KEY = ".page-key"  # beside a study's page: what it was drawn from, s
 
 def _study_key(study) -> str:
     """A digest of everything a study page shows: each trial's state, parameters, values, attributes and times,
-    the study's attributes, and this module's source (a new page layout redraws every page once)."""
+    the study's attributes, and the source of the code that draws it (a new page layout redraws every page once)."""
     trials = [(t.number, t.state.name, t.values, t.params, t.user_attrs, t.intermediate_values,
                str(t.datetime_start), str(t.datetime_complete)) for t in study.get_trials(deepcopy=False)]
     blob = json.dumps([study.study_name, study.user_attrs, trials], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode() + _PAGE_SOURCE).hexdigest()
 
 
-_PAGE_SOURCE = Path(__file__).read_bytes()
+_PAGE_SOURCE = b"".join(Path(__file__).with_name(name).read_bytes() for name in ("pages.py", "figures.py", "html.py"))
 
 
 def _study_page_if_changed(study, out_dir: Path, redrawn: list[Path] | None) -> Path:
