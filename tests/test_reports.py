@@ -114,7 +114,8 @@ def test_report_command_rebuilds_from_stored_records_alone(out, capsys):
         (bench_dir / name).unlink()
     assert report.main(["--out", str(out)]) == 0
     assert (out / "index.html").is_file()
-    assert "1 device benchmark pages redrawn" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 device benchmark pages redrawn" in printed and "study pages" not in printed  # the study's page kept
     assert sorted(p.name for p in bench_dir.iterdir() if p.suffix in (".html", ".png")) == drawn
     assert f"{bench_dir.name}/index.html" in (out / "index.html").read_text()
 
