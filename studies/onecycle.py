@@ -449,7 +449,8 @@ def _main(args, raw_argv: list[str]) -> int:
 
     if not is_worker:
         console.print(f"budget: {budget.name}{' (auto: ' + device.type + ')' if args.budget == 'auto' else ''} — "
-                      f"{budget.epochs} epochs on {budget.train_subset or 'all'} training images, "
+                      f"{budget.epochs} epoch{'s' if budget.epochs != 1 else ''} on {budget.train_subset or 'all'} "
+                      "training images, "
                       f"validation {budget.val_size}; storage {mask_url(url)}")
     splits = _load(args, budget)
 
@@ -584,8 +585,10 @@ def _summary(study, arch, console) -> None:
     c = counts(study)
     trials = study.get_trials(deepcopy=False)
     seed = next((t for t in trials if t.user_attrs.get("seed_config") and t.value is not None), None)
-    table = Table(title=f"{study.study_name}: {c['finished']} finished ({c['complete']} complete, "
-                        f"{c['pruned']} pruned), {c['fail']} failed")
+    # The counts go on a line of their own: as the table's title, rich wrapped them to the table's width.
+    console.print(f"{study.study_name}: {c['finished']} finished ({c['complete']} complete, {c['pruned']} pruned), "
+                  f"{c['fail']} failed")
+    table = Table()
     for col in ("", "optimizer", "max LR", "batch", "val accuracy"):
         table.add_column(col, justify="right")
     try:

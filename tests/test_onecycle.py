@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import optuna
@@ -35,7 +36,8 @@ def test_smoke_study_on_real_subset_end_to_end(real_data_path, tmp_path, capsys)
             "--train-subset", "128", "--val-size", "128", "--seed-max-lr", "0.002", "--out", str(tmp_path), "--quiet"]
     assert onecycle.main(argv) == 0
     out = capsys.readouterr().out
-    assert "onecycle-custom_resnet: 3 finished" in out and "seed" in out
+    assert re.search(r"^onecycle-custom_resnet: 3 finished \(\d complete, \d pruned\), 0 failed$", out, re.M), out
+    assert "seed" in out and "1 epoch on 128 training images" in out
     study = load(tmp_path)
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 3 and finished(study) == 3
