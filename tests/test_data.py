@@ -68,6 +68,25 @@ def test_loads_that_start_together_on_a_cold_cache_decode_once(image_folder, tmp
         np.testing.assert_array_equal(r.train_images, results[0].train_images)
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_take_the_umask_like_any_new_file(image_folder, tmp_path, umask, mode):
+    """Records, pages and cache entries are written to a temporary file and renamed; mkstemp's files are 0600
+    whatever the umask, which left every page unreadable to a web server or a teammate."""
+    from cifarlab.data import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "page.html", "<p>x</p>")
+        load_raw(image_folder, cache_dir=tmp_path / "cache")
+    finally:
+        os.umask(old)
+    written = [tmp_path / "page.html", *(tmp_path / "cache").rglob("*.npy"), *(tmp_path / "cache").rglob("*.json")]
+    assert len(written) > 3
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in written} == {
+        path.name: oct(mode) for path in written}
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_image_folder_loads_classes_from_the_tree(image_folder):
     s = load_splits(image_folder, val_size=3, seed=0)
     assert s.classes == ("cat", "dog", "frog")

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -434,7 +433,7 @@ def _write_cache(entry: Path, *arrays_and_meta: object) -> None:
     try:
         entry.mkdir(parents=True, exist_ok=True)
         for name, arr in zip(_CACHE_ARRAYS, arrays):
-            fd, tmp = tempfile.mkstemp(dir=entry, suffix=".npy.tmp")
+            fd, tmp = _temp_beside(entry / f"{name}.npy")
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
             os.replace(tmp, entry / f"{name}.npy")
@@ -443,10 +442,26 @@ def _write_cache(entry: Path, *arrays_and_meta: object) -> None:
         pass  # an unwritable cache costs time on the next load, nothing else
 
 
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A new hidden file beside ``path``, open for writing, with the mode ``open()`` would give ``path``.
+
+    Not ``tempfile.mkstemp``: its files are 0600 whatever the umask, so every page, record and cache entry written
+    through a rename was unreadable to anyone else (a web server, a teammate, a machine sharing the cache folder).
+    Created 0666 here, the kernel takes the umask off as for any new file, with no process-wide umask change.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # a name another writer drew: draw again
+            continue
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file beside ``path``, then rename: readers see the old or the new file, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
