@@ -87,6 +87,21 @@ def test_written_files_take_the_umask_like_any_new_file(image_folder, tmp_path, 
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_a_cache_entry_that_cannot_be_written_leaves_no_partial_file(image_folder, tmp_path, monkeypatch):
+    import errno
+
+    import cifarlab.data as data
+
+    def full_disk(fh, arr, allow_pickle):
+        fh.write(b"\x93NUMPY half an array")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data.np, "save", full_disk)
+    raw = load_raw(image_folder, cache_dir=tmp_path / "cache")
+    assert not raw.from_cache and len(raw.train_labels) == 18  # the load goes on without its cache entry
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
+
+
 def test_image_folder_loads_classes_from_the_tree(image_folder):
     s = load_splits(image_folder, val_size=3, seed=0)
     assert s.classes == ("cat", "dog", "frog")

@@ -430,6 +430,7 @@ def _read_cache(entry: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
 def _write_cache(entry: Path, *arrays_and_meta: object) -> None:
     """Write arrays then meta.json, each atomically; meta last so a partial entry is never read."""
     *arrays, meta = arrays_and_meta
+    tmp = None
     try:
         entry.mkdir(parents=True, exist_ok=True)
         for name, arr in zip(_CACHE_ARRAYS, arrays):
@@ -437,9 +438,13 @@ def _write_cache(entry: Path, *arrays_and_meta: object) -> None:
             with os.fdopen(fd, "wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
             os.replace(tmp, entry / f"{name}.npy")
+            tmp = None
         atomic_write_text(entry / "meta.json", json.dumps(meta, default=list))
     except OSError:
-        pass  # an unwritable cache costs time on the next load, nothing else
+        # An unwritable cache costs time on the next load, nothing else; a full disk keeps no half-written array
+        # (the training images alone are 150 MB) in a hidden file.
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:
