@@ -430,21 +430,13 @@ def _read_cache(entry: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
 def _write_cache(entry: Path, *arrays_and_meta: object) -> None:
     """Write arrays then meta.json, each atomically; meta last so a partial entry is never read."""
     *arrays, meta = arrays_and_meta
-    tmp = None
     try:
-        entry.mkdir(parents=True, exist_ok=True)
         for name, arr in zip(_CACHE_ARRAYS, arrays):
-            fd, tmp = _temp_beside(entry / f"{name}.npy")
-            with os.fdopen(fd, "wb") as fh:
+            with _atomic_file(entry / f"{name}.npy", "wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
-            os.replace(tmp, entry / f"{name}.npy")
-            tmp = None
         atomic_write_text(entry / "meta.json", json.dumps(meta, default=list))
     except OSError:
-        # An unwritable cache costs time on the next load, nothing else; a full disk keeps no half-written array
-        # (the training images alone are 150 MB) in a hidden file.
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        pass  # an unwritable cache costs time on the next load, nothing else
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:
@@ -463,16 +455,25 @@ def _temp_beside(path: Path) -> tuple[int, str]:
             continue
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers see the old or the new file, whole."""
+@contextlib.contextmanager
+def _atomic_file(path: Path, mode: str, **open_kw):
+    """A file object for ``path`` that is written to a temporary file beside it and renamed into place when the
+    block ends: readers see the old or the new file, whole. A block that raises (a full disk) leaves no
+    temporary file behind (a cache array is 150 MB)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, **open_kw) as fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (``_atomic_file``)."""
+    with _atomic_file(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
