@@ -3,6 +3,7 @@ and a headless browser loads every image."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,6 +12,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -60,7 +62,8 @@ def test_index_lists_every_kind_of_record(out):
     text = (out / "index.html").read_text()
     for heading in ("Studies", "Runs", "LR range tests", "Device benchmarks"):
         assert f"<h2>{heading}</h2>" in text
-    assert len(pages(out)) == 5  # index, run, LR test, study, devices
+    assert len(pages(out)) == 6  # index, run, LR test, study, benchmark, machines compared
+    assert 'href="devices/index.html"' in text
 
 
 def test_every_page_parses_and_every_link_and_image_resolves(out):
@@ -118,6 +121,37 @@ def test_report_command_rebuilds_from_stored_records_alone(out, capsys):
     assert "1 device benchmark pages redrawn" in printed and "study pages" not in printed  # the study's page kept
     assert sorted(p.name for p in bench_dir.iterdir() if p.suffix in (".html", ".png")) == drawn
     assert f"{bench_dir.name}/index.html" in (out / "index.html").read_text()
+
+
+def test_machines_compared_keeps_the_newest_default_path_of_each_machine(out, tmp_path, capsys):
+    tree = tmp_path / "reports"
+    shutil.copytree(out, tree)
+    (bench,) = [p.parent for p in (tree / "devices").glob("*/devices.json")]
+    doc = json.loads((bench / "devices.json").read_text())
+    (here,) = [r for r in doc["rows"] if r["step"] == "default"]
+    threads = doc["environment"]["torch_threads"]
+
+    def copy_in(folder: str, **fields) -> None:
+        """A benchmark folder as another machine (or this one, earlier) would have written it."""
+        other = {**doc, "rows": [{**r, **fields} for r in doc["rows"]]}
+        (tree / "devices" / folder).mkdir()
+        (tree / "devices" / folder / "devices.json").write_text(json.dumps(other))
+
+    copy_in("20000101-000000-bench", images_per_second=1.0)  # this machine, long ago: replaced by the newer run
+    copy_in("20000102-000000-bench", device="cuda", device_name='GPU <b>"9"</b>',
+            images_per_second=here["images_per_second"] * 1000)
+    assert report.main(["--out", str(tree)]) == 0
+    assert "the machines compared redrawn" in capsys.readouterr().out
+    frame = pd.read_csv(tree / "devices" / "machines.csv")
+    assert sorted(frame["machine"]) == sorted([f"{here['device_name']} · {threads} threads", 'GPU <b>"9"</b>'])
+    assert frame["images_per_second"].min() == pytest.approx(here["images_per_second"])
+    assert frame.set_index("machine").loc['GPU <b>"9"</b>', "vs_slowest"] == pytest.approx(1000)
+    page = (tree / "devices" / "index.html").read_text()
+    assert 'GPU &lt;b&gt;"9"&lt;/b&gt;' in page and "1,000.0×" in page and "<b>" not in page
+    assert f'href="{bench.name}/index.html"' in page and "20000101-000000-bench" not in page
+    assert (tree / "devices" / "machines.png").is_file()
+    assert report.main(["--out", str(tree)]) == 0  # nothing changed: the page is kept
+    assert "machines compared" not in capsys.readouterr().out
 
 
 def test_a_study_page_is_redrawn_only_when_its_study_or_a_file_of_it_changed(out, tmp_path):

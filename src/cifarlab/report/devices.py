@@ -195,3 +195,110 @@ def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: P
 'gradient, so it has no input-gradient pass. <a href="breakdown.csv">breakdown.csv</a>, '
                   '<a href="conv_layers.csv">conv_layers.csv</a></p>')
     return out
+
+
+MACHINE_KEY = ["machine", "arch", "batch_size", "precision", "memory format", "compile"]
+
+
+def machines_frame(out: Path) -> pd.DataFrame:
+    """The newest default-path measurement of each machine, over every benchmark stored under ``out/devices``.
+
+    A machine is a device by name (CPU model with its thread count, or GPU); one row per machine, architecture,
+    batch size, precision, memory format and compile mode, from the newest benchmark that timed it (folders sort by
+    their time stamp). Ablation rungs and ``--choose`` combinations are left out: they are not what training uses.
+    Benchmarks copied in from other machines' ``reports/devices/`` count like this machine's own.
+    """
+    from cifarlab.report.records import read_json
+
+    rows = []
+    for path in sorted(Path(out, "devices").glob("*/devices.json")):
+        try:
+            doc = read_json(path)
+        except (OSError, ValueError):
+            continue
+        env = doc.get("environment") or {}
+        for r in doc.get("rows") or []:
+            if r.get("status") != "ok" or r.get("step") != "default" or not r.get("images_per_second"):
+                continue
+            machine = str(r.get("device_name") or env.get("cpu_model") or r.get("device"))
+            if r.get("device") == "cpu" and env.get("torch_threads"):
+                machine += f" · {env['torch_threads']} threads"
+            mode = r.get("compile_mode") or "default"
+            rows.append({
+                "machine": machine, "arch": r.get("arch"), "batch_size": r.get("batch_size"),
+                "precision": r.get("precision"), "memory format": "channels_last" if r.get("channels_last") else "NCHW",
+                "compile": (mode if r.get("compile") else "eager"), "images_per_second": r["images_per_second"],
+                "epoch_50k_minutes": (r.get("epoch_50k_seconds") or float("nan")) / 60,
+                "share_of_peak": r.get("share_of_peak"), "peak_tflops": r.get("peak_tflops"),
+                "torch": env.get("torch"), "measured": _stamp(path.parent.name), "benchmark": path.parent.name,
+            })
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame = frame.drop_duplicates(MACHINE_KEY, keep="last")  # read oldest first: the newest of each stays
+    slowest = frame.groupby(["arch", "batch_size"])["images_per_second"].transform("min")
+    frame["vs_slowest"] = frame["images_per_second"] / slowest
+    return frame.sort_values(["arch", "images_per_second"], ascending=[True, False]).reset_index(drop=True)
+
+
+def _stamp(folder: str) -> str:
+    """``20261127-101035-bench`` → ``2026-11-27 10:10``; a folder named otherwise is shown as it is."""
+    try:
+        return pd.to_datetime(folder[:15], format="%Y%m%d-%H%M%S").strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return folder
+
+
+def machines_page(out: Path) -> Path:
+    """``out/devices/index.html``: every machine benchmarked, side by side (``machines.csv`` and a figure beside it)."""
+    from cifarlab.report.records import write_csv
+
+    folder = Path(out, "devices")
+    frame = machines_frame(out)
+    write_csv(folder / "machines.csv", frame)
+    parts = []
+    if len(frame):
+        frame["label"] = frame["arch"] + " · batch " + frame["batch_size"].map(lambda b: f"{b:.0f}")
+        sns.set_theme(style="whitegrid")
+        fig, ax = plt.subplots(figsize=(9, 1.5 + 0.45 * len(frame)))
+        sns.barplot(data=frame, y="machine", x="images_per_second", hue="label", ax=ax)
+        ax.set_xscale("log")  # a GPU trains a thousand times faster than two CPU cores: both must stay readable
+        ax.set(title="training images per second, the default path (log scale)", xlabel="images per second",
+               ylabel="")
+        _legend_outside(ax)
+        save(fig, folder / "machines.png")
+        view = pd.DataFrame({
+            "machine": frame["machine"], "architecture": frame["arch"],
+            "batch": frame["batch_size"].map(lambda b: f"{b:.0f}"), "precision": frame["precision"],
+            "memory format": frame["memory format"], "compile": frame["compile"],
+            "images/s": frame["images_per_second"].map(lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.1f}"),
+            "50k-image epoch": frame["epoch_50k_minutes"].map(_minutes),
+            "× slowest": frame["vs_slowest"].map(lambda v: f"{v:,.1f}×"),
+            "share of peak": frame["share_of_peak"].map(lambda v: "—" if pd.isna(v) else f"{v:.0%}"),
+            "peak (TFLOP/s)": frame["peak_tflops"].map(lambda v: "—" if pd.isna(v) else f"{v:,.3g}"),
+            "torch": frame["torch"], "measured": frame["measured"],
+        })
+        links = "".join(f'<li><a href="{html.esc(b)}/index.html">{html.esc(b)}</a></li>'
+                        for b in sorted(frame["benchmark"].unique(), reverse=True))
+        parts.append(html.figure("machines.png", "Training images per second by machine")
+                     + html.table(view)
+                     + '<p class="note">The newest measurement of the default training path (what <code>'
+                       'studies.train</code> and the studies use) per machine, architecture, batch size, precision, '
+                       'memory format and compile mode. "× slowest": images per second over the slowest machine\'s '
+                       'for the same architecture and batch size. Share of peak: of the matmul peak probed on that '
+                       'machine, so machines compare by how close each comes to its own limit. To add a machine, run '
+                       '<code>python -m bench.devices --out DIR</code> there with DIR shared, or copy its '
+                       '<code>reports/devices/&lt;time&gt;-bench/</code> folder here, then run <code>python -m '
+                       'studies.report</code>. <a href="machines.csv">machines.csv</a></p>'
+                     + f"<h2>Benchmarks</h2><ul>{links}</ul>")
+    else:
+        parts.append('<p class="note">No benchmark of the default path is stored yet: run <code>python -m '
+                     "bench.devices</code>.</p>")
+    parts.append('<p class="note"><a href="../index.html">All reports</a></p>')
+    return html.write_page(folder / "index.html", "cifarlab — machines compared", "\n".join(parts))
+
+
+def _minutes(value: float) -> str:
+    if pd.isna(value):
+        return "—"
+    return f"{value:,.0f} min" if value >= 10 else f"{value:.1f} min" if value >= 1 else f"{value * 60:.1f} s"

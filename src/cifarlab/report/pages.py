@@ -18,7 +18,7 @@ from matplotlib.ticker import MaxNLocator
 from cifarlab import faults
 from cifarlab.data import atomic_write_text
 from cifarlab.report import html
-from cifarlab.report.devices import redraw_devices_page
+from cifarlab.report.devices import machines_page, redraw_devices_page
 from cifarlab.report.figures import plt, run_curves_figure, save, sns
 from cifarlab.report.records import read_json, write_csv
 
@@ -435,15 +435,20 @@ def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | No
             (
                 html.esc(path.parent.name[:15]),
                 f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>',
-                html.esc(doc.get("environment", {}).get("cpu_model", "")),
+                html.esc(", ".join(dict.fromkeys(str(r.get("device_name") or r.get("device")) for r in ok))
+                         or doc.get("environment", {}).get("cpu_model", "")),
                 str(len(ok)),
                 f"{best:.0f}" if best else "—",
             )
         )
     if dev_rows:
+        devices = out / "devices"
+        machines = _draw_if_changed(devices, _machines_key(out), lambda: machines_page(out), redrawn)
         parts.append(
             "<h2>Device benchmarks</h2>"
-            + _rows(["time", "benchmark", "CPU", "measurements", "best images/s"], dev_rows)
+            + f'<p><a href="{html.esc(machines.relative_to(out))}">Machines compared</a>: the default training '
+            "path's speed on every machine benchmarked here, side by side.</p>"
+            + _rows(["time", "benchmark", "devices", "measurements", "best images/s"], dev_rows)
         )
     if not parts:
         parts.append(
@@ -472,7 +477,7 @@ def _records(out: Path, kind: str, name: str, draw, redrawn: list[Path] | None =
         yield path, doc, page
 
 
-STUDY_PAGE_KEY = ".page-key"  # beside a study's page: what it was drawn from, so an unchanged study is not redrawn
+PAGE_KEY = ".page-key"  # beside a study's or the machines page: what it was drawn from, so it is not redrawn unchanged
 
 
 def _study_key(study) -> str:
@@ -481,17 +486,30 @@ def _study_key(study) -> str:
     trials = [(t.number, t.state.name, t.values, t.params, t.user_attrs, t.intermediate_values,
                str(t.datetime_start), str(t.datetime_complete)) for t in study.get_trials(deepcopy=False)]
     blob = json.dumps([study.study_name, study.user_attrs, trials], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode() + _PAGE_SOURCE).hexdigest()
+    return hashlib.sha256(blob.encode() + _source("pages.py", "figures.py", "html.py")).hexdigest()
 
 
-_PAGE_SOURCE = b"".join(Path(__file__).with_name(name).read_bytes() for name in ("pages.py", "figures.py", "html.py"))
+def _machines_key(out: Path) -> str:
+    """A digest of the stored benchmarks (names, sizes, modification times) and the code that compares them."""
+    records = [(p.parent.name, p.stat().st_size, p.stat().st_mtime_ns)
+               for p in sorted((out / "devices").glob("*/devices.json"))]
+    return hashlib.sha256(json.dumps(records).encode() + _source("devices.py", "figures.py", "html.py")).hexdigest()
+
+
+def _source(*names: str) -> bytes:
+    return b"".join(Path(__file__).with_name(name).read_bytes() for name in names)
 
 
 def _study_page_if_changed(study, out_dir: Path, redrawn: list[Path] | None) -> Path:
     """The study's page, drawn again only when the study changed since it was drawn or a file of it is missing:
     every command that stores results rebuilds the index, and a study's figures take seconds to draw."""
-    page, key_file = out_dir / "index.html", out_dir / STUDY_PAGE_KEY
-    key = _study_key(study)
+    return _draw_if_changed(out_dir, _study_key(study), lambda: study_page(study, out_dir), redrawn)
+
+
+def _draw_if_changed(out_dir: Path, key: str, draw, redrawn: list[Path] | None) -> Path:
+    """``out_dir/index.html``, drawn by ``draw()`` only when ``key`` differs from the one stored beside the page
+    when it was last drawn, or a file the page links to is missing."""
+    page, key_file = out_dir / "index.html", out_dir / PAGE_KEY
     try:
         unchanged = key_file.read_text() == key and all(
             (out_dir / src).is_file() for src in re.findall(r'(?:src|href)="([^"/:#]+)"', page.read_text()))
@@ -500,7 +518,7 @@ def _study_page_if_changed(study, out_dir: Path, redrawn: list[Path] | None) -> 
     if unchanged:
         return page
     key_file.unlink(missing_ok=True)  # a kill while drawing leaves no key, so the next rebuild draws it again
-    page = study_page(study, out_dir)
+    page = draw()
     atomic_write_text(key_file, key)
     if redrawn is not None:
         redrawn.append(out_dir)
