@@ -46,6 +46,8 @@ def _main(args) -> int:
 
     import pandas as pd
     import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
     from cifarlab.augment import BatchAugmenter, Normalization
@@ -87,9 +89,18 @@ def _main(args) -> int:
 
     console.print(f"LR range test: {args.arch}, {args.optimizer}, batch {args.batch_size}, "
                   f"{args.start_lr:g} to {args.end_lr:g} over {args.steps} steps, {precision}, {device}")
-    result = lr_range_test(model, optimizer, batches(), torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-                           start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
-                           autocast=lambda: autocast(device, precision), logit_scale=args.logit_scale)
+    # The progress bar goes to stderr, as tqdm's does: `studies.onecycle` runs this with stdout silenced and the
+    # sweep takes minutes on a CPU. It is drawn only on a terminal and erased when done, so logs stay clean.
+    progress = Progress(TextColumn("LR range test: step"), MofNCompleteColumn(), BarColumn(),
+                        TextColumn("LR {task.fields[lr]:.2e}  smoothed loss {task.fields[loss]:.3f}"),
+                        TimeRemainingColumn(), console=Console(stderr=True, highlight=False), transient=True)
+    task = progress.add_task("sweep", total=args.steps, lr=args.start_lr, loss=float("nan"))
+    with progress:
+        result = lr_range_test(
+            model, optimizer, batches(), torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+            start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
+            autocast=lambda: autocast(device, precision), logit_scale=args.logit_scale,
+            on_step=lambda step, lr, loss: progress.update(task, completed=step, lr=lr, loss=loss))
     frame = pd.DataFrame({"step": range(len(result.lrs)), "lr": result.lrs, "loss": result.losses,
                           "smoothed_loss": result.smoothed})
     run_dir = new_record_dir(out, "lrfind", args.arch)

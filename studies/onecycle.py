@@ -299,8 +299,10 @@ def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> 
         argv += ["--train-subset", str(budget.train_subset)]
     if args.cache_dir:
         argv += ["--cache-dir", args.cache_dir]
-    with contextlib.redirect_stdout(open(os.devnull, "w")):
+    started = time.perf_counter()
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):  # its tables; progress: stderr
         code = lrfind.main(argv)
+    console.print(f"{arch}: LR range test done in {time.perf_counter() - started:.0f} s")
     records = sorted((out / "lrfind").glob(f"*-{arch}*/lrfind.json"), reverse=True)
     if code != 0 or not records:
         raise RuntimeError(f"the LR range test for the seed trial of {arch} failed (exit {code})")

@@ -36,11 +36,17 @@ def test_state_is_restored_after_the_sweep():
 def test_sweep_is_exponential_and_stops_on_divergence():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
     result = lr_range_test(model, optimizer, _batches(), torch.nn.CrossEntropyLoss(), num_steps=60,
-                           start_lr=1e-5, end_lr=1e4)
+                           start_lr=1e-5, end_lr=1e4, on_step=lambda *call: calls.append(call))
     ratios = np.diff(np.log(result.lrs))
     np.testing.assert_allclose(ratios, ratios[0])
     assert result.diverged and len(result.lrs) < 60
+    # The progress callback saw every step with a finite loss, counted from 1, with its LR and smoothed loss.
+    finite = [i for i, s in enumerate(result.smoothed) if np.isfinite(s)]
+    assert [c[0] for c in calls] == [i + 1 for i in finite] and len(calls) >= 3
+    assert [c[1] for c in calls] == [result.lrs[i] for i in finite]
+    assert [c[2] for c in calls] == [result.smoothed[i] for i in finite]
 
 
 def test_suggestions_on_a_known_curve():

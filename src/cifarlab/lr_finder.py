@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -67,7 +67,10 @@ def lr_range_test(
     diverge_factor: float = 4.0,
     autocast=None,
     logit_scale: float = 1.0,
+    on_step: Callable[[int, float, float], None] | None = None,
 ) -> LRFindResult:
+    """``on_step(step, lr, smoothed_loss)`` is called after each step (a progress display: a step of a large model
+    takes seconds on a CPU), with ``step`` counted from 1."""
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"need 0 < start-lr < end-lr, got {start_lr} and {end_lr}")
     if num_steps < 3:
@@ -105,6 +108,8 @@ def lr_range_test(
             s = avg / (1 - smoothing ** (step + 1))
             smoothed.append(s)
             best = min(best, s)
+            if on_step is not None:
+                on_step(step + 1, lr, s)
             if step > 0 and s > diverge_factor * best:
                 diverged = True
                 break
