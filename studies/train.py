@@ -1,8 +1,8 @@
 """One training run: ``python -m studies.train --arch custom_resnet --epochs 10``.
 
 Prints the model's layer table, trains with a progress bar, prints a per-epoch table and the test accuracy
-(plain and with flip test-time augmentation), and writes ``run.json`` and ``epochs.csv`` under
-``<out>/runs/<time>-<arch>/``.
+(plain and with flip test-time augmentation), and writes ``run.json``, ``epochs.csv`` and the tested weights
+(``model.pt``, read back with ``cifarlab.train.load_weights``) under ``<out>/runs/<time>-<arch>/``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ def build_parser():
     _cli.add_out_argument(parser)
     parser.add_argument("--test", action=_cli.argparse.BooleanOptionalAction, default=True,
                         help="evaluate on the test set after training (plain and flip-TTA)")
+    parser.add_argument("--save-model", action=_cli.argparse.BooleanOptionalAction, default=True,
+                        help="write the tested weights (the EMA's where kept) to model.pt beside run.json; "
+                             "cifarlab.train.load_weights reads them back")
     parser.add_argument("--quiet", action="store_true", help="no model table and no progress bar")
     return parser
 
@@ -82,7 +85,7 @@ def _main(args) -> int:
     from cifarlab.models import model_summary
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
     from cifarlab.timing import resolve_device
-    from cifarlab.train import TrainConfig, fit, recipe_model
+    from cifarlab.train import TrainConfig, fit, recipe_model, save_weights
 
     console = _cli.console()
     config = _cli.dataclass_from_args(TrainConfig, args)
@@ -155,6 +158,8 @@ def _main(args) -> int:
     write_json(run_dir / "run.json", doc)
     write_csv(run_dir / "epochs.csv", epochs)
     console.print(f"run record: {Path(run_dir) / 'run.json'}")
+    if args.save_model:
+        console.print(f"weights: {save_weights(result, run_dir / 'model.pt', splits.classes)}")
     _cli.rebuild_reports(out, console)
     return 0
 

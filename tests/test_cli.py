@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifarlab.data import load_splits
+from cifarlab.train import evaluate, load_weights
 from studies import lrfind as lrfind_cli
 from studies import train as train_cli
 
@@ -87,6 +89,15 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
     assert 0 <= test["plain"]["accuracy"] <= 1 and 0 <= test["flip_tta"]["accuracy"] <= 1
     assert sum(map(sum, test["plain"]["confusion"])) == 40
     assert (run_dir / "epochs.csv").read_text().startswith("epoch,train_loss")
+    # The tested weights beside the record: the model they rebuild scores the test set as the run did.
+    assert f"weights: {run_dir / 'model.pt'}" in out
+    model, norm, _ = load_weights(run_dir / "model.pt")
+    splits = load_splits(SYNTH[1], val_size=int(SYNTH[3]), seed=0)
+    precision = doc["resolved"]["precision"]  # bf16 on a CPU with bf16 units: kernels round differently there
+    again = evaluate(model, splits.test_images, splits.test_labels, norm, device=torch.device("cpu"),
+                     precision=precision)
+    agree = sum(a == b for a, b in zip(again.predictions.tolist(), test["plain"]["predictions"], strict=True)) / 40
+    assert agree >= (1.0 if precision == "fp32" else 0.9), agree
 
 
 @pytest.mark.parametrize(("recipe", "shown", "absent"), [

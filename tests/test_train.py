@@ -8,7 +8,7 @@ from conftest import denormalize
 from cifarlab.data import load_splits
 from cifarlab.errors import ConfigError, TrainingDiverged
 from cifarlab.timing import resolve_precision
-from cifarlab.train import TrainConfig, evaluate, fit
+from cifarlab.train import TrainConfig, evaluate, fit, load_weights, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +310,19 @@ def test_crop_pad_bounds_each_training_image_shift(tiny, pad):
         assert windows, "a training image is no window of its padded source"
         moved += all((dy, dx) != (pad, pad) for _, dy, dx in windows)
     assert (moved > 0) == (pad > 0)
+
+
+def test_saved_weights_give_back_the_model_that_was_tested(small, tmp_path):
+    # Whitening (a parametrisation) and an EMA: the file must hold the averaged weights, folded to plain convs.
+    result = fit(quick(seed=1, epochs=1, precision="fp32", whiten=True, ema=0.9), small, test=True)
+    path = save_weights(result, tmp_path / "model.pt", small.classes)
+    model, norm, doc = load_weights(path)
+    assert not any("parametrizations" in key for key in doc["state_dict"]) and doc["classes"] == list(small.classes)
+    assert norm == result.normalization and not model.training
+    again = evaluate(model, small.test_images, small.test_labels, norm, device=torch.device("cpu"),
+                     logit_scale=result.config.logit_scale)
+    assert again.loss == pytest.approx(result.test.loss, rel=1e-4)
+    assert np.array_equal(again.predictions, result.test.predictions)
+    (tmp_path / "notes.pt").write_text("not weights")
+    with pytest.raises(ConfigError, match=r"cannot read weights from .*notes\.pt: not a torch file"):
+        load_weights(tmp_path / "notes.pt")

@@ -432,7 +432,7 @@ def _write_cache(entry: Path, *arrays_and_meta: object) -> None:
     *arrays, meta = arrays_and_meta
     try:
         for name, arr in zip(_CACHE_ARRAYS, arrays):
-            with _atomic_file(entry / f"{name}.npy", "wb") as fh:
+            with atomic_file(entry / f"{name}.npy", "wb") as fh:
                 np.save(fh, arr, allow_pickle=False)
         atomic_write_text(entry / "meta.json", json.dumps(meta, default=list))
     except OSError:
@@ -456,7 +456,7 @@ def _temp_beside(path: Path) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: Path, mode: str, **open_kw):
+def atomic_file(path: Path, mode: str, **open_kw):
     """A file object for ``path`` that is written to a temporary file beside it and renamed into place when the
     block ends: readers see the old or the new file, whole. A block that raises (a full disk) leaves no
     temporary file behind (a cache array is 150 MB)."""
@@ -474,6 +474,6 @@ def _atomic_file(path: Path, mode: str, **open_kw):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (``_atomic_file``)."""
-    with _atomic_file(path, "w", encoding="utf-8") as fh:
+    """Write ``text`` to ``path`` atomically (``atomic_file``)."""
+    with atomic_file(path, "w", encoding="utf-8") as fh:
         fh.write(text)

@@ -12,7 +12,8 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from cifarlab.augment import AugmentConfig, BatchAugmenter, EvalBatches, Normalization
 from cifarlab.choices import resolve_speed
-from cifarlab.data import DataSplits
+from cifarlab.data import DataSplits, atomic_file
 from cifarlab.errors import ConfigError, TrainingDiverged
 from cifarlab.matmul_conv import use_matmul_convs
 from cifarlab.models import create_model, list_models
@@ -390,6 +391,56 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Nor
     pred = torch.cat(preds).cpu().numpy()
     return EvalResult(loss=float(loss_sum) / len(labels), accuracy=float((pred == labels).mean()),
                       predictions=pred, tta=tta)
+
+
+WEIGHTS_FORMAT = 1  # bumped when what save_weights stores changes shape
+
+
+def save_weights(result: FitResult, path: Path, classes: list[str] | tuple[str, ...]) -> Path:
+    """Write the model a run evaluated (the EMA of the weights where the run kept one) to ``path``.
+
+    Stored as a plain dict for ``torch.load(weights_only=True)``: the state dict in fp32 on the CPU, with the
+    whitening parametrisation folded into the first conv's weight (so the keys are the architecture's own), the
+    config that rebuilds the recipe's layers (activation, ghost batch norm), the class names and the input
+    normalisation. ``load_weights`` gives the model back.
+    """
+    from torch.nn.utils import parametrize
+
+    model = copy.deepcopy(result.model).float().cpu()
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    doc = {"format": WEIGHTS_FORMAT, "state_dict": state, "config": result.config.to_dict(), "classes": list(classes),
+           "normalization": {"mean": list(result.normalization.mean), "std": list(result.normalization.std)}}
+    with atomic_file(Path(path), "wb") as fh:
+        torch.save(doc, fh)
+    return Path(path)
+
+
+def load_weights(path: Path) -> tuple[nn.Module, Normalization, dict]:
+    """(model in eval mode on the CPU, its input normalisation, the stored document) from ``save_weights``' file.
+
+    Feed it images as ``evaluate`` does: uint8 ``(N, 32, 32, 3)`` through the returned normalisation, or call
+    ``evaluate(model, images, labels, norm, device=torch.device("cpu"))``.
+    """
+    import pickle
+
+    try:
+        doc = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot read weights from {path}: {exc.strerror or exc}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError):  # torch's messages run to paragraphs
+        raise ConfigError(f"cannot read weights from {path}: not a torch file that holds only tensors") from None
+    if not isinstance(doc, dict) or doc.get("format") != WEIGHTS_FORMAT:
+        raise ConfigError(f"{path} is not a cifarlab weights file (format {WEIGHTS_FORMAT})")
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in doc["config"].items() if k in known})
+    model = recipe_model(config, len(doc["classes"]))
+    model.load_state_dict(doc["state_dict"])
+    norm = Normalization(tuple(doc["normalization"]["mean"]), tuple(doc["normalization"]["std"]))
+    return model.eval(), norm, doc
 
 
 _NO_VALIDATION = EvalResult(loss=float("nan"), accuracy=float("nan"), predictions=np.empty(0, np.int64), tta=False)

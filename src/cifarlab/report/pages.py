@@ -111,6 +111,9 @@ def run_page(run_dir: Path) -> Path:
         grid = _misclassified_grid(doc, run_dir / "misclassified.png")
         if grid:
             parts.append("<h2>Misclassified test images</h2>" + html.figure(grid, "Misclassified: true → predicted"))
+    if (run_dir / "model.pt").is_file():
+        parts.append('<p class="note">Weights tested: <a href="model.pt">model.pt</a> (<code>model, norm, _ = '
+                     "cifarlab.train.load_weights(path)</code>).</p>")
     config = pd.DataFrame({"setting": list(cfg), "value": [str(v) for v in cfg.values()]})
     resolved = doc.get("resolved", {})
     parts.append(
