@@ -609,7 +609,7 @@ def _final(args, archs, storage, budget, out, console) -> None:
     """Retrain each best configuration on the whole training split (no subset); test accuracy over seeds."""
     from cifarlab.data import load_splits
     from cifarlab.report.records import new_record_dir, write_json
-    from cifarlab.train import TrainConfig, fit
+    from cifarlab.train import TrainConfig, fit, save_weights
     from studies.train import run_record
 
     # The study's validation split stays held out (same seed, same size); everything else trains.
@@ -642,6 +642,7 @@ def _final(args, archs, storage, budget, out, console) -> None:
                              wall_seconds=time.perf_counter() - t0)
             doc["study"] = {"name": study.study_name, "trial": best.number}
             write_json(run_dir / "run.json", doc)
+            save_weights(result, run_dir / "model.pt", splits.classes)
             runs.append({"seed": config.seed, "test_accuracy": result.test.accuracy,
                          "test_accuracy_tta": result.test_tta.accuracy, "run": str(run_dir)})
             console.print(f"{arch} final seed {config.seed}: test {result.test.accuracy:.2%} "

@@ -9,6 +9,7 @@ import optuna
 import pytest
 from conftest import load_study_at as load
 
+from cifarlab.train import load_weights
 from studies import onecycle
 from studies._storage import mask_url, open_storage, scrub
 
@@ -212,6 +213,10 @@ def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_pat
     assert 0 <= final["mean"] <= 1 and final["std"] >= 0
     runs = sorted((tmp_path / "runs").glob("*-custom_resnet-final*/run.json"))
     assert len(runs) == 2
+    # each keeps its weights, and they rebuild the best trial's batch size and optimizer in their config
+    _, _, doc = load_weights(runs[0].with_name("model.pt"))
+    assert doc["config"]["batch_size"] == final["params"]["batch_size"]
+    assert doc["config"]["optimizer"] == final["params"]["optimizer"]
 
 
 def test_a_trial_that_ran_its_last_epoch_is_never_pruned(tmp_path, monkeypatch):
