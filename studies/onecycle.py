@@ -146,9 +146,8 @@ def study_spec(args, budget: Budget, arch: str) -> dict:
 RECIPE_FIELDS = ("momentum", "cycle_momentum", "div_factor", "final_div_factor", "anneal_strategy", "logit_scale",
                  "cutout", "cutout_p", "ema", "whiten", "bn_scale", "bias_lr_scale",
                  "activation", "ghost_batch", "alternate_flip", "crop_pad")
-# What a recipe field's value was before it became a setting: a study stored without it ran with that value,
+# A study stored before a recipe field became a setting ran with its former value (cifarlab.train.FORMER_DEFAULTS),
 # so it still tops up under the same recipe instead of being refused for a field that did not exist yet.
-FORMER_RECIPE = {"activation": "relu", "ghost_batch": 0, "alternate_flip": False, "crop_pad": 4}
 
 
 def recipe_defaults() -> dict:
@@ -236,10 +235,12 @@ def _spec_differences(stored: dict, spec: dict) -> list[str]:
 
 
 def _with_former_recipe(stored: dict) -> dict:
+    from cifarlab.train import FORMER_DEFAULTS
+
     recipe = stored.get("fixed", {}).get("recipe")
     if not isinstance(recipe, dict):
         return stored
-    return {**stored, "fixed": {**stored["fixed"], "recipe": {**FORMER_RECIPE, **recipe}}}
+    return {**stored, "fixed": {**stored["fixed"], "recipe": {**FORMER_DEFAULTS, **recipe}}}
 
 
 def load_study(storage, name: str, args, spec: dict, *, create: bool):
@@ -584,6 +585,8 @@ def _strip_flags(argv: list[str], names: set[str]) -> list[str]:
 def _summary(study, arch, console) -> None:
     from rich.table import Table
 
+    from cifarlab.train import train_argv
+
     c = counts(study)
     trials = study.get_trials(deepcopy=False)
     seed = next((t for t in trials if t.user_attrs.get("seed_config") and t.value is not None), None)
@@ -593,6 +596,7 @@ def _summary(study, arch, console) -> None:
     table = Table()
     for col in ("", "optimizer", "max LR", "batch", "val accuracy"):
         table.add_column(col, justify="right")
+    best = None
     try:
         best = study.best_trial
         table.add_row("best", best.params["optimizer"], f"{best.params['max_lr']:.3g}",
@@ -603,6 +607,9 @@ def _summary(study, arch, console) -> None:
         table.add_row("seed", seed.params["optimizer"], f"{seed.params['max_lr']:.3g}", str(seed.params["batch_size"]),
                       f"{seed.value:.2%}")
     console.print(table)
+    if best is not None and best.user_attrs.get("config"):
+        console.print("the best as one run (--epochs for a longer one): python -m studies.train "
+                      + " ".join(train_argv(best.user_attrs["config"])), highlight=False, soft_wrap=True)
 
 
 def _final(args, archs, storage, budget, out, console) -> None:

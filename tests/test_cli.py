@@ -158,3 +158,19 @@ def test_val_size_zero_trains_on_every_training_image(tmp_path, capsys):
     assert "none held out" in (run_dir / "index.html").read_text()
     code, _, err = run_main(train_cli.main, ["--data", "synthetic:200:40", "--val-size", "-1"], capsys)
     assert code == 2 and "a count must be at least 0" in err
+
+
+def test_a_stored_config_becomes_the_train_command_that_rebuilds_it():
+    from cifarlab.train import TrainConfig, train_argv
+    from studies._cli import dataclass_from_args
+
+    config = TrainConfig(epochs=3, optimizer="adam", max_lr=0.00123456, batch_size=128, whiten=False, seed=7,
+                         cycle_momentum=True, anneal_strategy="cos").to_dict()
+    argv = train_argv(config)
+    assert argv[:2] == ["--epochs", "3"] and "--no-whiten" in argv and "--cycle-momentum" in argv
+    assert "--seed" not in argv and "--arch" not in argv  # the default architecture needs no flag
+    rebuilt = dataclass_from_args(TrainConfig, train_cli.build_parser().parse_args(argv))
+    assert rebuilt.to_dict() == {**config, "seed": 0}
+    # A config stored before a recipe setting existed ran with its former value, not today's default.
+    older = {k: v for k, v in config.items() if k != "activation"}
+    assert dataclass_from_args(TrainConfig, train_cli.build_parser().parse_args(train_argv(older))).activation == "relu"

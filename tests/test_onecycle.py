@@ -56,6 +56,14 @@ def test_smoke_study_on_real_subset_end_to_end(real_data_path, tmp_path, capsys)
     trial_config = study.trials[0].user_attrs["config"]
     assert spec["fixed"]["recipe"] == {k: trial_config[k] for k in spec["fixed"]["recipe"]}
     assert {"ema", "cutout_p", "logit_scale"} <= set(spec["fixed"]["recipe"])
+    # the summary ends with the command that trains the best configuration as one run
+    best = study.best_trial
+    command = re.search(r"^the best as one run .*: python -m studies\.train (.*)$", out, re.M)
+    assert command, out
+    argv = command.group(1).split()
+    assert argv[argv.index("--optimizer") + 1] == best.params["optimizer"]
+    assert float(argv[argv.index("--max-lr") + 1]) == pytest.approx(best.params["max_lr"], rel=1e-5)
+    assert ("--batch-size" in argv) == (best.params["batch_size"] != 512) and "--epochs" in argv
 
 
 def test_resume_tops_up_and_never_overshoots(tmp_path):

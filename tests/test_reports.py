@@ -95,6 +95,7 @@ def test_study_page_has_the_tables_and_figures(out):
     (study_page,) = [p for p in pages(out) if p.parent.parent.name == "studies"]
     text = study_page.read_text()
     assert "Best against the seed" in text and "seed configuration" in text
+    assert re.search(r"<code>python -m studies\.train --epochs 1 [^<]*--max-lr [0-9.e-]+", text), text
     for fig in ("history.png", "max_lr.png", "by_param.png", "curves.png"):
         assert (study_page.parent / fig).is_file()
     assert (study_page.parent / "trials.csv").read_text().startswith("trial,state,optimizer,max_lr,batch_size")

@@ -148,6 +148,29 @@ class TrainConfig:
         return asdict(self)
 
 
+# What a recipe setting's value was before it became a setting: a config stored without it ran with that value.
+FORMER_DEFAULTS = {"activation": "relu", "ghost_batch": 0, "alternate_flip": False, "crop_pad": 4}
+
+
+def train_argv(stored: dict) -> list[str]:
+    """The ``studies.train`` flags that rebuild a stored config (every ``TrainConfig`` field is a flag named after
+    it): each field that differs from today's default, a field the config predates at its former value. The seed
+    is left out; so are fields this release no longer has."""
+    import shlex
+
+    values = {**FORMER_DEFAULTS, **stored}
+    argv: list[str] = []
+    for f in fields(TrainConfig):
+        if f.name == "seed" or f.name not in values or values[f.name] == f.default:
+            continue
+        flag, value = "--" + f.name.replace("_", "-"), values[f.name]
+        if isinstance(f.default, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, shlex.quote(format(value, ".6g") if isinstance(value, float) else str(value))]
+    return argv
+
+
 @dataclass
 class EpochRecord:
     epoch: int

@@ -250,6 +250,13 @@ def study_page(study, out_dir: Path) -> Path:
         parts.append(
             "<h2>Best against the seed</h2>" + html.table(table.rename(columns={"val_accuracy": "val acc (%)"}))
         )
+        config = next(t for t in study.get_trials(deepcopy=False) if t.number == best["trial"]).user_attrs.get("config")
+        if config:
+            from cifarlab.train import train_argv  # imports torch, which drawing a page otherwise does not need
+
+            command = " ".join(["python -m studies.train", *train_argv(config)])
+            parts.append(f'<p class="note">The best as one run (<code>--epochs</code> for a longer one): '
+                         f"<code>{html.esc(command)}</code></p>")
         final = study.user_attrs.get("final")
         if final:
             parts.append(
