@@ -210,8 +210,8 @@ def _main(args) -> int:
     devices_page(run_dir, frame, env, ops=ops, convs=convs, gaps=gaps)
     console.print(f"written: {run_dir / 'index.html'}")
     _cli.rebuild_reports(out, console)
-    if (out / "devices" / "index.html").is_file():
-        console.print(f"machines compared: {out / 'devices' / 'index.html'}")
+    if (out / "machines" / "index.html").is_file():
+        console.print(f"machines compared: {out / 'machines' / 'index.html'}")
     return 0
 
 

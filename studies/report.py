@@ -66,7 +66,7 @@ def _main(args) -> int:
     # Pages of unchanged records are kept; say which were drawn again (a study's figures take seconds).
     studies = sum(folder.parent.name == "studies" for folder in redrawn)
     benchmarks = sum(folder.parent.name == "devices" for folder in redrawn)
-    machines = out / "devices" in redrawn
+    machines = out / "machines" in redrawn
     print(f"written: {index}" + (f" (studies from {mask_url(args.storage)})" if args.storage else "")
           + (f", {studies} study pages redrawn" if studies else "")
           + (f", {benchmarks} device benchmark pages redrawn" if benchmarks else "")

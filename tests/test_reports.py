@@ -63,7 +63,7 @@ def test_index_lists_every_kind_of_record(out):
     for heading in ("Studies", "Runs", "LR range tests", "Device benchmarks"):
         assert f"<h2>{heading}</h2>" in text
     assert len(pages(out)) == 6  # index, run, LR test, study, benchmark, machines compared
-    assert 'href="devices/index.html"' in text
+    assert 'href="machines/index.html"' in text
 
 
 def test_every_page_parses_and_every_link_and_image_resolves(out):
@@ -143,14 +143,14 @@ def test_machines_compared_keeps_the_newest_default_path_of_each_machine(out, tm
             images_per_second=here["images_per_second"] * 1000)
     assert report.main(["--out", str(tree)]) == 0
     assert "the machines compared redrawn" in capsys.readouterr().out
-    frame = pd.read_csv(tree / "devices" / "machines.csv")
+    frame = pd.read_csv(tree / "machines" / "machines.csv")
     assert sorted(frame["machine"]) == sorted([f"{here['device_name']} · {threads} threads", 'GPU <b>"9"</b>'])
     assert frame["images_per_second"].min() == pytest.approx(here["images_per_second"])
     assert frame.set_index("machine").loc['GPU <b>"9"</b>', "vs_slowest"] == pytest.approx(1000)
-    page = (tree / "devices" / "index.html").read_text()
+    page = (tree / "machines" / "index.html").read_text()
     assert 'GPU &lt;b&gt;"9"&lt;/b&gt;' in page and "1,000.0×" in page and "<b>" not in page
-    assert f'href="{bench.name}/index.html"' in page and "20000101-000000-bench" not in page
-    assert (tree / "devices" / "machines.png").is_file()
+    assert f'href="../devices/{bench.name}/index.html"' in page and "20000101-000000-bench" not in page
+    assert (tree / "machines" / "machines.png").is_file()
     assert report.main(["--out", str(tree)]) == 0  # nothing changed: the page is kept
     assert "machines compared" not in capsys.readouterr().out
 

@@ -250,10 +250,12 @@ def _stamp(folder: str) -> str:
 
 
 def machines_page(out: Path) -> Path:
-    """``out/devices/index.html``: every machine benchmarked, side by side (``machines.csv`` and a figure beside it)."""
+    """``out/machines/index.html``: every machine benchmarked, side by side (``machines.csv`` and a figure beside
+    it). A folder of its own: ``out/devices`` holds only the benchmarks' folders."""
     from cifarlab.report.records import write_csv
 
-    folder = Path(out, "devices")
+    folder = Path(out, "machines")
+    folder.mkdir(parents=True, exist_ok=True)
     frame = machines_frame(out)
     write_csv(folder / "machines.csv", frame)
     parts = []
@@ -278,7 +280,7 @@ def machines_page(out: Path) -> Path:
             "peak (TFLOP/s)": frame["peak_tflops"].map(lambda v: "—" if pd.isna(v) else f"{v:,.3g}"),
             "torch": frame["torch"], "measured": frame["measured"],
         })
-        links = "".join(f'<li><a href="{html.esc(b)}/index.html">{html.esc(b)}</a></li>'
+        links = "".join(f'<li><a href="../devices/{html.esc(b)}/index.html">{html.esc(b)}</a></li>'
                         for b in sorted(frame["benchmark"].unique(), reverse=True))
         parts.append(html.figure("machines.png", "Training images per second by machine")
                      + html.table(view)
@@ -288,8 +290,9 @@ def machines_page(out: Path) -> Path:
                        'for the same architecture and batch size. Share of peak: of the matmul peak probed on that '
                        'machine, so machines compare by how close each comes to its own limit. To add a machine, run '
                        '<code>python -m bench.devices --out DIR</code> there with DIR shared, or copy its '
-                       '<code>reports/devices/&lt;time&gt;-bench/</code> folder here, then run <code>python -m '
-                       'studies.report</code>. <a href="machines.csv">machines.csv</a></p>'
+                       '<code>reports/devices/&lt;time&gt;-bench/</code> folder into this tree\'s '
+                       '<code>devices/</code>, then run <code>python -m studies.report</code>. '
+                       '<a href="machines.csv">machines.csv</a></p>'
                      + f"<h2>Benchmarks</h2><ul>{links}</ul>")
     else:
         parts.append('<p class="note">No benchmark of the default path is stored yet: run <code>python -m '

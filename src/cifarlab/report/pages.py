@@ -452,8 +452,7 @@ def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | No
             )
         )
     if dev_rows:
-        devices = out / "devices"
-        machines = _draw_if_changed(devices, _machines_key(out), lambda: machines_page(out), redrawn)
+        machines = _draw_if_changed(out / "machines", _machines_key(out), lambda: machines_page(out), redrawn)
         parts.append(
             "<h2>Device benchmarks</h2>"
             + f'<p><a href="{html.esc(machines.relative_to(out))}">Machines compared</a>: the default training '
