@@ -70,7 +70,7 @@ def _main(args) -> int:
     print(f"written: {index}" + (f" (studies from {mask_url(args.storage)})" if args.storage else "")
           + (f", {studies} study pages redrawn" if studies else "")
           + (f", {benchmarks} device benchmark pages redrawn" if benchmarks else "")
-          + (", the machines compared redrawn" if machines else ""))
+          + (", the machines-compared page redrawn" if machines else ""))
     return 0
 
 

@@ -142,7 +142,7 @@ def test_machines_compared_keeps_the_newest_default_path_of_each_machine(out, tm
     copy_in("20000102-000000-bench", device="cuda", device_name='GPU <b>"9"</b>',
             images_per_second=here["images_per_second"] * 1000)
     assert report.main(["--out", str(tree)]) == 0
-    assert "the machines compared redrawn" in capsys.readouterr().out
+    assert "the machines-compared page redrawn" in capsys.readouterr().out
     frame = pd.read_csv(tree / "machines" / "machines.csv")
     assert sorted(frame["machine"]) == sorted([f"{here['device_name']} · {threads} threads", 'GPU <b>"9"</b>'])
     assert frame["images_per_second"].min() == pytest.approx(here["images_per_second"])
@@ -152,7 +152,7 @@ def test_machines_compared_keeps_the_newest_default_path_of_each_machine(out, tm
     assert f'href="../devices/{bench.name}/index.html"' in page and "20000101-000000-bench" not in page
     assert (tree / "machines" / "machines.png").is_file()
     assert report.main(["--out", str(tree)]) == 0  # nothing changed: the page is kept
-    assert "machines compared" not in capsys.readouterr().out
+    assert "machines-compared" not in capsys.readouterr().out
 
 
 def test_a_study_page_is_redrawn_only_when_its_study_or_a_file_of_it_changed(out, tmp_path):
