@@ -228,7 +228,7 @@ def machines_frame(out: Path) -> pd.DataFrame:
                 "machine": machine, "arch": r.get("arch"), "batch_size": r.get("batch_size"),
                 "precision": r.get("precision"), "memory format": "channels_last" if r.get("channels_last") else "NCHW",
                 "compile": (mode if r.get("compile") else "eager"), "images_per_second": r["images_per_second"],
-                "epoch_50k_minutes": (r.get("epoch_50k_seconds") or float("nan")) / 60,
+                "epoch_50k_seconds": r.get("epoch_50k_seconds"),
                 "share_of_peak": r.get("share_of_peak"), "peak_tflops": r.get("peak_tflops"),
                 "torch": env.get("torch"), "measured": _stamp(path.parent.name), "benchmark": path.parent.name,
             })
@@ -274,7 +274,7 @@ def machines_page(out: Path) -> Path:
             "batch": frame["batch_size"].map(lambda b: f"{b:.0f}"), "precision": frame["precision"],
             "memory format": frame["memory format"], "compile": frame["compile"],
             "images/s": frame["images_per_second"].map(lambda v: f"{v:,.0f}" if v >= 100 else f"{v:.1f}"),
-            "50k-image epoch": frame["epoch_50k_minutes"].map(_minutes),
+            "50k-image epoch": frame["epoch_50k_seconds"].map(_duration),
             "× slowest": frame["vs_slowest"].map(lambda v: f"{v:,.1f}×"),
             "share of peak": frame["share_of_peak"].map(lambda v: "—" if pd.isna(v) else f"{v:.0%}"),
             "peak (TFLOP/s)": frame["peak_tflops"].map(lambda v: "—" if pd.isna(v) else f"{v:,.3g}"),
@@ -301,7 +301,8 @@ def machines_page(out: Path) -> Path:
     return html.write_page(folder / "index.html", "cifarlab — machines compared", "\n".join(parts))
 
 
-def _minutes(value: float) -> str:
-    if pd.isna(value):
+def _duration(seconds: float | None) -> str:
+    if seconds is None or pd.isna(seconds):
         return "—"
-    return f"{value:,.0f} min" if value >= 10 else f"{value:.1f} min" if value >= 1 else f"{value * 60:.1f} s"
+    minutes = seconds / 60
+    return f"{minutes:,.0f} min" if minutes >= 10 else f"{minutes:.1f} min" if minutes >= 1 else f"{seconds:.1f} s"

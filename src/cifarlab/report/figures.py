@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -12,17 +11,17 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from cifarlab.data import atomic_file
+
 
 def save(fig, path: Path) -> Path:
-    """Write the figure beside ``path`` and rename it into place: a killed process never leaves half a PNG."""
+    """Write the figure atomically (``atomic_file``): a killed process never leaves half a PNG."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fig.tight_layout()
     try:
-        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as fh:
+            fig.savefig(fh, dpi=110, format=path.suffix.lstrip(".") or "png")
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
 
