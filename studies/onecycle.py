@@ -67,10 +67,14 @@ def build_parser():
                    help="training images per trial: a count or a fraction (overrides the budget)")
     p.add_argument("--val-size", type=_cli.count_or_fraction, default=None,
                    help="validation hold-out: a count or a fraction (default: from the budget)")
-    p.add_argument("--weight-decay", type=_cli.finite_float, default=d.weight_decay)
-    p.add_argument("--pct-start", type=_cli.finite_float, default=d.pct_start)
-    p.add_argument("--label-smoothing", type=_cli.finite_float, default=d.label_smoothing)
-    p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"))
+    p.add_argument("--weight-decay", type=_cli.finite_float, default=d.weight_decay,
+                   help="weight decay of every trial (default: %(default)s)")
+    p.add_argument("--pct-start", type=_cli.finite_float, default=d.pct_start,
+                   help="share of each trial's steps spent rising to the max LR (default: %(default)s)")
+    p.add_argument("--label-smoothing", type=_cli.finite_float, default=d.label_smoothing,
+                   help="label smoothing of every trial (default: %(default)s)")
+    p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"),
+                   help="auto: the stored bench.devices --choose result, else bf16 where the device runs it fast")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of every trial (default: 0)")
     p.add_argument("--seed-max-lr", type=_cli.positive_float, default=None,
@@ -81,6 +85,10 @@ def build_parser():
                    help="Optuna storage URL, e.g. postgresql://user:pw@host/db for several machines "
                         "(default: sqlite file <out>/studies/studies.db)")
     p.add_argument("--study-name", default="onecycle", help="study name prefix; studies are <name>-<arch>")
+    p.add_argument("--timeout", type=_cli.duration, default=None,
+                   help="stop starting trials after this long (90m, 2h, 1h30m; a number is seconds), shared among "
+                        "the architectures still to run; a running trial finishes, and the same command tops up")
+    p.add_argument("--deadline", type=float, default=None, help=_cli.argparse.SUPPRESS)  # a worker's, time.time()
     p.add_argument("--workers", type=_cli.positive_int, default=1,
                    help="worker processes on this machine sharing each study (default: 1)")
     p.add_argument("--final", action="store_true",
@@ -88,7 +96,8 @@ def build_parser():
     p.add_argument("--final-epochs", type=_cli.positive_int, default=24, help="epochs of --final runs (default: 24)")
     p.add_argument("--final-seeds", type=_cli.positive_int, default=1, help="--final runs per architecture")
     p.add_argument("--heartbeat", type=_cli.positive_int, default=15,
-                   help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried")
+                   help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried "
+                        "(default: %(default)s)")
     p.add_argument("--worker-index", type=int, default=None, help=_cli.argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--no-report", action="store_true", help="do not redraw the HTML reports at the end")
@@ -400,8 +409,10 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
     return objective
 
 
-def run_worker(study, objective, target: int, *, heartbeat: int, on_trial_done=None) -> None:
-    """Run trials until the study holds ``target`` finished ones; never start one past it.
+def run_worker(study, objective, target: int, *, heartbeat: int, on_trial_done=None,
+               deadline: float | None = None) -> bool:
+    """Run trials until the study holds ``target`` finished ones; never start one past it, nor after ``deadline``
+    (``time.time()``; a running trial finishes). Returns whether the deadline stopped it short of the target.
 
     Running trials (this machine's other workers, other machines) count towards the target while they run;
     a trial whose worker died goes stale, is failed with a reason and re-enqueued, and the loop goes on.
@@ -410,7 +421,9 @@ def run_worker(study, objective, target: int, *, heartbeat: int, on_trial_done=N
         mark_stale_trials(study)
         c = counts(study)
         if c["finished"] >= target:
-            return
+            return False
+        if deadline is not None and time.time() >= deadline:
+            return True
         if c["finished"] + c["running"] >= target:
             time.sleep(min(heartbeat, 5))  # others are finishing the last trials; wait for them or their staleness
             continue
@@ -429,6 +442,7 @@ def _main(args, raw_argv: list[str]) -> int:
     from cifarlab.report.records import check_writable
     from cifarlab.timing import resolve_device
 
+    started = time.time()
     console = _cli.console()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     archs = parse_archs(args.arch)
@@ -457,16 +471,24 @@ def _main(args, raw_argv: list[str]) -> int:
                       f"validation {budget.val_size}; storage {mask_url(url)}")
     splits = _load(args, budget)
 
-    for arch in archs:
+    deadline = args.deadline if is_worker else (started + args.timeout if args.timeout else None)
+    for i, arch in enumerate(archs):
         name = f"{args.study_name}-{arch}"
         spec = study_spec(args, budget, arch)
         study = load_study(storage, name, args, spec, create=not is_worker)
+        arch_deadline = deadline if is_worker else share_of_time(deadline, len(archs) - i)
         if not is_worker:
             _prepare(study, args, arch, splits, budget, out, console)
         if args.workers > 1 and not is_worker:
-            _spawn_workers(args, raw_argv, arch, study, console)
+            _spawn_workers(args, raw_argv, arch, study, console, arch_deadline)
+            timed_out = arch_deadline is not None and time.time() >= arch_deadline
         else:
-            _run_here(study, arch, splits, budget, args, console, quiet=args.quiet or is_worker)
+            timed_out = _run_here(study, arch, splits, budget, args, console, quiet=args.quiet or is_worker,
+                                  deadline=arch_deadline)
+        finished = counts(study)["finished"]
+        if timed_out and not is_worker and finished < args.trials:
+            console.print(f"{arch}: --timeout: no trial starts after {_clock(arch_deadline)}; {finished} of "
+                          f"{args.trials} trials finished (the same command tops the study up)")
     if is_worker:
         return 0
     for arch in archs:
@@ -478,6 +500,19 @@ def _main(args, raw_argv: list[str]) -> int:
     if not args.no_report:
         _cli.rebuild_reports(out, console, url)
     return 0
+
+
+def share_of_time(deadline: float | None, archs_left: int, now: float | None = None) -> float | None:
+    """This architecture's deadline: the time left to the command's, shared evenly among the architectures still
+    to run, so that the first cannot take it all; what one leaves unused goes to those after it."""
+    if deadline is None:
+        return None
+    now = time.time() if now is None else now
+    return now + max(0.0, deadline - now) / archs_left
+
+
+def _clock(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
 
 
 def _load(args, budget: Budget):
@@ -501,7 +536,7 @@ def _prepare(study, args, arch, splits, budget, out, console) -> None:
     console.print(f"{arch}: seed trial (trial 0): adam, batch 512, max LR {clipped:.3g} (from {source})")
 
 
-def _run_here(study, arch, splits, budget, args, console, *, quiet: bool) -> None:
+def _run_here(study, arch, splits, budget, args, console, *, quiet: bool, deadline: float | None = None) -> bool:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     target = args.trials
@@ -526,7 +561,8 @@ def _run_here(study, arch, splits, budget, args, console, *, quiet: bool) -> Non
 
     objective = make_objective(arch, splits, budget, args, progress_cb=on_epoch, target=target)
     with progress:
-        run_worker(study, objective, target, heartbeat=args.heartbeat, on_trial_done=on_done)
+        return run_worker(study, objective, target, heartbeat=args.heartbeat, on_trial_done=on_done,
+                          deadline=deadline)
 
 
 def _best_text(study) -> str:
@@ -536,13 +572,20 @@ def _best_text(study) -> str:
         return "best —"
 
 
-def _spawn_workers(args, raw_argv, arch, study, console) -> None:
+def worker_argv(raw_argv: list[str], arch: str, index: int, deadline: float | None) -> list[str]:
+    """A worker's flags: the command's, for one architecture, with the architecture's deadline in place of
+    ``--timeout`` (each worker would otherwise start the clock again)."""
+    argv = _strip_flags(raw_argv, {"--workers", "--arch", "--final", "--worker-index", "--timeout", "--deadline"})
+    argv += ["--arch", arch, "--workers", "1", "--worker-index", str(index)]
+    return argv + (["--deadline", repr(deadline)] if deadline is not None else [])
+
+
+def _spawn_workers(args, raw_argv, arch, study, console, deadline: float | None = None) -> None:
     """K processes on this machine, one study; on several GPUs each worker sees only its own."""
     import torch
 
     from cifarlab.timing import threads_per_worker
 
-    argv = _strip_flags(raw_argv, {"--workers", "--arch", "--final", "--worker-index"})
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
     threads = threads_per_worker(args.workers)
     procs = []
@@ -550,10 +593,9 @@ def _spawn_workers(args, raw_argv, arch, study, console) -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        cmd = [sys.executable, "-m", "studies.onecycle", *argv, "--arch", arch, "--workers", "1",
-               "--worker-index", str(i)]
+        cmd = [sys.executable, "-m", "studies.onecycle", *worker_argv(raw_argv, arch, i, deadline)]
         procs.append(subprocess.Popen(cmd, env=env))
-    console.print(f"{arch}: {args.workers} workers started ({threads} threads each"
+    console.print(f"{arch}: {args.workers} workers started ({threads} thread{'s' if threads != 1 else ''} each"
                   f"{', one GPU each' if gpus > 1 else ''})")
     try:
         while any(p.poll() is None for p in procs):

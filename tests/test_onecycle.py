@@ -171,13 +171,48 @@ def test_existing_study_with_another_search_space_is_refused(tmp_path, capsys):
      (["--pruner", "sometimes"], "invalid choice"), (["--arch", "vgg16"], "unknown architecture vgg16"),
      (["--budget", "huge"], "invalid choice"), (["--storage", "not-a-url"], "is not a storage URL"),
      (["--storage", "postgresql://cifar:hunter2secret@127.0.0.1:1/db"], "cannot reach the study storage"),
-     (["--seed-max-lr", "-1"], "must be greater than 0"), (["--pct-start", "1.5"], "--pct-start must lie in")],
+     (["--seed-max-lr", "-1"], "must be greater than 0"), (["--pct-start", "1.5"], "--pct-start must lie in"),
+     (["--timeout", "soon"], "expected a duration such as 90m"), (["--timeout", "0m"], "must be longer than 0")],
 )
 def test_bad_flags(argv, message, tmp_path, capsys):
     code = onecycle.main([*SYNTH, *argv, "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert "hunter2secret" not in err and "Traceback" not in err
+
+
+def test_timeout_starts_no_trial_after_its_deadline_and_says_so(tmp_path, capsys):
+    before = time.time()
+    argv = [*SYNTH, "--arch", "custom_resnet", "--out", str(tmp_path), "--trials", "20", "--timeout", "2s"]
+    assert onecycle.main(argv) == 0
+    out = capsys.readouterr().out
+    study = load(tmp_path)
+    trials = study.get_trials(deepcopy=False)
+    assert all(t.datetime_start.timestamp() <= before + 2 for t in trials)  # none started after the deadline
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in trials)  # the last one ran to its end
+    assert finished(study) < 20
+    line = re.search(r"^custom_resnet: --timeout: no trial starts after \d\d:\d\d:\d\d; (\d+) of 20 trials finished "
+                     r"\(the same command tops the study up\)$", out, re.M)
+    assert line and int(line.group(1)) == finished(study), out
+
+
+def test_durations_and_the_time_each_architecture_gets():
+    from studies._cli import duration
+
+    assert [duration(t) for t in ("3600", "90s", "45m", "2h", "1.5h", "1h30m", " 2H ")] == \
+        [3600, 90, 2700, 7200, 5400, 5400, 7200]
+    # the time left is shared among the architectures still to run; a passed deadline leaves none
+    assert onecycle.share_of_time(1000.0, 2, now=400.0) == 700.0
+    assert onecycle.share_of_time(1000.0, 1, now=700.0) == 1000.0
+    assert onecycle.share_of_time(1000.0, 2, now=1200.0) == 1200.0
+    assert onecycle.share_of_time(None, 2) is None
+    # a worker gets the architecture's deadline, not the --timeout it would start again
+    argv = onecycle.worker_argv(["--trials", "9", "--timeout", "2h", "--workers", "2", "--final"], "resnet18", 1,
+                                1234.5)
+    assert argv == ["--trials", "9", "--arch", "resnet18", "--workers", "1", "--worker-index", "1",
+                    "--deadline", "1234.5"]
+    parsed = onecycle.build_parser().parse_args(argv)
+    assert parsed.deadline == 1234.5 and parsed.timeout is None and parsed.worker_index == 1
 
 
 def test_urls_are_masked_everywhere():
