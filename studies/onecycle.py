@@ -511,6 +511,29 @@ def share_of_time(deadline: float | None, archs_left: int, now: float | None = N
     return now + max(0.0, deadline - now) / archs_left
 
 
+def time_left(spent: float, finished_since: int, remaining: int,
+              until_deadline: float | None = None) -> tuple[float, bool] | None:
+    """Seconds until the study holds its trials, at the rate it finished them since this process began (other
+    workers' and machines' trials included), or until the ``--timeout`` deadline if that is sooner; and whether
+    the deadline is what it is. None before a trial has finished."""
+    if remaining <= 0 or finished_since <= 0 or spent <= 0:
+        return None
+    seconds = remaining * spent / finished_since
+    if until_deadline is not None and until_deadline < seconds:
+        return max(0.0, until_deadline), True
+    return seconds, False
+
+
+def left_text(seconds: float, by_deadline: bool = False) -> str:
+    if seconds < 90:
+        text = f"{seconds:.0f} s"
+    elif seconds < 90 * 60:
+        text = f"{seconds / 60:.0f} min"
+    else:
+        text = f"{seconds / 3600:.1f} h"
+    return f"~{text} left{' (--timeout)' if by_deadline else ''}"
+
+
 def _clock(timestamp: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(timestamp))
 
@@ -537,20 +560,36 @@ def _prepare(study, args, arch, splits, budget, out, console) -> None:
 
 
 def _run_here(study, arch, splits, budget, args, console, *, quiet: bool, deadline: float | None = None) -> bool:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class TimeLeftColumn(ProgressColumn):
+        """Counts down to the estimate made when the last trial finished."""
+
+        def render(self, task) -> Text:
+            end = task.fields.get("end")
+            if end is None:
+                return Text("")
+            return Text(left_text(max(0.0, end - time.monotonic()), task.fields["by_deadline"]),
+                        style="progress.remaining")
 
     target = args.trials
     progress = Progress(TextColumn(f"{arch}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[best]}  {task.fields[current]}"), TimeElapsedColumn(),
-                        console=console, disable=quiet)
-    task = progress.add_task(arch, total=target, completed=min(counts(study)["finished"], target),
-                             best=_best_text(study), current="")
+                        TimeLeftColumn(), console=console, disable=quiet)
+    started, finished_before = time.monotonic(), counts(study)["finished"]
+    task = progress.add_task(arch, total=target, completed=min(finished_before, target),
+                             best=_best_text(study), current="", end=None, by_deadline=False)
 
     def on_epoch(number, epoch, epochs, val):
         progress.update(task, current=f"trial {number}: epoch {epoch}/{epochs}, val {val:.1%}")
 
     def on_done(study_, trial_):
-        progress.update(task, completed=min(counts(study_)["finished"], target), best=_best_text(study_))
+        finished, now = counts(study_)["finished"], time.monotonic()
+        left = time_left(now - started, finished - finished_before, target - finished,
+                         None if deadline is None else deadline - time.time())
+        progress.update(task, completed=min(finished, target), best=_best_text(study_),
+                        end=None if left is None else now + left[0], by_deadline=left is not None and left[1])
         state = trial_.state.name.lower()
         value = f" val {trial_.value:.2%}" if trial_.value is not None else ""
         reason = trial_.user_attrs.get("pruned_reason") or trial_.user_attrs.get("fail_reason") or ""

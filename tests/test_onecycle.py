@@ -206,6 +206,13 @@ def test_durations_and_the_time_each_architecture_gets():
     assert onecycle.share_of_time(1000.0, 1, now=700.0) == 1000.0
     assert onecycle.share_of_time(1000.0, 2, now=1200.0) == 1200.0
     assert onecycle.share_of_time(None, 2) is None
+    # the time left, at the rate trials finished since the command began, or to the deadline if sooner
+    assert onecycle.time_left(600.0, 2, 10) == (3000.0, False)
+    assert onecycle.time_left(600.0, 4, 10, until_deadline=7200.0) == (1500.0, False)
+    assert onecycle.time_left(600.0, 1, 30, until_deadline=3 * 3600.0) == (3 * 3600.0, True)
+    assert onecycle.time_left(0.0, 0, 30) is None and onecycle.time_left(60.0, 3, 0) is None
+    assert [onecycle.left_text(s) for s in (20.0, 3000.0, 10800.0)] == ["~20 s left", "~50 min left", "~3.0 h left"]
+    assert onecycle.left_text(10800.0, True) == "~3.0 h left (--timeout)"
     # a worker gets the architecture's deadline, not the --timeout it would start again
     argv = onecycle.worker_argv(["--trials", "9", "--timeout", "2h", "--workers", "2", "--final"], "resnet18", 1,
                                 1234.5)
