@@ -96,9 +96,20 @@ def test_study_page_has_the_tables_and_figures(out):
     text = study_page.read_text()
     assert "Best against the seed" in text and "seed configuration" in text
     assert re.search(r"<code>python -m studies\.train --epochs 1 [^<]*--max-lr [0-9.e-]+", text), text
-    for fig in ("history.png", "max_lr.png", "by_param.png", "curves.png"):
+    assert "Trade-off between accuracy and time" in text
+    for fig in ("history.png", "max_lr.png", "by_param.png", "curves.png", "time.png"):
         assert (study_page.parent / fig).is_file()
     assert (study_page.parent / "trials.csv").read_text().startswith("trial,state,optimizer,max_lr,batch_size")
+
+
+def test_the_time_front_keeps_each_trial_no_faster_one_beats():
+    from cifarlab.report.pages import pareto_front
+
+    frame = pd.DataFrame({"trial": [0, 1, 2, 3, 4, 5], "seconds": [50.0, 20.0, 20.0, 90.0, 60.0, 30.0],
+                          "val_accuracy": [0.70, 0.60, 0.65, 0.80, 0.75, 0.65]})
+    # 1 ties 2 on time and loses; 5 is slower than 2 and no better; 0, 4 and 3 each beat everything faster
+    assert pareto_front(frame)["trial"].tolist() == [2, 0, 4, 3]
+    assert pareto_front(frame.iloc[[3]])["trial"].tolist() == [3]
 
 
 def test_run_page_has_per_class_table_confusion_and_misclassified_grid(out):

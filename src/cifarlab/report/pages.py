@@ -323,6 +323,31 @@ def _study_figures(study, frame: pd.DataFrame, out_dir: Path) -> str:
     save(fig, out_dir / "by_param.png")
     parts.append(html.figure("by_param.png", "Validation accuracy by batch size and by optimizer"))
 
+    timed = done.dropna(subset=["seconds"])
+    if len(timed):
+        front = pareto_front(timed)
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        sns.scatterplot(data=timed, x="seconds", y="val acc (%)", hue="batch_size", style="optimizer",
+                        palette="viridis", s=60, ax=ax)
+        # a step line: the best accuracy reached within each wall time, out to the slowest trial
+        ax.plot([*front["seconds"], timed["seconds"].max()], [*front["val acc (%)"], front["val acc (%)"].iloc[-1]],
+                color="black", drawstyle="steps-post", linewidth=1,
+                label="no trial faster and better")
+        ax.set(title="validation accuracy against trial time", xlabel="trial wall time (s)",
+               ylabel="validation accuracy (%)")
+        ax.legend(fontsize=7, loc="best")
+        save(fig, out_dir / "time.png")
+        rows = front[["trial", "optimizer", "max_lr", "batch_size", "seconds", "val acc (%)"]].copy()
+        rows["seconds"], rows["val acc (%)"] = rows["seconds"].round(1), rows["val acc (%)"].round(2)
+        parts.append(
+            html.figure("time.png", "Validation accuracy against each trial's wall time; the line joins the trials "
+                                    "that no other trial beats on both")
+            + "<h3>Trade-off between accuracy and time</h3>"
+            + '<p class="note">Each of these trials is the most accurate of those that took no longer: the '
+              "fastest way found to each accuracy under this study's budget.</p>"
+            + html.table(rows.rename(columns={"seconds": "seconds (s)"}))
+        )
+
     top = done.nlargest(5, "val_accuracy")["trial"].tolist()
     curves = []
     for t in study.get_trials(deepcopy=False):
@@ -346,6 +371,15 @@ def _study_figures(study, frame: pd.DataFrame, out_dir: Path) -> str:
         save(fig, out_dir / "importance.png")
         parts.append(html.figure("importance.png", "Hyperparameter importance"))
     return "\n".join(parts)
+
+
+def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows that no other row beats on both ``seconds`` (fewer) and ``val_accuracy`` (more), fastest first:
+    each is the most accurate of the rows that took no longer than it."""
+    ordered = frame.sort_values(["seconds", "val_accuracy"], ascending=[True, False], kind="stable")
+    best = ordered["val_accuracy"].cummax()
+    keep = ordered["val_accuracy"] > best.shift(fill_value=-np.inf)
+    return ordered[keep]
 
 
 def _importance(study) -> dict[str, float]:
