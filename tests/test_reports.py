@@ -74,8 +74,11 @@ def test_every_page_parses_and_every_link_and_image_resolves(out):
         assert parser.scripts == 0, page
         for tag, ref in parser.refs:
             assert not re.match(r"^[a-z]+://", ref), f"{page}: external reference {ref}"
-            target = (page.parent / ref).resolve()
+            path, _, fragment = ref.partition("#")
+            target = (page.parent / path).resolve()
             assert target.is_file(), f"{page}: broken link {ref}"
+            if fragment:  # the anchor is on the page it names
+                assert f'id="{fragment}"' in target.read_text(), f"{page}: no {fragment!r} on {path}"
             if tag == "img":
                 with Image.open(target) as im:
                     im.verify()
@@ -152,6 +155,13 @@ def test_machines_compared_keeps_the_newest_default_path_of_each_machine(out, tm
     copy_in("20000101-000000-bench", images_per_second=1.0)  # this machine, long ago: replaced by the newer run
     copy_in("20000102-000000-bench", device="cuda", device_name='GPU <b>"9"</b>',
             images_per_second=here["images_per_second"] * 1000)
+    # and a run on the whole training split from the GPU (this tree's own run trained on a 64-image subset)
+    (run,) = [p.parent for p in (tree / "runs").glob("*/run.json")]
+    full = json.loads((run / "run.json").read_text())
+    full["data"].update(train=45_000, train_subset=None)
+    full["environment"].update(device="cuda", device_name='GPU <b>"9"</b>')
+    (tree / "runs" / "20000103-000000-custom_resnet").mkdir()
+    (tree / "runs" / "20000103-000000-custom_resnet" / "run.json").write_text(json.dumps(full))
     assert report.main(["--out", str(tree)]) == 0
     assert "the machines-compared page redrawn" in capsys.readouterr().out
     frame = pd.read_csv(tree / "machines" / "machines.csv")
@@ -162,6 +172,13 @@ def test_machines_compared_keeps_the_newest_default_path_of_each_machine(out, tm
     assert 'GPU &lt;b&gt;"9"&lt;/b&gt;' in page and "1,000.0×" in page and "<b>" not in page
     assert f'href="../devices/{bench.name}/index.html"' in page and "20000101-000000-bench" not in page
     assert (tree / "machines" / "machines.png").is_file()
+    runs = pd.read_csv(tree / "machines" / "runs.csv")
+    assert runs["run"].tolist() == ["20000103-000000-custom_resnet"]
+    assert runs["machine"].tolist() == ['GPU <b>"9"</b>'] and runs["epochs"].tolist() == [len(full["epochs"])]
+    assert runs["training_seconds"][0] == pytest.approx(sum(e["epoch_seconds"] for e in full["epochs"]))
+    section = page[page.index('id="time-to-accuracy"'):]
+    assert f"{full['test']['plain']['accuracy']:.2%}" in section and 'GPU &lt;b&gt;"9"&lt;/b&gt;' in section
+    assert 'href="../runs/20000103-000000-custom_resnet/index.html"' in section and run.name not in section
     assert report.main(["--out", str(tree)]) == 0  # nothing changed: the page is kept
     assert "machines-compared" not in capsys.readouterr().out
 

@@ -220,9 +220,8 @@ def machines_frame(out: Path) -> pd.DataFrame:
         for r in doc.get("rows") or []:
             if r.get("status") != "ok" or r.get("step") != "default" or not r.get("images_per_second"):
                 continue
-            machine = str(r.get("device_name") or env.get("cpu_model") or r.get("device"))
-            if r.get("device") == "cpu" and env.get("torch_threads"):
-                machine += f" · {env['torch_threads']} threads"
+            machine = _machine(r.get("device_name") or env.get("cpu_model") or r.get("device"), r.get("device"),
+                               env.get("torch_threads"))
             mode = r.get("compile_mode") or "default"
             rows.append({
                 "machine": machine, "arch": r.get("arch"), "batch_size": r.get("batch_size"),
@@ -239,6 +238,51 @@ def machines_frame(out: Path) -> pd.DataFrame:
     slowest = frame.groupby(["arch", "batch_size"])["images_per_second"].transform("min")
     frame["vs_slowest"] = frame["images_per_second"] / slowest
     return frame.sort_values(["arch", "images_per_second"], ascending=[True, False]).reset_index(drop=True)
+
+
+def _machine(name, device, threads) -> str:
+    """A machine as the pages name it: the GPU, or the CPU model with the threads torch used on it."""
+    machine = str(name)
+    return machine + f" · {threads} threads" if device == "cpu" and threads else machine
+
+
+# CIFAR-10's 50,000 training images less at most the default 5,000-image validation split: a run on fewer trained
+# on a subset, and its accuracy says nothing of the time to train the recipe.
+FULL_TRAIN = 45_000
+
+
+def runs_frame(out: Path) -> pd.DataFrame:
+    """Time to accuracy: every completed, tested run under ``out/runs`` that trained on the whole training split
+    (no subset, at least ``FULL_TRAIN`` images), with the machine it ran on, fastest first per architecture.
+    Run folders copied in from other machines' ``reports/runs/`` count like this machine's own."""
+    from cifarlab.report.records import read_json
+
+    rows = []
+    for path in sorted(Path(out, "runs").glob("*/run.json")):
+        try:
+            doc = read_json(path)
+        except (OSError, ValueError):
+            continue
+        data, env, test = doc.get("data") or {}, doc.get("environment") or {}, doc.get("test") or {}
+        if (doc.get("status") != "completed" or not test.get("plain") or data.get("train_subset")
+                or (data.get("train") or 0) < FULL_TRAIN):
+            continue
+        config, resolved, epochs = doc.get("config") or {}, doc.get("resolved") or {}, doc.get("epochs") or []
+        rows.append({
+            "machine": _machine(env.get("device_name") or env.get("cpu_model") or env.get("device"),
+                                env.get("device"), env.get("torch_threads")),
+            "arch": config.get("arch"), "epochs": len(epochs), "batch_size": config.get("batch_size"),
+            "precision": resolved.get("precision"), "train_images": data.get("train"),
+            "test_accuracy": test["plain"].get("accuracy"),
+            "test_accuracy_tta": (test.get("flip_tta") or {}).get("accuracy"),
+            "training_seconds": sum(e.get("epoch_seconds") or 0.0 for e in epochs),
+            "wall_seconds": doc.get("wall_seconds"), "torch": env.get("torch"), "measured": _stamp(path.parent.name),
+            "run": path.parent.name,
+        })
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.sort_values(["arch", "training_seconds"]).reset_index(drop=True)
 
 
 def _stamp(folder: str) -> str:
@@ -258,6 +302,8 @@ def machines_page(out: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     frame = machines_frame(out)
     write_csv(folder / "machines.csv", frame)
+    runs = runs_frame(out)
+    write_csv(folder / "runs.csv", runs)
     parts = []
     if len(frame):
         frame["label"] = frame["arch"] + " · batch " + frame["batch_size"].map(lambda b: f"{b:.0f}")
@@ -297,8 +343,37 @@ def machines_page(out: Path) -> Path:
     else:
         parts.append('<p class="note">No benchmark of the default path is stored yet: run <code>python -m '
                      "bench.devices</code>.</p>")
+    parts.append(_runs_section(runs))
     parts.append('<p class="note"><a href="../index.html">All reports</a></p>')
     return html.write_page(folder / "index.html", "cifarlab — machines compared", "\n".join(parts))
+
+
+def _runs_section(runs: pd.DataFrame) -> str:
+    head = '<h2 id="time-to-accuracy">Time to accuracy</h2>'
+    if runs.empty:
+        return (head + '<p class="note">No run on the whole training split is stored yet: <code>python -m '
+                "studies.train --arch custom_resnet</code> trains the default recipe and tests it.</p>")
+
+    def percent(v) -> str:
+        return "—" if v is None or pd.isna(v) else f"{v:.2%}"
+
+    view = pd.DataFrame({
+        "machine": runs["machine"], "architecture": runs["arch"], "epochs": runs["epochs"],
+        "batch": runs["batch_size"].map(lambda b: "—" if pd.isna(b) else f"{b:.0f}"), "precision": runs["precision"],
+        "test accuracy": runs["test_accuracy"].map(percent),
+        "with flip TTA": runs["test_accuracy_tta"].map(percent),
+        "training time": runs["training_seconds"].map(_duration), "wall time": runs["wall_seconds"].map(_duration),
+        "torch": runs["torch"], "run": runs["run"],
+    })
+    return (head + html.table(view)
+            + '<p class="note">Every completed run stored here that trained on the whole training split (no '
+              f"<code>--train-subset</code>, at least {FULL_TRAIN:,} images) and was tested, fastest first: the "
+              "time each machine took to the accuracy it reached. Training time: the epochs' training and "
+              "validation; wall time adds loading, whitening, compiling and testing. Copy other machines' "
+              "<code>reports/runs/&lt;time&gt;-&lt;arch&gt;/</code> folders into this tree's <code>runs/</code> to "
+              'add them, then run <code>python -m studies.report</code>. <a href="runs.csv">runs.csv</a></p><ul>'
+            + "".join(f'<li><a href="../runs/{html.esc(r)}/index.html">{html.esc(r)}</a></li>' for r in runs["run"])
+            + "</ul>")
 
 
 def _duration(seconds: float | None) -> str:

@@ -451,6 +451,8 @@ def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | No
     if run_rows:
         parts.append(
             "<h2>Runs</h2>"
+            + '<p><a href="machines/index.html#time-to-accuracy">Time to accuracy</a>: the runs on the whole training '
+            "split, by machine, fastest first.</p>"
             + _rows(["time", "run", "architecture", "epochs", "val accuracy", "test accuracy"], run_rows)
         )
     lr_rows = []
@@ -485,8 +487,9 @@ def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | No
                 f"{best:.0f}" if best else "—",
             )
         )
-    if dev_rows:
+    if dev_rows or run_rows:
         machines = _draw_if_changed(out / "machines", _machines_key(out), lambda: machines_page(out), redrawn)
+    if dev_rows:
         parts.append(
             "<h2>Device benchmarks</h2>"
             + f'<p><a href="{html.esc(machines.relative_to(out))}">Machines compared</a>: the default training '
@@ -533,9 +536,10 @@ def _study_key(study) -> str:
 
 
 def _machines_key(out: Path) -> str:
-    """A digest of the stored benchmarks (names, sizes, modification times) and the code that compares them."""
-    records = [(p.parent.name, p.stat().st_size, p.stat().st_mtime_ns)
-               for p in sorted((out / "devices").glob("*/devices.json"))]
+    """A digest of the stored benchmarks and runs (names, sizes, modification times) and the code that compares
+    them."""
+    records = [(p.parent.parent.name, p.parent.name, p.stat().st_size, p.stat().st_mtime_ns)
+               for p in [*sorted((out / "devices").glob("*/devices.json")), *sorted((out / "runs").glob("*/run.json"))]]
     return hashlib.sha256(json.dumps(records).encode() + _source("devices.py", "figures.py", "html.py")).hexdigest()
 
 
