@@ -477,8 +477,10 @@ def _main(args, raw_argv: list[str]) -> int:
         spec = study_spec(args, budget, arch)
         study = load_study(storage, name, args, spec, create=not is_worker)
         arch_deadline = deadline if is_worker else share_of_time(deadline, len(archs) - i)
+        prepared = time.time()
         if not is_worker:
             _prepare(study, args, arch, splits, budget, out, console)
+        prepared = time.time() - prepared
         if args.workers > 1 and not is_worker:
             _spawn_workers(args, raw_argv, arch, study, console, arch_deadline)
             timed_out = arch_deadline is not None and time.time() >= arch_deadline
@@ -487,7 +489,8 @@ def _main(args, raw_argv: list[str]) -> int:
                                   deadline=arch_deadline)
         finished = counts(study)["finished"]
         if timed_out and not is_worker and finished < args.trials:
-            console.print(f"{arch}: --timeout: no trial starts after {_clock(arch_deadline)}; {finished} of "
+            setup = f"; setting up the seed trial took {prepared:.0f} s of it" if prepared >= 1 else ""
+            console.print(f"{arch}: --timeout: no trial starts after {_clock(arch_deadline)}{setup}; {finished} of "
                           f"{args.trials} trials finished (the same command tops the study up)")
     if is_worker:
         return 0
