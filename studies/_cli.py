@@ -69,14 +69,19 @@ _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\
 
 def duration(text: str) -> float:
     """Seconds from ``3600``, ``90s``, ``45m``, ``2h``, ``1.5h`` or ``1h30m``; more than 0."""
+    value = duration_or_zero(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be longer than 0, got {text!r}")
+    return value
+
+
+def duration_or_zero(text: str) -> float:
+    """As ``duration``, and ``0``."""
     match = _DURATION.fullmatch(text.strip().lower())
     if not text.strip() or match is None or not any(match.groups()):
         raise argparse.ArgumentTypeError(f"expected a duration such as 90m, 2h, 1h30m or 3600 (seconds), got {text!r}")
     hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
-    value = 3600 * hours + 60 * minutes + seconds
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be longer than 0, got {text!r}")
-    return value
+    return 3600 * hours + 60 * minutes + seconds
 
 
 def count_or_fraction(text: str) -> int | float:

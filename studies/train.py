@@ -3,6 +3,10 @@
 Prints the model's layer table, trains with a progress bar, prints a per-epoch table and the test accuracy
 (plain and with flip test-time augmentation), and writes ``run.json``, ``epochs.csv`` and the tested weights
 (``model.pt``, read back with ``cifarlab.train.load_weights``) under ``<out>/runs/<time>-<arch>/``.
+
+While it trains, the run keeps ``checkpoint.pt`` in that folder (at an epoch's end, once a minute has passed since
+the last one): ``python -m studies.train --resume <folder>`` continues a run that was stopped, and the finished run
+removes it.
 """
 
 from __future__ import annotations
@@ -27,8 +31,41 @@ def build_parser():
     parser.add_argument("--save-model", action=_cli.argparse.BooleanOptionalAction, default=True,
                         help="write the tested weights (the EMA's where kept) to model.pt beside run.json; "
                              "cifarlab.train.load_weights reads them back")
+    parser.add_argument("--checkpoint-every", type=_cli.duration_or_zero, default=60.0,
+                        help="save the state to resume from at the end of an epoch once this long has passed since "
+                             "the last save (90s, 10m; 0: every epoch) (default: 1m)")
+    parser.add_argument("--no-checkpoint", action="store_true", help="keep no checkpoint")
+    parser.add_argument("--resume", default=None, metavar="RUN",
+                        help="continue a stopped run from its folder's checkpoint.pt, with its own settings "
+                             "(only --data, --cache-dir and --quiet may be given with it)")
     parser.add_argument("--quiet", action="store_true", help="no model table and no progress bar")
     return parser
+
+
+# What --resume takes from the command line; every other setting is the stopped run's own.
+RESUME_FLAGS = ("--resume", "--data", "--cache-dir", "--quiet")
+
+
+def _resume_args(args, raw: list[str]):
+    """The stopped run's flags, its checkpoint, and its folder; other flags given with --resume are refused."""
+    from cifarlab.errors import ConfigError
+    from cifarlab.train import load_checkpoint
+
+    others = [tok.split("=", 1)[0] for tok in raw if tok.startswith("--")
+              and not any(f.startswith(tok.split("=", 1)[0]) for f in RESUME_FLAGS)]
+    if others:
+        raise ConfigError(f"--resume continues a run with its own settings; drop {', '.join(others)} "
+                          f"(only {', '.join(RESUME_FLAGS[1:])} may be given with it)")
+    path = Path(args.resume)
+    path = path / "checkpoint.pt" if path.is_dir() else path
+    doc = load_checkpoint(path)
+    stored = dict(doc["extra"]["args"])
+    stored.update(resume=args.resume, quiet=args.quiet, out=Path(stored["out"]))
+    if args.data is not None:
+        stored["data"] = args.data
+    if args.cache_dir is not None:
+        stored["cache_dir"] = args.cache_dir
+    return _cli.argparse.Namespace(**stored), doc, path.parent
 
 
 def run_record(result, splits, *, status: str, train_subset, wall_seconds: float) -> dict:
@@ -71,23 +108,27 @@ def run_record(result, splits, *, status: str, train_subset, wall_seconds: float
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _cli.run(build_parser(), _main, argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    return _cli.run(build_parser(), lambda args: _main(args, raw), argv)
 
 
-def _main(args) -> int:
+def _main(args, raw: list[str]) -> int:
     import time
 
     import pandas as pd
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from cifarlab.errors import ConfigError
+    from cifarlab.errors import CifarlabError, ConfigError
     from cifarlab.models import model_summary
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
     from cifarlab.timing import resolve_device
-    from cifarlab.train import TrainConfig, fit, recipe_model, save_weights
+    from cifarlab.train import Checkpointing, TrainConfig, fit, recipe_model, save_weights
 
     console = _cli.console()
+    resume, run_dir = None, None
+    if args.resume is not None:
+        args, resume, run_dir = _resume_args(args, raw)
     config = _cli.dataclass_from_args(TrainConfig, args)
     resolve_device(config.device)  # fail on --device cuda without CUDA before loading data
     out = check_writable(args.out)
@@ -104,8 +145,24 @@ def _main(args) -> int:
                   f"({'cache' if splits.from_cache else 'decoded'} in {load_seconds:.1f} s)")
     if splits.resized:
         console.print(f"[yellow]note:[/] {splits.resized} images were not 32x32 and were resized on load")
+    data = {k: v for k, v in splits.describe().items() if k in ("classes", "train", "val", "test")}
+    if resume is not None and resume["extra"]["data"] != data:
+        raise ConfigError(f"the data differ from those the run trained on ({splits.source}); pass --data with the "
+                          "run's data")
     if not args.quiet:
         console.print(model_summary(recipe_model(config, splits.num_classes)), highlight=False)
+    checkpoint = None
+    if resume is not None:
+        console.print(f"resuming {run_dir} after epoch {resume['epoch']} of {config.epochs}")
+        resumed_after = [*resume["extra"].get("resumed_after", []), int(resume["epoch"])]
+        checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every, resume=resume,
+                                   extra={**resume["extra"], "resumed_after": resumed_after})
+    elif not args.no_checkpoint:
+        run_dir = new_record_dir(out, "runs", config.arch)
+        stored = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every,
+                                   extra={"args": stored, "data": data, "resumed_after": []})
+        console.print(f"checkpoint: {checkpoint.path} (if the run stops: {PROG} --resume {run_dir})")
 
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]} batch {task.fields[batch]}"), BarColumn(),
@@ -127,9 +184,21 @@ def _main(args) -> int:
             f"{val} | {rec.epoch_seconds:.1f} s, "
             f"{rec.images_per_second:.0f} img/s (augmentation {rec.data_seconds:.2f} s, eval {rec.eval_seconds:.1f} s)")
 
-    with progress:
-        result = fit(config, splits, on_step=on_step, on_epoch=on_epoch, test=args.test, test_tta=args.test)
-    wall = time.perf_counter() - t0
+    try:
+        with progress:
+            result = fit(config, splits, on_step=on_step, on_epoch=on_epoch, test=args.test, test_tta=args.test,
+                         checkpoint=checkpoint)
+    except BaseException as exc:
+        if isinstance(exc, CifarlabError) and checkpoint is not None:
+            checkpoint.path.unlink(missing_ok=True)  # diverged, or a bad setting: resuming would meet it again
+        if run_dir is not None and resume is None and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run stopped before its first checkpoint leaves no empty folder behind
+        elif checkpoint is not None and checkpoint.path.is_file():
+            print(f"{PROG}: {PROG} --resume {run_dir} continues the run after its last saved epoch",
+                  file=sys.stderr)
+        raise
+    # On --resume, the wall time of the sessions before this one (fit's, less their data loading) is added.
+    wall = time.perf_counter() - t0 + (float(resume["wall_seconds"]) if resume is not None else 0.0)
 
     epochs = pd.DataFrame([r.to_dict() for r in result.records])
     table = Table(title=f"{config.arch}: {config.optimizer}, max LR {config.max_lr:g}, batch {config.batch_size}, "
@@ -153,13 +222,17 @@ def _main(args) -> int:
     console.print(f"wall time {wall / 60:.1f} min (training {train_s / 60:.1f} min), "
                   f"{epochs['images_per_second'].median():.0f} img/s median")
 
-    run_dir = new_record_dir(out, "runs", config.arch)
+    run_dir = run_dir or new_record_dir(out, "runs", config.arch)
     doc = run_record(result, splits, status="completed", train_subset=args.train_subset, wall_seconds=wall)
+    if checkpoint is not None and checkpoint.extra["resumed_after"]:
+        doc["resumed_after_epochs"] = checkpoint.extra["resumed_after"]
     write_json(run_dir / "run.json", doc)
     write_csv(run_dir / "epochs.csv", epochs)
     console.print(f"run record: {Path(run_dir) / 'run.json'}")
     if args.save_model:
         console.print(f"weights: {save_weights(result, run_dir / 'model.pt', splits.classes)}")
+    if checkpoint is not None:
+        checkpoint.path.unlink(missing_ok=True)  # the run is done: run.json and model.pt hold what it gives
     _cli.rebuild_reports(out, console)
     return 0
 

@@ -100,6 +100,42 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
     assert agree >= (1.0 if precision == "fp32" else 0.9), agree
 
 
+def test_a_stopped_train_run_resumes_from_its_checkpoint_to_the_same_end(tmp_path, capsys, monkeypatch):
+    import cifarlab.train
+
+    argv = [*SYNTH, *FAST, "--train-subset", "64", "--batch-size", "16", "--epochs", "2", "--no-test",
+            "--checkpoint-every", "0"]
+    code, out, _ = run_main(train_cli.main, [*argv, "--out", str(tmp_path / "whole")], capsys)
+    (whole,) = (tmp_path / "whole" / "runs").iterdir()
+    assert code == 0 and f"checkpoint: {whole / 'checkpoint.pt'}" in out
+    assert not (whole / "checkpoint.pt").exists()  # a finished run removes it
+
+    save = cifarlab.train._save_checkpoint
+
+    def save_then_ctrl_c(*args, **kw):
+        save(*args, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cifarlab.train, "_save_checkpoint", save_then_ctrl_c)
+    code, _, err = run_main(train_cli.main, [*argv, "--out", str(tmp_path / "stopped")], capsys)
+    monkeypatch.undo()
+    (stopped,) = (tmp_path / "stopped" / "runs").iterdir()
+    assert code == 130 and f"--resume {stopped} continues the run after its last saved epoch" in err
+    assert sorted(p.name for p in stopped.iterdir()) == ["checkpoint.pt"]  # no record of an unfinished run
+
+    code, _, err = run_main(train_cli.main, ["--resume", str(stopped), "--epochs", "5"], capsys)
+    assert code == 2 and "drop --epochs" in err and len(err.strip().splitlines()) <= 2
+    code, out, _ = run_main(train_cli.main, ["--resume", str(stopped), "--data", SYNTH[1], "--quiet"], capsys)
+    assert code == 0 and f"resuming {stopped} after epoch 1 of 2" in out
+    a, b = (json.loads((d / "run.json").read_text()) for d in (whole, stopped))
+    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
+    assert [[e[k] for k in keys] for e in b["epochs"]] == [[e[k] for k in keys] for e in a["epochs"]]
+    assert b["resumed_after_epochs"] == [1] and "resumed_after_epochs" not in a
+    assert not (stopped / "checkpoint.pt").exists() and (stopped / "model.pt").is_file()
+    code, _, err = run_main(train_cli.main, ["--resume", str(stopped)], capsys)  # finished: nothing to resume
+    assert code == 2 and "no checkpoint there" in err
+
+
 @pytest.mark.parametrize(("recipe", "shown", "absent"), [
     ([], ("CELU", "GhostBatchNorm2d"), ("ReLU", "─BatchNorm2d")),
     (["--activation", "relu", "--ghost-batch", "0"], ("ReLU", "─BatchNorm2d"), ("CELU", "Ghost")),

@@ -8,7 +8,7 @@ from conftest import denormalize
 from cifarlab.data import load_splits
 from cifarlab.errors import ConfigError, TrainingDiverged
 from cifarlab.timing import resolve_precision
-from cifarlab.train import TrainConfig, evaluate, fit, load_weights, save_weights
+from cifarlab.train import Checkpointing, TrainConfig, evaluate, fit, load_checkpoint, load_weights, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,28 @@ def test_same_seed_same_metrics_on_cpu(small):
     assert _metrics(a) == _metrics(b)
     c = fit(quick(seed=8, epochs=1), small)
     assert _metrics(c) != _metrics(a)
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_as_one_never_stopped(small, tmp_path):
+    config = quick(alternate_flip=True, ema=0.9)  # the mirrors and the EMA are state a checkpoint must keep too
+    whole = fit(config, small)
+    path = tmp_path / "checkpoint.pt"
+
+    def ctrl_c(epoch, step, steps, loss, acc):
+        if epoch == 2:
+            raise KeyboardInterrupt  # in the last epoch: the checkpoint of epoch 1 is the newest
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, small, on_step=ctrl_c, checkpoint=Checkpointing(path, every=0, extra={"out": "x"}))
+    doc = load_checkpoint(path)
+    assert doc["epoch"] == 1 and doc["extra"] == {"out": "x"} and len(doc["records"]) == 1
+    resumed = fit(config, small, checkpoint=Checkpointing(path, resume=doc))
+    assert _metrics(resumed) == _metrics(whole)  # the same batches, mirrors, steps and averages: the same run
+    with pytest.raises(ConfigError, match=r"written with other settings \(max_lr\)"):
+        fit(quick(alternate_flip=True, ema=0.9, max_lr=0.1), small, checkpoint=Checkpointing(path, resume=doc))
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match=r"junk\.pt is not a cifarlab checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
 
 
 def test_record_fields_and_one_cycle_shape(small):

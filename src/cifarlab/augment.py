@@ -195,6 +195,14 @@ class BatchAugmenter:
             for b in range(count):
                 yield x[b * batch_size : (b + 1) * batch_size], y[b * batch_size : (b + 1) * batch_size]
 
+    def flip_state(self) -> torch.Tensor | None:
+        """This epoch's mirror of each image under ``alternate_flip`` (the next epoch mirrors the others), on the
+        CPU: what a checkpoint keeps besides the generator to go on with the same augmentation."""
+        return None if self._flip_now is None else self._flip_now.cpu()
+
+    def load_flip_state(self, state: torch.Tensor | None) -> None:
+        self._flip_now = None if state is None else state.to(self.device)
+
     def augment(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Augment the images at ``idx`` with fresh random draws from ``generator``."""
         return self._apply(idx.to(self.device), self._draw(len(idx), generator).to(self.device))

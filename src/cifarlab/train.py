@@ -362,13 +362,14 @@ class WeightEMA:
 
 def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
                    channels_last: bool, gen: torch.Generator):
-    """(number of steps per epoch, a function that yields one epoch of batches)."""
+    """(number of steps per epoch, a function that yields one epoch of batches, the batched augmenter or None)."""
     aug = AugmentConfig(pad=config.crop_pad, cutout=config.cutout, cutout_p=config.cutout_p,
                         alternate_flip=config.alternate_flip)
     n = len(splits.train_labels)
     if config.augment == "batched":
         augmenter = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, aug, channels_last)
-        return augmenter.num_batches(config.batch_size), lambda: augmenter.epoch(config.batch_size, gen)
+        return (augmenter.num_batches(config.batch_size), lambda: augmenter.epoch(config.batch_size, gen),
+                augmenter)
 
     from cifarlab.augment import AlbumentationsDataset, reseed_worker, seed_pipeline
 
@@ -386,7 +387,7 @@ def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization,
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, y.to(device, non_blocking=True)
 
-    return len(loader), epoch
+    return len(loader), epoch, None
 
 
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Normalization, *,
@@ -466,6 +467,79 @@ def load_weights(path: Path) -> tuple[nn.Module, Normalization, dict]:
     return model.eval(), norm, doc
 
 
+CHECKPOINT_FORMAT = 1  # bumped when what a checkpoint stores changes shape
+
+
+@dataclass
+class Checkpointing:
+    """Where ``fit`` keeps the state to resume a run from, and how often: at the end of an epoch once ``every``
+    seconds have passed since the last save (0: every epoch), never after the last epoch. ``extra`` is stored
+    along (the CLI keeps its flags there); ``resume`` is a checkpoint read by ``load_checkpoint`` to continue."""
+
+    path: Path
+    every: float = 60.0
+    extra: dict = field(default_factory=dict)
+    resume: dict | None = None
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint written by ``fit``; a file that is not one is refused in one line."""
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no checkpoint there (a run keeps one while it trains, see --checkpoint-every)") \
+            from None
+    except Exception as exc:  # torch raises pickle, zip and runtime errors for a file that is not a checkpoint
+        raise ConfigError(f"{path} is not a cifarlab checkpoint ({type(exc).__name__})") from None
+    if not isinstance(doc, dict) or doc.get("kind") != "cifarlab-checkpoint" or doc.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not a cifarlab checkpoint (format {CHECKPOINT_FORMAT})")
+    return doc
+
+
+def _save_checkpoint(ckpt: Checkpointing, *, config: TrainConfig, epoch: int, model: nn.Module,
+                     optimizer: torch.optim.Optimizer, scheduler, ema: WeightEMA | None, gen: torch.Generator,
+                     augmenter: BatchAugmenter | None, result: FitResult, wall_seconds: float) -> None:
+    state = {
+        "kind": "cifarlab-checkpoint", "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "epoch": epoch,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "ema": None if ema is None else {"module": ema.module.state_dict(), "updates": ema.updates},
+        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "flip_now": None if augmenter is None else augmenter.flip_state(),
+        "records": [r.to_dict() for r in result.records], "compile_seconds": result.compile_seconds,
+        "wall_seconds": wall_seconds, "extra": ckpt.extra,
+    }
+    with atomic_file(ckpt.path, "wb") as fh:
+        torch.save(state, fh)
+
+
+def _restore(doc: dict, config: TrainConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+             ema: WeightEMA | None, gen: torch.Generator, augmenter: BatchAugmenter | None, result: FitResult,
+             device: torch.device) -> tuple[int, float]:
+    """Put the run back where ``doc`` left it; returns (the next epoch, wall seconds already spent)."""
+    if doc["config"] != config.to_dict():
+        changed = sorted(k for k in set(doc["config"]) | set(config.to_dict())
+                         if doc["config"].get(k) != config.to_dict().get(k))
+        raise ConfigError(f"the checkpoint was written with other settings ({', '.join(changed)})")
+    if (doc["ema"] is None) != (ema is None):
+        raise ConfigError("the checkpoint's EMA setting differs from the run's")
+    model.load_state_dict(doc["model"])
+    optimizer.load_state_dict(doc["optimizer"])
+    scheduler.load_state_dict(doc["scheduler"])
+    if ema is not None:
+        ema.module.load_state_dict(doc["ema"]["module"])
+        ema.updates = int(doc["ema"]["updates"])
+    gen.set_state(doc["generator"])
+    torch.set_rng_state(doc["torch_rng"])
+    if doc["cuda_rng"] and device.type == "cuda" and len(doc["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(doc["cuda_rng"])
+    if augmenter is not None:
+        augmenter.load_flip_state(doc["flip_now"])
+    result.records = [EpochRecord(**r) for r in doc["records"]]
+    result.compile_seconds = doc["compile_seconds"]
+    return int(doc["epoch"]) + 1, float(doc["wall_seconds"])
+
+
 _NO_VALIDATION = EvalResult(loss=float("nan"), accuracy=float("nan"), predictions=np.empty(0, np.int64), tta=False)
 
 
@@ -477,10 +551,14 @@ def fit(
     on_step: StepCallback | None = None,
     test: bool = False,
     test_tta: bool = False,
+    checkpoint: Checkpointing | None = None,
 ) -> FitResult:
     """Train ``config.arch`` on ``splits.train`` with the one-cycle policy; validate after every epoch.
 
-    The test split is evaluated only when ``test`` (and/or ``test_tta``) is asked for, after training.
+    The test split is evaluated only when ``test`` (and/or ``test_tta``) is asked for, after training. With
+    ``checkpoint`` the state to resume from is saved at epoch ends (``Checkpointing``), and a run given one to
+    resume continues after its last epoch: on the batched path with the same random numbers as a run that was
+    never stopped, so the same results on the CPU.
     """
     device = resolve_device(config.device)
     # Flags first, then what bench.devices --choose measured for this architecture on this device, then a rule.
@@ -497,7 +575,7 @@ def fit(
     diverged_above = 10 * math.log(max(splits.num_classes, 2))
     train_model: nn.Module = torch.compile(model, mode=config.compile_mode) if config.compile else model
 
-    steps_per_epoch, epoch_batches = _train_batches(config, splits, norm, device, channels_last, gen)
+    steps_per_epoch, epoch_batches, augmenter = _train_batches(config, splits, norm, device, channels_last, gen)
     optimizer = build_optimizer(config, model)
     total_steps = config.epochs * steps_per_epoch
     scheduler = build_scheduler(config, optimizer, total_steps)
@@ -508,7 +586,13 @@ def fit(
     eval_model = ema_model.module if ema_model is not None else model
     result = FitResult(config=config, records=[], model=eval_model, device=str(device), precision=precision,
                        channels_last=channels_last, normalization=norm, speed_source=speed.source)
-    for epoch in range(1, config.epochs + 1):
+    first_epoch, wall_before = 1, 0.0
+    if checkpoint is not None and checkpoint.resume is not None:
+        first_epoch, wall_before = _restore(checkpoint.resume, config, model=model, optimizer=optimizer,
+                                            scheduler=scheduler, ema=ema_model, gen=gen, augmenter=augmenter,
+                                            result=result, device=device)
+    last_save = time.monotonic()
+    for epoch in range(first_epoch, config.epochs + 1):
         model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -581,6 +665,11 @@ def fit(
         if on_epoch is not None and on_epoch(record):
             result.stopped_early = True
             break
+        if checkpoint is not None and epoch < config.epochs and time.monotonic() - last_save >= checkpoint.every:
+            _save_checkpoint(checkpoint, config=config, epoch=epoch, model=model, optimizer=optimizer,
+                             scheduler=scheduler, ema=ema_model, gen=gen, augmenter=augmenter, result=result,
+                             wall_seconds=wall_before + time.perf_counter() - wall_start)
+            last_save = time.monotonic()
 
     kw = {"device": device, "precision": precision, "channels_last": channels_last,
           "batch_size": config.eval_batch_size, "logit_scale": config.logit_scale}
@@ -588,6 +677,6 @@ def fit(
         result.test = evaluate(eval_model, splits.test_images, splits.test_labels, norm, **kw)
     if test_tta:
         result.test_tta = evaluate(eval_model, splits.test_images, splits.test_labels, norm, tta=True, **kw)
-    result.wall_seconds = time.perf_counter() - wall_start
+    result.wall_seconds = wall_before + time.perf_counter() - wall_start
     return result
 
