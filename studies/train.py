@@ -57,6 +57,8 @@ def _resume_args(args, raw: list[str]):
         raise ConfigError(f"--resume continues a run with its own settings; drop {', '.join(others)} "
                           f"(only {', '.join(RESUME_FLAGS[1:])} may be given with it)")
     path = Path(args.resume)
+    if path.is_dir() and not (path / "checkpoint.pt").exists() and (path / "run.json").exists():
+        raise ConfigError(f"{path} is a finished run (its run.json is there): there is nothing to resume")
     path = path / "checkpoint.pt" if path.is_dir() else path
     doc = load_checkpoint(path)
     stored = dict(doc["extra"]["args"])
@@ -194,7 +196,7 @@ def _main(args, raw: list[str]) -> int:
         if run_dir is not None and resume is None and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run stopped before its first checkpoint leaves no empty folder behind
         elif checkpoint is not None and checkpoint.path.is_file():
-            print(f"{PROG}: {PROG} --resume {run_dir} continues the run after its last saved epoch",
+            print(f"checkpoint of epoch {checkpoint.saved_epoch} kept: {PROG} --resume {run_dir} continues the run",
                   file=sys.stderr)
         raise
     # On --resume, the wall time of the sessions before this one (fit's, less their data loading) is added.

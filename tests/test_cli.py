@@ -120,7 +120,8 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint_to_the_same_end(tmp_pat
     code, _, err = run_main(train_cli.main, [*argv, "--out", str(tmp_path / "stopped")], capsys)
     monkeypatch.undo()
     (stopped,) = (tmp_path / "stopped" / "runs").iterdir()
-    assert code == 130 and f"--resume {stopped} continues the run after its last saved epoch" in err
+    assert code == 130
+    assert f"checkpoint of epoch 1 kept: python -m studies.train --resume {stopped} continues the run" in err
     assert sorted(p.name for p in stopped.iterdir()) == ["checkpoint.pt"]  # no record of an unfinished run
 
     code, _, err = run_main(train_cli.main, ["--resume", str(stopped), "--epochs", "5"], capsys)
@@ -133,7 +134,7 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint_to_the_same_end(tmp_pat
     assert b["resumed_after_epochs"] == [1] and "resumed_after_epochs" not in a
     assert not (stopped / "checkpoint.pt").exists() and (stopped / "model.pt").is_file()
     code, _, err = run_main(train_cli.main, ["--resume", str(stopped)], capsys)  # finished: nothing to resume
-    assert code == 2 and "no checkpoint there" in err
+    assert code == 2 and "is a finished run (its run.json is there): there is nothing to resume" in err
 
 
 @pytest.mark.parametrize(("recipe", "shown", "absent"), [

@@ -480,6 +480,7 @@ class Checkpointing:
     every: float = 60.0
     extra: dict = field(default_factory=dict)
     resume: dict | None = None
+    saved_epoch: int = 0  # the epoch the file holds, once ``fit`` has saved it or resumed from it
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -511,6 +512,7 @@ def _save_checkpoint(ckpt: Checkpointing, *, config: TrainConfig, epoch: int, mo
     }
     with atomic_file(ckpt.path, "wb") as fh:
         torch.save(state, fh)
+    ckpt.saved_epoch = epoch
 
 
 def _restore(doc: dict, config: TrainConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
@@ -591,6 +593,7 @@ def fit(
         first_epoch, wall_before = _restore(checkpoint.resume, config, model=model, optimizer=optimizer,
                                             scheduler=scheduler, ema=ema_model, gen=gen, augmenter=augmenter,
                                             result=result, device=device)
+        checkpoint.saved_epoch = first_epoch - 1
     last_save = time.monotonic()
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
