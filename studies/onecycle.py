@@ -696,11 +696,19 @@ def _summary(study, arch, console) -> None:
                       + " ".join(train_argv(best.user_attrs["config"])), highlight=False, soft_wrap=True)
 
 
+# A final run keeps a checkpoint at the end of an epoch once this many seconds have passed since the last one.
+FINAL_CHECKPOINT_EVERY = 60.0
+
+
 def _final(args, archs, storage, budget, out, console) -> None:
-    """Retrain each best configuration on the whole training split (no subset); test accuracy over seeds."""
+    """Retrain each best configuration on the whole training split (no subset); test accuracy over seeds.
+
+    Each finished seed is stored on the study at once, and the seed in training keeps a checkpoint: the same
+    command after a stop skips the finished seeds and resumes the interrupted one (hours on a CPU)."""
     from cifarlab.data import load_splits
+    from cifarlab.errors import ConfigError
     from cifarlab.report.records import new_record_dir, write_json
-    from cifarlab.train import TrainConfig, fit, save_weights
+    from cifarlab.train import Checkpointing, TrainConfig, fit, load_checkpoint, save_weights
     from studies.train import run_record
 
     # The study's validation split stays held out (same seed, same size); everything else trains.
@@ -712,6 +720,9 @@ def _final(args, archs, storage, budget, out, console) -> None:
         except ValueError:
             console.print(f"{arch}: no complete trial to retrain")
             continue
+        stored = study.user_attrs.get("final") or {}
+        same = stored.get("params") == best.params and stored.get("epochs") == args.final_epochs
+        done = {r["seed"]: r for r in stored.get("runs", [])} if same else {}
         runs = []
         for k in range(args.final_seeds):
             config = TrainConfig(arch=arch, epochs=args.final_epochs, batch_size=best.params["batch_size"],
@@ -719,7 +730,33 @@ def _final(args, archs, storage, budget, out, console) -> None:
                                  weight_decay=args.weight_decay, pct_start=args.pct_start,
                                  label_smoothing=args.label_smoothing, precision=args.precision,
                                  device=args.device, seed=args.seed + 1000 + k)
+            if config.seed in done:
+                runs.append(done[config.seed])
+                console.print(f"{arch} final seed {k + 1}/{args.final_seeds}: trained before, test "
+                              f"{done[config.seed]['test_accuracy']:.2%} ({done[config.seed]['run']})", soft_wrap=True)
+                continue
             t0 = time.perf_counter()
+            pending = study.user_attrs.get("final_pending") or {}
+            checkpoint = None
+            if (pending.get("config") == config.to_dict() and pending.get("params") == best.params
+                    and Path(pending.get("run", ""), "checkpoint.pt").is_file()):
+                run_dir = Path(pending["run"])
+                try:
+                    resume = load_checkpoint(run_dir / "checkpoint.pt")
+                except ConfigError as exc:
+                    console.print(f"{arch} final seed {k + 1}: not resumed, trained again ({exc})", soft_wrap=True)
+                else:
+                    checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=FINAL_CHECKPOINT_EVERY, resume=resume)
+                    console.print(f"{arch} final seed {k + 1}/{args.final_seeds}: resuming {run_dir} after epoch "
+                                  f"{resume['epoch']}", soft_wrap=True)
+            if checkpoint is None:
+                left = Path(pending.get("run", "-"))
+                if left.is_dir() and not any(left.iterdir()):
+                    left.rmdir()  # a seed stopped before its first checkpoint: nothing in its folder to keep
+                run_dir = new_record_dir(out, "runs", f"{arch}-final")
+                checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=FINAL_CHECKPOINT_EVERY)
+                study.set_user_attr("final_pending", {"config": config.to_dict(), "params": best.params,
+                                                      "run": str(run_dir)})
 
             def on_epoch(rec, arch=arch, k=k) -> None:
                 # A final run is hours on a CPU: one line per epoch shows it is alive and where it stands.
@@ -727,22 +764,30 @@ def _final(args, archs, storage, budget, out, console) -> None:
                               f"train loss {rec.train_loss:.3f} | val acc {rec.val_accuracy:.1%} | "
                               f"{rec.epoch_seconds:.0f} s, {rec.images_per_second:.0f} img/s")
 
-            result = fit(config, splits, on_epoch=on_epoch, test=True, test_tta=True)
-            run_dir = new_record_dir(out, "runs", f"{arch}-final")
+            result = fit(config, splits, on_epoch=on_epoch, test=True, test_tta=True, checkpoint=checkpoint)
+            before = checkpoint.resume["wall_seconds"] if checkpoint.resume is not None else 0.0
             doc = run_record(result, splits, status="completed", train_subset=None,
-                             wall_seconds=time.perf_counter() - t0)
+                             wall_seconds=before + time.perf_counter() - t0)
             doc["study"] = {"name": study.study_name, "trial": best.number}
             write_json(run_dir / "run.json", doc)
             save_weights(result, run_dir / "model.pt", splits.classes)
+            checkpoint.path.unlink(missing_ok=True)
             runs.append({"seed": config.seed, "test_accuracy": result.test.accuracy,
                          "test_accuracy_tta": result.test_tta.accuracy, "run": str(run_dir)})
-            console.print(f"{arch} final seed {config.seed}: test {result.test.accuracy:.2%} "
+            _store_final(study, args.final_epochs, best.params, runs)  # a stop in the next seed keeps this one
+            console.print(f"{arch} final seed {k + 1}/{args.final_seeds} (seed {config.seed}): test "
+                          f"{result.test.accuracy:.2%} "
                           f"(flip TTA {result.test_tta.accuracy:.2%})")
-        accs = [r["test_accuracy"] for r in runs]
-        summary = {"epochs": args.final_epochs, "params": best.params, "runs": runs,
-                   "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
-        study.set_user_attr("final", summary)
-        console.print(f"{arch}: test accuracy {summary['mean']:.2%} ± {summary['std']:.2%} over {len(accs)} seed(s)")
+        summary = _store_final(study, args.final_epochs, best.params, runs)
+        console.print(f"{arch}: test accuracy {summary['mean']:.2%} ± {summary['std']:.2%} over {len(runs)} seed(s)")
+
+
+def _store_final(study, epochs: int, params: dict, runs: list[dict]) -> dict:
+    accs = [r["test_accuracy"] for r in runs]
+    summary = {"epochs": epochs, "params": params, "runs": runs,
+               "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+    study.set_user_attr("final", summary)
+    return summary
 
 
 if __name__ == "__main__":

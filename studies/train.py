@@ -155,7 +155,7 @@ def _main(args, raw: list[str]) -> int:
         console.print(model_summary(recipe_model(config, splits.num_classes)), highlight=False)
     checkpoint = None
     if resume is not None:
-        console.print(f"resuming {run_dir} after epoch {resume['epoch']} of {config.epochs}")
+        console.print(f"resuming {run_dir} after epoch {resume['epoch']} of {config.epochs}", soft_wrap=True)
         resumed_after = [*resume["extra"].get("resumed_after", []), int(resume["epoch"])]
         checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every, resume=resume,
                                    extra={**resume["extra"], "resumed_after": resumed_after})
@@ -164,7 +164,7 @@ def _main(args, raw: list[str]) -> int:
         stored = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every,
                                    extra={"args": stored, "data": data, "resumed_after": []})
-        console.print(f"checkpoint: {checkpoint.path} (if the run stops: {PROG} --resume {run_dir})")
+        console.print(f"checkpoint: {checkpoint.path} (if the run stops: {PROG} --resume {run_dir})", soft_wrap=True)
 
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]} batch {task.fields[batch]}"), BarColumn(),

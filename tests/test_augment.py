@@ -152,7 +152,7 @@ def _seed_loader_batches(seed: int, n_batches: int = 4) -> list[torch.Tensor]:
     empty = np.zeros((0, 32, 32, 3), np.uint8)
     splits = DataSplits(imgs, labels, empty, np.zeros(0, np.int64), imgs[:2], labels[:2], tuple("abcdefghij"), "x")
     cfg = TrainConfig(augment="dataloader", batch_size=16, loader_workers=2, precision="fp32", channels_last="off")
-    _, epoch = _train_batches(cfg, splits, Normalization.from_images(imgs), torch.device("cpu"), False,
+    _, epoch, _ = _train_batches(cfg, splits, Normalization.from_images(imgs), torch.device("cpu"), False,
                               torch.Generator().manual_seed(seed))
     return [x for x, _ in epoch()][:n_batches]
 

@@ -251,18 +251,40 @@ def test_pruned_trials_keep_their_records(tmp_path, monkeypatch):
         assert "pruned after epoch 1" in t.user_attrs["pruned_reason"]
 
 
-def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_path, capsys):
+def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_path, capsys, monkeypatch):
+    import cifarlab.train
+
     # 100 training images: the final runs retrain on all of them (no subset), twice
     base = [*SYNTH, "--data", "synthetic:120:20", "--arch", "custom_resnet", "--trials", "2", "--out", str(tmp_path)]
-    assert onecycle.main([*base, "--final", "--final-epochs", "1", "--final-seeds", "2"]) == 0
+    final = ["--final", "--final-epochs", "2", "--final-seeds", "2"]
+    # A Ctrl-C just after the second seed saved its first checkpoint: the first seed is finished and stored.
+    save, saves = cifarlab.train._save_checkpoint, []
+
+    def save_then_ctrl_c_on_the_second(*args, **kw):
+        save(*args, **kw)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(onecycle, "FINAL_CHECKPOINT_EVERY", 0.0)
+    monkeypatch.setattr(cifarlab.train, "_save_checkpoint", save_then_ctrl_c_on_the_second)
+    assert onecycle.main([*base, *final]) == 130
+    assert len(load(tmp_path).user_attrs["final"]["runs"]) == 1
+    capsys.readouterr()
+    # the same command again: the first seed is not trained again, the second resumes from its checkpoint
+    monkeypatch.setattr(cifarlab.train, "_save_checkpoint", save)
+    assert onecycle.main([*base, *final]) == 0
     out = capsys.readouterr().out
+    assert re.search(r"custom_resnet final seed 1/2: trained before, test \d", out), out
+    assert re.search(r"custom_resnet final seed 2/2: resuming .*-final after epoch 1$", out, re.M), out
     assert "test accuracy" in out and "over 2 seed(s)" in out
+    assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))
     study = load(tmp_path)
     final = study.user_attrs["final"]
     assert final["params"] == study.best_trial.params and len(final["runs"]) == 2
     assert 0 <= final["mean"] <= 1 and final["std"] >= 0
     runs = sorted((tmp_path / "runs").glob("*-custom_resnet-final*/run.json"))
-    assert len(runs) == 2
+    assert len(runs) == 2 and len(list((tmp_path / "runs").iterdir())) == 2  # one folder a seed, resumed or not
     # each keeps its weights, and they rebuild the best trial's batch size and optimizer in their config
     _, _, doc = load_weights(runs[0].with_name("model.pt"))
     assert doc["config"]["batch_size"] == final["params"]["batch_size"]

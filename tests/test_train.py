@@ -319,7 +319,7 @@ def test_crop_pad_bounds_each_training_image_shift(tiny, pad):
 
     norm = Normalization.from_images(tiny.train_images)
     config = quick(crop_pad=pad, batch_size=256)
-    _, epoch = _train_batches(config, tiny, norm, torch.device("cpu"), False, torch.Generator().manual_seed(0))
+    _, epoch, _ = _train_batches(config, tiny, norm, torch.device("cpu"), False, torch.Generator().manual_seed(0))
     (x, y), = list(epoch())
     out = denormalize(x, norm).numpy().astype(np.int64)
     src = np.pad(tiny.train_images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect").transpose(0, 3, 1, 2)
