@@ -193,7 +193,7 @@ def _main(args, raw: list[str]) -> int:
     except BaseException as exc:
         if isinstance(exc, CifarlabError) and checkpoint is not None:
             checkpoint.path.unlink(missing_ok=True)  # diverged, or a bad setting: resuming would meet it again
-        if run_dir is not None and resume is None and not any(run_dir.iterdir()):
+        if run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run stopped before its first checkpoint leaves no empty folder behind
         elif checkpoint is not None and checkpoint.path.is_file():
             print(f"checkpoint of epoch {checkpoint.saved_epoch} kept: {PROG} --resume {run_dir} continues the run",

@@ -137,6 +137,14 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint_to_the_same_end(tmp_pat
     assert code == 2 and "is a finished run (its run.json is there): there is nothing to resume" in err
 
 
+def test_a_diverging_train_run_says_why_and_leaves_no_folder_behind(tmp_path, capsys):
+    argv = [*SYNTH, *FAST, "--train-subset", "64", "--batch-size", "16", "--epochs", "2", "--max-lr", "1e9",
+            "--optimizer", "adam", "--no-test", "--out", str(tmp_path)]
+    code, _, err = run_main(train_cli.main, argv, capsys)
+    assert code == 2 and "training loss became" in err and len(err.strip().splitlines()) <= 2, err
+    assert not any((tmp_path / "runs").iterdir())  # its folder, made for the checkpoint, is gone with it
+
+
 @pytest.mark.parametrize(("recipe", "shown", "absent"), [
     ([], ("CELU", "GhostBatchNorm2d"), ("ReLU", "─BatchNorm2d")),
     (["--activation", "relu", "--ghost-batch", "0"], ("ReLU", "─BatchNorm2d"), ("CELU", "Ghost")),
