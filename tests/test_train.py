@@ -64,7 +64,8 @@ def test_same_seed_same_metrics_on_cpu(small):
 
 
 def test_a_run_resumed_from_its_checkpoint_ends_as_one_never_stopped(small, tmp_path):
-    config = quick(alternate_flip=True, ema=0.9)  # the mirrors and the EMA are state a checkpoint must keep too
+    small = small.with_train_subset(48, seed=0)  # 3 steps of 16 an epoch: half the images, the same schedule
+    config = quick(batch_size=16, alternate_flip=True, ema=0.9)  # mirrors and EMA: state a checkpoint keeps too
     whole = fit(config, small)
     path = tmp_path / "checkpoint.pt"
 
@@ -79,7 +80,8 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_one_never_stopped(small, tmp_
     resumed = fit(config, small, checkpoint=Checkpointing(path, resume=doc))
     assert _metrics(resumed) == _metrics(whole)  # the same batches, mirrors, steps and averages: the same run
     with pytest.raises(ConfigError, match=r"written with other settings \(max_lr\)"):
-        fit(quick(alternate_flip=True, ema=0.9, max_lr=0.1), small, checkpoint=Checkpointing(path, resume=doc))
+        fit(quick(batch_size=16, alternate_flip=True, ema=0.9, max_lr=0.1), small,
+            checkpoint=Checkpointing(path, resume=doc))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"junk\.pt is not a cifarlab checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
@@ -99,13 +101,14 @@ def test_record_fields_and_one_cycle_shape(small):
 
 
 def test_callback_can_stop_the_run(small):
-    result = fit(quick(epochs=5), small, on_epoch=lambda rec: rec.epoch >= 1)
+    result = fit(quick(epochs=5), small.with_train_subset(32, seed=0), on_epoch=lambda rec: rec.epoch >= 1)
     assert len(result.records) == 1 and result.stopped_early
 
 
 def test_test_set_only_when_asked(small):
-    assert fit(quick(epochs=1), small).test is None
-    result = fit(quick(epochs=1), small, test=True, test_tta=True)
+    one_step = small.with_train_subset(32, seed=0)  # the test set's evaluation is what is tested, not training
+    assert fit(quick(epochs=1), one_step).test is None
+    result = fit(quick(epochs=1), one_step, test=True, test_tta=True)
     assert 0 <= result.test.accuracy <= 1 and result.test_tta.tta
     assert len(result.test.predictions) == 64
 
@@ -220,6 +223,7 @@ def test_cuda_training_steps_do_not_wait_on_the_host(tiny):
 
 
 def test_ema_weights_are_validated_in_place_of_the_last_steps(small):
+    small = small.with_train_subset(64, seed=0)  # two steps: the average already trails the weights
     plain = fit(quick(seed=3, epochs=1, ema=0.0), small)
     ema = fit(quick(seed=3, epochs=1, ema=0.9), small)
     almost_none = fit(quick(seed=3, epochs=1, ema=1e-12), small)
