@@ -100,16 +100,11 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
     assert agree >= (1.0 if precision == "fp32" else 0.9), agree
 
 
-def test_a_stopped_train_run_resumes_from_its_checkpoint_to_the_same_end(tmp_path, capsys, monkeypatch):
+def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch):
     import cifarlab.train
 
     argv = [*SYNTH, *FAST, "--train-subset", "64", "--batch-size", "16", "--epochs", "2", "--no-test",
             "--checkpoint-every", "0"]
-    code, out, _ = run_main(train_cli.main, [*argv, "--out", str(tmp_path / "whole")], capsys)
-    (whole,) = (tmp_path / "whole" / "runs").iterdir()
-    assert code == 0 and f"checkpoint: {whole / 'checkpoint.pt'}" in out
-    assert not (whole / "checkpoint.pt").exists()  # a finished run removes it
-
     save = cifarlab.train._save_checkpoint
 
     def save_then_ctrl_c(*args, **kw):
@@ -117,9 +112,10 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint_to_the_same_end(tmp_pat
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cifarlab.train, "_save_checkpoint", save_then_ctrl_c)
-    code, _, err = run_main(train_cli.main, [*argv, "--out", str(tmp_path / "stopped")], capsys)
+    code, out, err = run_main(train_cli.main, [*argv, "--out", str(tmp_path / "stopped")], capsys)
     monkeypatch.undo()
     (stopped,) = (tmp_path / "stopped" / "runs").iterdir()
+    assert f"checkpoint: {stopped / 'checkpoint.pt'} (if the run stops: python -m studies.train --resume" in out
     assert code == 130
     assert f"checkpoint of epoch 1 kept: python -m studies.train --resume {stopped} continues the run" in err
     assert sorted(p.name for p in stopped.iterdir()) == ["checkpoint.pt"]  # no record of an unfinished run
@@ -128,11 +124,11 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint_to_the_same_end(tmp_pat
     assert code == 2 and "drop --epochs" in err and len(err.strip().splitlines()) <= 2
     code, out, _ = run_main(train_cli.main, ["--resume", str(stopped), "--data", SYNTH[1], "--quiet"], capsys)
     assert code == 0 and f"resuming {stopped} after epoch 1 of 2" in out
-    a, b = (json.loads((d / "run.json").read_text()) for d in (whole, stopped))
-    keys = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr")
-    assert [[e[k] for k in keys] for e in b["epochs"]] == [[e[k] for k in keys] for e in a["epochs"]]
-    assert b["resumed_after_epochs"] == [1] and "resumed_after_epochs" not in a
-    assert not (stopped / "checkpoint.pt").exists() and (stopped / "model.pt").is_file()
+    # the same epochs as a run never stopped: cifarlab.train's resume test shows it figure for figure
+    doc = json.loads((stopped / "run.json").read_text())
+    assert [e["epoch"] for e in doc["epochs"]] == [1, 2] and doc["resumed_after_epochs"] == [1]
+    assert doc["config"]["batch_size"] == 16 and doc["data"]["train"] == 64
+    assert not (stopped / "checkpoint.pt").exists() and (stopped / "model.pt").is_file()  # a finished run removes it
     code, _, err = run_main(train_cli.main, ["--resume", str(stopped)], capsys)  # finished: nothing to resume
     assert code == 2 and "is a finished run (its run.json is there): there is nothing to resume" in err
 
@@ -158,7 +154,7 @@ def test_train_cli_prints_the_layer_table_of_the_model_it_trains(tmp_path, capsy
 
 
 def test_lrfind_cli_writes_csv_plot_and_suggestions(tmp_path, capsys):
-    argv = [*SYNTH, "--batch-size", "32", "--steps", "12", "--precision", "fp32", "--out", str(tmp_path)]
+    argv = [*SYNTH, "--batch-size", "16", "--steps", "8", "--precision", "fp32", "--out", str(tmp_path)]
     code, out, _ = run_main(lrfind_cli.main, argv, capsys)
     assert code == 0 and "steepest" in out and "min_div_10" in out
     (run_dir,) = (tmp_path / "lrfind").iterdir()

@@ -79,7 +79,7 @@ def test_parametrised_weight_is_latent_times_basis_and_gets_the_gradient():
 
 
 def test_fit_with_whitening_trains_and_stores_the_basis():
-    splits = load_splits("synthetic:256:64", val_size=64, seed=0)
+    splits = load_splits("synthetic:256:64", val_size=64, seed=0).with_train_subset(128, seed=0)
     config = TrainConfig(epochs=3, batch_size=64, max_lr=0.05, eval_batch_size=64, precision="fp32", whiten=True,
                          ema=0.9)
     result = fit(config, splits)
