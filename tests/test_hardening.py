@@ -38,7 +38,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 def stored(tmp_path_factory) -> Path:
     """An output folder holding a run, an LR range test, a study and the reports, as a user's would."""
     out = tmp_path_factory.mktemp("stored")
-    fast = ["--batch-size", "32", "--precision", "fp32", "--train-subset", "96", "--out", str(out)]
+    fast = ["--batch-size", "32", "--precision", "fp32", "--train-subset", "32", "--out", str(out)]  # one step
     assert train_cli.main([*DATA, *fast, "--epochs", "1", "--quiet"]) == 0
     assert lrfind_cli.main([*DATA, *fast, "--steps", "5"]) == 0
     assert onecycle.main([*STUDY, *TINY, "--arch", "custom_resnet", "--trials", "1", "--out", str(out)]) == 0
