@@ -735,7 +735,6 @@ def _final(args, archs, storage, budget, out, console) -> None:
                 console.print(f"{arch} final seed {k + 1}/{args.final_seeds}: trained before, test "
                               f"{done[config.seed]['test_accuracy']:.2%} ({done[config.seed]['run']})", soft_wrap=True)
                 continue
-            t0 = time.perf_counter()
             pending = study.user_attrs.get("final_pending") or {}
             checkpoint = None
             if (pending.get("config") == config.to_dict() and pending.get("params") == best.params
@@ -765,9 +764,8 @@ def _final(args, archs, storage, budget, out, console) -> None:
                               f"{rec.epoch_seconds:.0f} s, {rec.images_per_second:.0f} img/s")
 
             result = fit(config, splits, on_epoch=on_epoch, test=True, test_tta=True, checkpoint=checkpoint)
-            before = checkpoint.resume["wall_seconds"] if checkpoint.resume is not None else 0.0
-            doc = run_record(result, splits, status="completed", train_subset=None,
-                             wall_seconds=before + time.perf_counter() - t0)
+            # fit's wall time counts the sessions before a resume too
+            doc = run_record(result, splits, status="completed", train_subset=None, wall_seconds=result.wall_seconds)
             doc["study"] = {"name": study.study_name, "trial": best.number}
             write_json(run_dir / "run.json", doc)
             save_weights(result, run_dir / "model.pt", splits.classes)

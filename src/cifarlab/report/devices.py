@@ -208,14 +208,8 @@ def machines_frame(out: Path) -> pd.DataFrame:
     their time stamp). Ablation rungs and ``--choose`` combinations are left out: they are not what training uses.
     Benchmarks copied in from other machines' ``reports/devices/`` count like this machine's own.
     """
-    from cifarlab.report.records import read_json
-
     rows = []
-    for path in sorted(Path(out, "devices").glob("*/devices.json")):
-        try:
-            doc = read_json(path)
-        except (OSError, ValueError):
-            continue
+    for path, doc in _stored(out, "devices", "devices.json"):
         env = doc.get("environment") or {}
         for r in doc.get("rows") or []:
             if r.get("status") != "ok" or r.get("step") != "default" or not r.get("images_per_second"):
@@ -240,6 +234,18 @@ def machines_frame(out: Path) -> pd.DataFrame:
     return frame.sort_values(["arch", "images_per_second"], ascending=[True, False]).reset_index(drop=True)
 
 
+def _stored(out: Path, kind: str, name: str):
+    """(path, document) of each ``out/kind/*/name``, oldest folder first; a file that cannot be read is passed
+    over (a copy half made, a record from a release that wrote another shape)."""
+    from cifarlab.report.records import read_json
+
+    for path in sorted(Path(out, kind).glob(f"*/{name}")):
+        try:
+            yield path, read_json(path)
+        except (OSError, ValueError):
+            continue
+
+
 def _machine(name, device, threads) -> str:
     """A machine as the pages name it: the GPU, or the CPU model with the threads torch used on it."""
     machine = str(name)
@@ -255,14 +261,8 @@ def runs_frame(out: Path) -> pd.DataFrame:
     """Time to accuracy: every completed, tested run under ``out/runs`` that trained on the whole training split
     (no subset, at least ``FULL_TRAIN`` images), with the machine it ran on, fastest first per architecture.
     Run folders copied in from other machines' ``reports/runs/`` count like this machine's own."""
-    from cifarlab.report.records import read_json
-
     rows = []
-    for path in sorted(Path(out, "runs").glob("*/run.json")):
-        try:
-            doc = read_json(path)
-        except (OSError, ValueError):
-            continue
+    for path, doc in _stored(out, "runs", "run.json"):
         data, env, test = doc.get("data") or {}, doc.get("environment") or {}, doc.get("test") or {}
         if (doc.get("status") != "completed" or not test.get("plain") or data.get("train_subset")
                 or (data.get("train") or 0) < FULL_TRAIN):
