@@ -1,4 +1,4 @@
-"""One training step per architecture, the augmentation of a batch, and an evaluation batch."""
+"""One training step per architecture, the augmentation of a batch, an evaluation batch, a checkpoint save."""
 
 import pytest
 import torch
@@ -87,3 +87,24 @@ def test_evaluation_batch(benchmark, splits, norm):
     benchmark.pedantic(evaluate, args=(model, images, labels, norm),
                        kwargs={"device": CPU, "precision": precision, "channels_last": True}, rounds=3,
                        warmup_rounds=1)
+
+
+def test_checkpoint_save(benchmark, tmp_path, splits, norm):
+    """What a run pays for each checkpoint (default: one a minute): the default recipe's model, SGD momentum and
+    EMA, written atomically."""
+    from cifarlab.train import Checkpointing, FitResult, WeightEMA, _save_checkpoint, build_scheduler, recipe_model
+
+    config = TrainConfig()
+    model = recipe_model(config, 10)
+    optimizer = build_optimizer(config, model)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()  # the momentum buffers exist from the first step on
+    ema = WeightEMA(model, config.ema)
+    ckpt = Checkpointing(tmp_path / "checkpoint.pt")
+    result = FitResult(config=config, records=[], model=model, device="cpu", precision="fp32", channels_last=True,
+                       normalization=norm)
+    kw = {"config": config, "epoch": 1, "model": model, "optimizer": optimizer,
+          "scheduler": build_scheduler(config, optimizer, 100), "ema": ema, "gen": torch.Generator(),
+          "augmenter": None, "result": result, "wall_seconds": 0.0}
+    benchmark.pedantic(_save_checkpoint, args=(ckpt,), kwargs=kw, rounds=5, warmup_rounds=1)
+    benchmark.extra_info["megabytes"] = ckpt.path.stat().st_size / 1e6

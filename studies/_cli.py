@@ -6,18 +6,43 @@ A user's mistake ends in one or two lines on stderr and exit status 2, never a t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from cifarlab.errors import CifarlabError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+
+
+@contextlib.contextmanager
+def stop_at_a_step(checkpoint) -> Iterator[None]:
+    """While a run with a checkpoint trains, Ctrl-C or SIGTERM (a scheduler's or ``timeout``'s stop) finishes the
+    step under way, saves the checkpoint there and stops; a second Ctrl-C stops at once, keeping the last save."""
+    if checkpoint is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame) -> None:
+        if checkpoint.stop_requested:
+            raise KeyboardInterrupt
+        checkpoint.request_stop()
+        print("stopping after this step to save a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in before.items():
+            signal.signal(sig, old)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -696,7 +696,7 @@ def _summary(study, arch, console) -> None:
                       + " ".join(train_argv(best.user_attrs["config"])), highlight=False, soft_wrap=True)
 
 
-# A final run keeps a checkpoint at the end of an epoch once this many seconds have passed since the last one.
+# A final run saves a checkpoint at the end of the first step this many seconds after the last save.
 FINAL_CHECKPOINT_EVERY = 60.0
 
 
@@ -709,7 +709,7 @@ def _final(args, archs, storage, budget, out, console) -> None:
     from cifarlab.errors import ConfigError
     from cifarlab.report.records import new_record_dir, write_json
     from cifarlab.train import Checkpointing, TrainConfig, fit, load_checkpoint, save_weights
-    from studies.train import run_record
+    from studies.train import resume_point, run_record
 
     # The study's validation split stays held out (same seed, same size); everything else trains.
     splits = load_splits(args.data, val_size=budget.val_size, seed=args.seed, cache_dir=args.cache_dir)
@@ -746,8 +746,8 @@ def _final(args, archs, storage, budget, out, console) -> None:
                     console.print(f"{arch} final seed {k + 1}: not resumed, trained again ({exc})", soft_wrap=True)
                 else:
                     checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=FINAL_CHECKPOINT_EVERY, resume=resume)
-                    console.print(f"{arch} final seed {k + 1}/{args.final_seeds}: resuming {run_dir} after epoch "
-                                  f"{resume['epoch']}", soft_wrap=True)
+                    console.print(f"{arch} final seed {k + 1}/{args.final_seeds}: resuming {run_dir} "
+                                  f"{resume_point(resume, args.final_epochs)[0]}", soft_wrap=True)
             if checkpoint is None:
                 left = Path(pending.get("run", "-"))
                 if left.is_dir() and not any(left.iterdir()):
@@ -763,7 +763,8 @@ def _final(args, archs, storage, budget, out, console) -> None:
                               f"train loss {rec.train_loss:.3f} | val acc {rec.val_accuracy:.1%} | "
                               f"{rec.epoch_seconds:.0f} s, {rec.images_per_second:.0f} img/s")
 
-            result = fit(config, splits, on_epoch=on_epoch, test=True, test_tta=True, checkpoint=checkpoint)
+            with _cli.stop_at_a_step(checkpoint):
+                result = fit(config, splits, on_epoch=on_epoch, test=True, test_tta=True, checkpoint=checkpoint)
             # fit's wall time counts the sessions before a resume too
             doc = run_record(result, splits, status="completed", train_subset=None, wall_seconds=result.wall_seconds)
             doc["study"] = {"name": study.study_name, "trial": best.number}

@@ -4,9 +4,9 @@ Prints the model's layer table, trains with a progress bar, prints a per-epoch t
 (plain and with flip test-time augmentation), and writes ``run.json``, ``epochs.csv`` and the tested weights
 (``model.pt``, read back with ``cifarlab.train.load_weights``) under ``<out>/runs/<time>-<arch>/``.
 
-While it trains, the run keeps ``checkpoint.pt`` in that folder (at an epoch's end, once a minute has passed since
-the last one): ``python -m studies.train --resume <folder>`` continues a run that was stopped, and the finished run
-removes it.
+While it trains, the run keeps ``checkpoint.pt`` in that folder (at the end of the first step a minute after the
+last save, within an epoch or at its end; Ctrl-C or SIGTERM saves at the end of the step under way):
+``python -m studies.train --resume <folder>`` continues a run that was stopped, and the finished run removes it.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def build_parser():
                         help="write the tested weights (the EMA's where kept) to model.pt beside run.json; "
                              "cifarlab.train.load_weights reads them back")
     parser.add_argument("--checkpoint-every", type=_cli.duration_or_zero, default=60.0,
-                        help="save the state to resume from at the end of an epoch once this long has passed since "
-                             "the last save (90s, 10m; 0: every epoch) (default: 1m)")
+                        help="save the state to resume from at the end of the first step after this long since the "
+                             "last save, within an epoch or at its end (90s, 10m; 0: at each epoch's end only) "
+                             "(default: 1m)")
     parser.add_argument("--no-checkpoint", action="store_true", help="keep no checkpoint")
     parser.add_argument("--resume", default=None, metavar="RUN",
                         help="continue a stopped run from its folder's checkpoint.pt, with its own settings "
@@ -44,6 +45,15 @@ def build_parser():
 
 # What --resume takes from the command line; every other setting is the stopped run's own.
 RESUME_FLAGS = ("--resume", "--data", "--cache-dir", "--quiet")
+
+
+def resume_point(resume: dict, epochs: int) -> tuple[str, float]:
+    """Where a checkpoint leaves its run, in words ("after epoch 3 of 10", "in epoch 4 of 10, after step 40 of
+    97") and in epochs done (3, 3.412)."""
+    epoch, step, steps = int(resume["epoch"]), int(resume.get("step", 0)), int(resume.get("steps_per_epoch", 0))
+    if not step:
+        return f"after epoch {epoch} of {epochs}", epoch
+    return f"in epoch {epoch + 1} of {epochs}, after step {step} of {steps}", round(epoch + step / max(steps, 1), 3)
 
 
 def _resume_args(args, raw: list[str]):
@@ -155,8 +165,9 @@ def _main(args, raw: list[str]) -> int:
         console.print(model_summary(recipe_model(config, splits.num_classes)), highlight=False)
     checkpoint = None
     if resume is not None:
-        console.print(f"resuming {run_dir} after epoch {resume['epoch']} of {config.epochs}", soft_wrap=True)
-        resumed_after = [*resume["extra"].get("resumed_after", []), int(resume["epoch"])]
+        where, done = resume_point(resume, config.epochs)
+        console.print(f"resuming {run_dir} {where}", soft_wrap=True)
+        resumed_after = [*resume["extra"].get("resumed_after", []), done]
         checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every, resume=resume,
                                    extra={**resume["extra"], "resumed_after": resumed_after})
     elif not args.no_checkpoint:
@@ -187,7 +198,7 @@ def _main(args, raw: list[str]) -> int:
             f"{rec.images_per_second:.0f} img/s (augmentation {rec.data_seconds:.2f} s, eval {rec.eval_seconds:.1f} s)")
 
     try:
-        with progress:
+        with progress, _cli.stop_at_a_step(checkpoint):
             result = fit(config, splits, on_step=on_step, on_epoch=on_epoch, test=args.test, test_tta=args.test,
                          checkpoint=checkpoint)
     except BaseException as exc:
@@ -196,7 +207,7 @@ def _main(args, raw: list[str]) -> int:
         if run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run stopped before its first checkpoint leaves no empty folder behind
         elif checkpoint is not None and checkpoint.path.is_file():
-            print(f"checkpoint of epoch {checkpoint.saved_epoch} kept: {PROG} --resume {run_dir} continues the run",
+            print(f"checkpoint of {checkpoint.describe()} kept: {PROG} --resume {run_dir} continues the run",
                   file=sys.stderr)
         raise
     # On --resume, the wall time of the sessions before this one (fit's, less their data loading) is added.

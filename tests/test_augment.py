@@ -30,13 +30,17 @@ def test_grouped_augmentation_yields_the_same_batches_as_batch_by_batch(images, 
     cfg = AugmentConfig(alternate_flip=True)  # every random draw in play: crop, flip, hole, order
     one = BatchAugmenter(images, labels, norm, CPU, cfg, group_images=0)
     grouped = BatchAugmenter(images, labels, norm, CPU, cfg, group_images=group_images)
+    resumed = BatchAugmenter(images, labels, norm, CPU, cfg, group_images=group_images)
     for _epoch in range(2):
         a = list(one.epoch(10, torch.Generator().manual_seed(5)))
         b = list(grouped.epoch(10, torch.Generator().manual_seed(5)))
-        assert len(a) == len(b) == 6  # 64 // 10: the ragged last batch is dropped either way
+        # a run resumed after 5 steps: the same draws, and the batches from the 6th on (within a group but for 0)
+        c = list(resumed.epoch(10, torch.Generator().manual_seed(5), skip=5))
+        assert len(a) == len(b) == 6 and len(c) == 1  # 64 // 10: the ragged last batch is dropped either way
         for (xa, ya), (xb, yb) in zip(a, b, strict=True):
             assert xb.shape == (10, 3, 32, 32)
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert torch.equal(c[0][0], a[5][0]) and torch.equal(c[0][1], a[5][1])
 
 
 def test_batched_output_shape_dtype_and_range(images):

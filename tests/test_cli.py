@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -101,36 +102,42 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
 
 
 def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch):
-    import cifarlab.train
-
-    argv = [*SYNTH, *FAST, "--train-subset", "64", "--batch-size", "16", "--epochs", "2", "--no-test",
-            "--checkpoint-every", "0"]
-    save = cifarlab.train._save_checkpoint
-
-    def save_then_ctrl_c(*args, **kw):
-        save(*args, **kw)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cifarlab.train, "_save_checkpoint", save_then_ctrl_c)
+    argv = [*SYNTH, *FAST, "--train-subset", "64", "--batch-size", "16", "--epochs", "2", "--no-test"]
+    # A real Ctrl-C (SIGINT to this process) at the end of step 6 of 8, in epoch 2, with no timed save due.
+    monkeypatch.setenv("CIFARLAB_FAULT", "step:6:INT")
     code, out, err = run_main(train_cli.main, [*argv, "--out", str(tmp_path / "stopped")], capsys)
-    monkeypatch.undo()
+    monkeypatch.delenv("CIFARLAB_FAULT")
     (stopped,) = (tmp_path / "stopped" / "runs").iterdir()
     assert f"checkpoint: {stopped / 'checkpoint.pt'} (if the run stops: python -m studies.train --resume" in out
-    assert code == 130
-    assert f"checkpoint of epoch 1 kept: python -m studies.train --resume {stopped} continues the run" in err
+    assert code == 130 and "stopping after this step to save a checkpoint" in err
+    assert f"checkpoint of epoch 2, step 2 of 4 kept: python -m studies.train --resume {stopped} continues" in err
     assert sorted(p.name for p in stopped.iterdir()) == ["checkpoint.pt"]  # no record of an unfinished run
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before once it is out
 
     code, _, err = run_main(train_cli.main, ["--resume", str(stopped), "--epochs", "5"], capsys)
     assert code == 2 and "drop --epochs" in err and len(err.strip().splitlines()) <= 2
     code, out, _ = run_main(train_cli.main, ["--resume", str(stopped), "--data", SYNTH[1], "--quiet"], capsys)
-    assert code == 0 and f"resuming {stopped} after epoch 1 of 2" in out
+    assert code == 0 and f"resuming {stopped} in epoch 2 of 2, after step 2 of 4" in out
     # the same epochs as a run never stopped: cifarlab.train's resume test shows it figure for figure
     doc = json.loads((stopped / "run.json").read_text())
-    assert [e["epoch"] for e in doc["epochs"]] == [1, 2] and doc["resumed_after_epochs"] == [1]
+    assert [e["epoch"] for e in doc["epochs"]] == [1, 2] and doc["resumed_after_epochs"] == [1.5]
     assert doc["config"]["batch_size"] == 16 and doc["data"]["train"] == 64
     assert not (stopped / "checkpoint.pt").exists() and (stopped / "model.pt").is_file()  # a finished run removes it
     code, _, err = run_main(train_cli.main, ["--resume", str(stopped)], capsys)  # finished: nothing to resume
     assert code == 2 and "is a finished run (its run.json is there): there is nothing to resume" in err
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from cifarlab.train import Checkpointing
+    from studies import _cli
+
+    ckpt = Checkpointing(Path("unused.pt"))
+    with pytest.raises(KeyboardInterrupt), _cli.stop_at_a_step(ckpt):
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's stop: asks for a save at the step's end
+        assert ckpt.stop_requested
+        os.kill(os.getpid(), signal.SIGINT)  # the user will not wait for it
+        pytest.fail("a second stop did not interrupt")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_a_diverging_train_run_says_why_and_leaves_no_folder_behind(tmp_path, capsys):

@@ -276,7 +276,7 @@ def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_pat
     assert onecycle.main([*base, *final]) == 0
     out = capsys.readouterr().out
     assert re.search(r"custom_resnet final seed 1/2: trained before, test \d", out), out
-    assert re.search(r"custom_resnet final seed 2/2: resuming .*-final after epoch 1$", out, re.M), out
+    assert re.search(r"custom_resnet final seed 2/2: resuming .*-final after epoch 1 of 2$", out, re.M), out
     assert "test accuracy" in out and "over 2 seed(s)" in out
     assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))
     study = load(tmp_path)

@@ -70,14 +70,29 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_one_never_stopped(small, tmp_
     whole = fit(config, small)
     path = tmp_path / "checkpoint.pt"
 
-    def ctrl_c(epoch, step, steps, loss, acc):
-        if epoch == 2:
-            raise KeyboardInterrupt  # in the last epoch: the checkpoint of epoch 1 is the newest
+    def stop_request(record):  # the CLI's Ctrl-C handler calls request_stop; here it comes during an evaluation
+        ckpt.request_stop()
 
+    # A stop asked for while epoch 1 is evaluated: the epoch is whole, it is saved, and fit raises KeyboardInterrupt.
+    ckpt = Checkpointing(path, every=0, extra={"out": "x"})
     with pytest.raises(KeyboardInterrupt):
-        fit(config, small, on_step=ctrl_c, checkpoint=Checkpointing(path, every=0, extra={"out": "x"}))
+        fit(config, small, on_epoch=stop_request, checkpoint=ckpt)
     doc = load_checkpoint(path)
-    assert doc["epoch"] == 1 and doc["extra"] == {"out": "x"} and len(doc["records"]) == 1
+    assert (doc["epoch"], doc["step"], doc["steps_per_epoch"]) == (1, 0, 3) and ckpt.describe() == "epoch 1"
+    assert doc["extra"] == {"out": "x"} and len(doc["records"]) == 1
+
+    def killed(epoch, step, steps, loss, acc):  # a stop that saves nothing: the last timed save is what is left
+        if (epoch, step) == (2, 2):
+            raise KeyboardInterrupt
+
+    # Resumed after epoch 1 and saving at the end of every step (every > 0): it holds epoch 2's first step.
+    ckpt = Checkpointing(path, every=1e-9, resume=doc)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, small, on_step=killed, checkpoint=ckpt)
+    doc = load_checkpoint(path)
+    assert (doc["epoch"], doc["step"], doc["within"]["seen"]) == (1, 1, 16)
+    assert ckpt.describe() == "epoch 2, step 1 of 3"
+    # resumed within epoch 2: its batches drawn again from the epoch's start, the first skipped, its sums carried on
     resumed = fit(config, small, checkpoint=Checkpointing(path, resume=doc))
     assert _metrics(resumed) == _metrics(whole)  # the same batches, mirrors, steps and averages: the same run
     with pytest.raises(ConfigError, match=r"written with other settings \(max_lr\)"):

@@ -170,12 +170,15 @@ class BatchAugmenter:
         # Drop the ragged last batch (BatchNorm dislikes tiny batches), unless it is the only one.
         return max(1, len(self) // batch_size)
 
-    def epoch(self, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``num_batches(batch_size)`` augmented batches of one shuffled epoch.
+    def epoch(self, batch_size: int, generator: torch.Generator,
+              skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``num_batches(batch_size)`` augmented batches of one shuffled epoch, less the first ``skip``.
 
         The epoch's random numbers (order, crop offsets, flips, holes) are drawn at its start from a CPU
         generator, so that runs are reproducible on every device, and cross to the device in one copy from
-        pinned memory: no step waits on the host, where a copy per step from pageable memory could.
+        pinned memory: no step waits on the host, where a copy per step from pageable memory could. ``skip``
+        draws them all the same and augments none of the skipped batches: a run resumed within an epoch goes on
+        with the batches it would have had.
         """
         n = len(self)
         perm = torch.randperm(n, generator=generator)
@@ -190,10 +193,17 @@ class BatchAugmenter:
         per_group = max(1, self.group_images // batch_size)
         for first in range(0, batches, per_group):
             count = min(per_group, batches - first)
+            if first + count <= skip:
+                continue
             part = draws[:, first * batch_size : (first + count) * batch_size]
             x, y = self._apply(part[0], part[1:]), self.labels[part[0]]
-            for b in range(count):
+            for b in range(max(0, skip - first), count):
                 yield x[b * batch_size : (b + 1) * batch_size], y[b * batch_size : (b + 1) * batch_size]
+
+    @property
+    def flip_now(self) -> torch.Tensor | None:
+        """The mirrors ``alternate_flip`` last drew or toggled, on the device (``epoch`` replaces, never edits it)."""
+        return self._flip_now
 
     def flip_state(self) -> torch.Tensor | None:
         """This epoch's mirror of each image under ``alternate_flip`` (the next epoch mirrors the others), on the

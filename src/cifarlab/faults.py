@@ -3,6 +3,7 @@
 ``CIFARLAB_FAULT=<point>:<n>[:<signal>]`` sends this process ``signal`` (default ``KILL``; ``INT`` for a
 Ctrl-C) the ``n``-th time it passes ``point``. The points sit where a real fault hurts most:
 
+* ``step``: at the end of a training step, before ``fit`` decides whether to save a checkpoint;
 * ``epoch``: inside a trial, just after its epoch records were stored;
 * ``store``: after a trial's user attributes were stored and before Optuna stores its state and value;
 * ``report``: while the HTML reports are being written, after the first page.

@@ -67,6 +67,12 @@ class Timer:
         assert self._start is not None
         self.seconds = self.clock() - self._start
 
+    def elapsed(self) -> float:
+        """Seconds since the timer was entered, read while it runs (synchronises, like its edges)."""
+        self.sync(self.device)
+        assert self._start is not None
+        return self.clock() - self._start
+
 
 def threads_per_worker(workers: int) -> int:
     """Each of ``workers`` processes on this machine gets its share of the cores (at least one): torch's default

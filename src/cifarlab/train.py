@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab import faults
 from cifarlab.augment import AugmentConfig, BatchAugmenter, EvalBatches, Normalization
 from cifarlab.choices import resolve_speed
 from cifarlab.data import DataSplits, atomic_file
@@ -362,14 +364,15 @@ class WeightEMA:
 
 def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
                    channels_last: bool, gen: torch.Generator):
-    """(number of steps per epoch, a function that yields one epoch of batches, the batched augmenter or None)."""
+    """(number of steps per epoch, a function that yields one epoch of batches less the first ``skip``, the batched
+    augmenter or None)."""
     aug = AugmentConfig(pad=config.crop_pad, cutout=config.cutout, cutout_p=config.cutout_p,
                         alternate_flip=config.alternate_flip)
     n = len(splits.train_labels)
     if config.augment == "batched":
         augmenter = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, aug, channels_last)
-        return (augmenter.num_batches(config.batch_size), lambda: augmenter.epoch(config.batch_size, gen),
-                augmenter)
+        return (augmenter.num_batches(config.batch_size),
+                lambda skip=0: augmenter.epoch(config.batch_size, gen, skip=skip), augmenter)
 
     from cifarlab.augment import AlbumentationsDataset, reseed_worker, seed_pipeline
 
@@ -380,8 +383,8 @@ def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization,
         persistent_workers=config.loader_workers > 0, worker_init_fn=reseed_worker,
     )
 
-    def epoch() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in loader:
+    def epoch(skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in itertools.islice(loader, skip, None):  # skipped batches are still loaded: this path is slow
             x = x.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -472,15 +475,33 @@ CHECKPOINT_FORMAT = 1  # bumped when what a checkpoint stores changes shape
 
 @dataclass
 class Checkpointing:
-    """Where ``fit`` keeps the state to resume a run from, and how often: at the end of an epoch once ``every``
-    seconds have passed since the last save (0: every epoch), never after the last epoch. ``extra`` is stored
-    along (the CLI keeps its flags there); ``resume`` is a checkpoint read by ``load_checkpoint`` to continue."""
+    """Where ``fit`` keeps the state to resume a run from, and how often.
+
+    With ``every`` > 0 it saves at the end of the first step after ``every`` seconds have passed since the last
+    save, within an epoch or at its end (a CPU epoch can last half an hour: a stop loses at most ``every`` and a
+    step); with ``every`` = 0 at the end of every epoch; never after the last epoch. ``request_stop`` (a signal
+    handler's call) makes ``fit`` save at the end of the step under way and raise ``KeyboardInterrupt``.
+    ``extra`` is stored along (the CLI keeps its flags there); ``resume`` is a checkpoint read by
+    ``load_checkpoint`` to continue.
+    """
 
     path: Path
     every: float = 60.0
     extra: dict = field(default_factory=dict)
     resume: dict | None = None
-    saved_epoch: int = 0  # the epoch the file holds, once ``fit`` has saved it or resumed from it
+    saved_epoch: int = 0  # the epochs the file holds whole, once ``fit`` has saved it or resumed from it
+    saved_step: int = 0  # and the steps of the next epoch it holds
+    steps_per_epoch: int = 0
+    stop_requested: bool = False
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    def describe(self) -> str:
+        """Where the file leaves the run: "epoch 3" or "epoch 4, step 40 of 97"."""
+        if self.saved_step:
+            return f"epoch {self.saved_epoch + 1}, step {self.saved_step} of {self.steps_per_epoch}"
+        return f"epoch {self.saved_epoch}"
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -497,28 +518,53 @@ def load_checkpoint(path: Path) -> dict:
     return doc
 
 
+@dataclass
+class _EpochStart:
+    """What a save within an epoch needs from its start: the generator and mirrors the epoch's draws came from
+    (a resumed run draws them again and skips the steps done) and the running sums of its record."""
+
+    generator: torch.Tensor
+    flip_now: torch.Tensor | None
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    data_seconds: float = 0.0
+    train_seconds: float = 0.0  # of this epoch, in the sessions before a resume
+
+
 def _save_checkpoint(ckpt: Checkpointing, *, config: TrainConfig, epoch: int, model: nn.Module,
                      optimizer: torch.optim.Optimizer, scheduler, ema: WeightEMA | None, gen: torch.Generator,
-                     augmenter: BatchAugmenter | None, result: FitResult, wall_seconds: float) -> None:
+                     augmenter: BatchAugmenter | None, result: FitResult, wall_seconds: float, step: int = 0,
+                     within: _EpochStart | None = None) -> None:
+    """Save the run after ``epoch`` whole epochs and ``step`` steps of the next (``within`` then holds that
+    epoch's start and running sums)."""
+    if step:
+        assert within is not None
+        generator, flip = within.generator, within.flip_now
+    else:
+        generator, flip = gen.get_state(), None if augmenter is None else augmenter.flip_now
     state = {
         "kind": "cifarlab-checkpoint", "format": CHECKPOINT_FORMAT, "config": config.to_dict(), "epoch": epoch,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "step": step, "steps_per_epoch": ckpt.steps_per_epoch, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "ema": None if ema is None else {"module": ema.module.state_dict(), "updates": ema.updates},
-        "generator": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "generator": generator, "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "flip_now": None if augmenter is None else augmenter.flip_state(),
+        "flip_now": None if flip is None else flip.cpu(),
+        "within": None if not step else {k: v for k, v in asdict(within).items() if k not in ("generator", "flip_now")},
         "records": [r.to_dict() for r in result.records], "compile_seconds": result.compile_seconds,
         "wall_seconds": wall_seconds, "extra": ckpt.extra,
     }
     with atomic_file(ckpt.path, "wb") as fh:
         torch.save(state, fh)
-    ckpt.saved_epoch = epoch
+    ckpt.saved_epoch, ckpt.saved_step = epoch, step
 
 
 def _restore(doc: dict, config: TrainConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
              ema: WeightEMA | None, gen: torch.Generator, augmenter: BatchAugmenter | None, result: FitResult,
-             device: torch.device) -> tuple[int, float]:
-    """Put the run back where ``doc`` left it; returns (the next epoch, wall seconds already spent)."""
+             device: torch.device) -> tuple[int, int, dict, float]:
+    """Put the run back where ``doc`` left it; returns (the next epoch, the steps of it already done, that
+    epoch's running sums, wall seconds already spent)."""
     if doc["config"] != config.to_dict():
         changed = sorted(k for k in set(doc["config"]) | set(config.to_dict())
                          if doc["config"].get(k) != config.to_dict().get(k))
@@ -539,7 +585,8 @@ def _restore(doc: dict, config: TrainConfig, *, model: nn.Module, optimizer: tor
         augmenter.load_flip_state(doc["flip_now"])
     result.records = [EpochRecord(**r) for r in doc["records"]]
     result.compile_seconds = doc["compile_seconds"]
-    return int(doc["epoch"]) + 1, float(doc["wall_seconds"])
+    step = int(doc.get("step", 0))  # checkpoints from before saves within an epoch hold whole epochs
+    return int(doc["epoch"]) + 1, step, (doc.get("within") or {}) if step else {}, float(doc["wall_seconds"])
 
 
 _NO_VALIDATION = EvalResult(loss=float("nan"), accuracy=float("nan"), predictions=np.empty(0, np.int64), tta=False)
@@ -588,22 +635,36 @@ def fit(
     eval_model = ema_model.module if ema_model is not None else model
     result = FitResult(config=config, records=[], model=eval_model, device=str(device), precision=precision,
                        channels_last=channels_last, normalization=norm, speed_source=speed.source)
-    first_epoch, wall_before = 1, 0.0
-    if checkpoint is not None and checkpoint.resume is not None:
-        first_epoch, wall_before = _restore(checkpoint.resume, config, model=model, optimizer=optimizer,
-                                            scheduler=scheduler, ema=ema_model, gen=gen, augmenter=augmenter,
-                                            result=result, device=device)
-        checkpoint.saved_epoch = first_epoch - 1
+    first_epoch, first_step, sums, wall_before = 1, 0, {}, 0.0
+    if checkpoint is not None:
+        checkpoint.steps_per_epoch = steps_per_epoch
+        if checkpoint.resume is not None:
+            first_epoch, first_step, sums, wall_before = _restore(
+                checkpoint.resume, config, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema_model,
+                gen=gen, augmenter=augmenter, result=result, device=device)
+            checkpoint.saved_epoch, checkpoint.saved_step = first_epoch - 1, first_step
     last_save = time.monotonic()
+
+    def save(epoch: int, step: int = 0, within: _EpochStart | None = None) -> None:
+        nonlocal last_save
+        assert checkpoint is not None
+        _save_checkpoint(checkpoint, config=config, epoch=epoch, model=model, optimizer=optimizer,
+                         scheduler=scheduler, ema=ema_model, gen=gen, augmenter=augmenter, result=result,
+                         wall_seconds=wall_before + time.perf_counter() - wall_start, step=step, within=within)
+        last_save = time.monotonic()
+
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
-        data_seconds = 0.0
+        skip = first_step if epoch == first_epoch else 0  # steps of this epoch done before a resume
+        before = _EpochStart(gen.get_state(), None if augmenter is None else augmenter.flip_now,
+                             **(sums if skip else {}))
+        loss_sum = torch.full((), before.loss_sum, device=device)
+        correct = torch.full((), before.correct, device=device, dtype=torch.long)
+        seen = before.seen
+        data_seconds = before.data_seconds
         with Timer(device) as train_timer:
-            batches = epoch_batches()
-            step = 0
+            batches = epoch_batches(skip)
+            step = skip
             while True:
                 t_data = time.perf_counter()
                 try:
@@ -639,10 +700,21 @@ def fit(
                             f"(max LR {config.max_lr:g}, {config.optimizer})", epoch, step)
                     if on_step is not None:
                         on_step(epoch, step, steps_per_epoch, mean_loss, float(correct) / seen)
+                faults.point("step")
+                if checkpoint is not None and (checkpoint.stop_requested or (
+                        checkpoint.every > 0 and step < steps_per_epoch
+                        and time.monotonic() - last_save >= checkpoint.every)):
+                    # Within the epoch: the sums so far and the epoch's start, to draw its batches again.
+                    save(epoch - 1, step, _EpochStart(
+                        before.generator, before.flip_now, float(loss_sum), int(correct), seen, data_seconds,
+                        before.train_seconds + train_timer.elapsed()))
+                    if checkpoint.stop_requested:
+                        raise KeyboardInterrupt
+        train_seconds = before.train_seconds + train_timer.seconds
         train_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch}", epoch, step)
-        compute_seconds = train_timer.seconds
+        compute_seconds = train_seconds
         if epoch == 1 and result.compile_seconds is not None:
             compute_seconds -= result.compile_seconds
         with Timer(device) as eval_timer:
@@ -657,8 +729,8 @@ def fit(
             val_loss=val.loss,
             val_accuracy=val.accuracy,
             lr=scheduler.get_last_lr()[0],
-            epoch_seconds=train_timer.seconds + eval_timer.seconds,
-            train_seconds=train_timer.seconds,
+            epoch_seconds=train_seconds + eval_timer.seconds,
+            train_seconds=train_seconds,
             data_seconds=data_seconds,
             eval_seconds=eval_timer.seconds,
             # The first step of a compiled model is mostly compilation: reported apart, not as training speed.
@@ -668,11 +740,11 @@ def fit(
         if on_epoch is not None and on_epoch(record):
             result.stopped_early = True
             break
-        if checkpoint is not None and epoch < config.epochs and time.monotonic() - last_save >= checkpoint.every:
-            _save_checkpoint(checkpoint, config=config, epoch=epoch, model=model, optimizer=optimizer,
-                             scheduler=scheduler, ema=ema_model, gen=gen, augmenter=augmenter, result=result,
-                             wall_seconds=wall_before + time.perf_counter() - wall_start)
-            last_save = time.monotonic()
+        if checkpoint is not None and epoch < config.epochs and (
+                checkpoint.stop_requested or time.monotonic() - last_save >= checkpoint.every):
+            save(epoch)
+            if checkpoint.stop_requested:  # asked during the evaluation: the epoch is whole, stop here
+                raise KeyboardInterrupt
 
     kw = {"device": device, "precision": precision, "channels_last": channels_last,
           "batch_size": config.eval_batch_size, "logit_scale": config.logit_scale}
