@@ -113,6 +113,18 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monke
     assert f"checkpoint of epoch 2, step 2 of 4 kept: python -m studies.train --resume {stopped} continues" in err
     assert sorted(p.name for p in stopped.iterdir()) == ["checkpoint.pt"]  # no record of an unfinished run
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before once it is out
+    # the reports list it as unfinished, with where it stands and the command that continues it
+    from studies.report import rebuild
+
+    junk = tmp_path / "stopped" / "runs" / "20260101-000000-custom_resnet"
+    junk.mkdir()
+    (junk / "checkpoint.pt").write_bytes(b"cut short")  # a file a lost disk left: listed, not fatal
+    index = rebuild(tmp_path / "stopped").read_text()
+    assert "<h2>Unfinished runs</h2>" in index and "epoch 2 of 2: step 2 of 4" in index
+    assert f"<code>python -m studies.train --resume {stopped}</code>" in index
+    assert "<td>20260101-000000-custom_resnet</td><td>—</td><td>not a readable checkpoint</td>" in index
+    (junk / "checkpoint.pt").unlink()
+    junk.rmdir()
 
     code, _, err = run_main(train_cli.main, ["--resume", str(stopped), "--epochs", "5"], capsys)
     assert code == 2 and "drop --epochs" in err and len(err.strip().splitlines()) <= 2
@@ -123,6 +135,8 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monke
     assert [e["epoch"] for e in doc["epochs"]] == [1, 2] and doc["resumed_after_epochs"] == [1.5]
     assert doc["config"]["batch_size"] == 16 and doc["data"]["train"] == 64
     assert not (stopped / "checkpoint.pt").exists() and (stopped / "model.pt").is_file()  # a finished run removes it
+    index = (tmp_path / "stopped" / "index.html").read_text()
+    assert "Unfinished runs" not in index and f'href="runs/{stopped.name}/index.html"' in index
     code, _, err = run_main(train_cli.main, ["--resume", str(stopped)], capsys)  # finished: nothing to resume
     assert code == 2 and "is a finished run (its run.json is there): there is nothing to resume" in err
 

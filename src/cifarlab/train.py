@@ -504,10 +504,11 @@ class Checkpointing:
         return f"epoch {self.saved_epoch}"
 
 
-def load_checkpoint(path: Path) -> dict:
-    """A checkpoint written by ``fit``; a file that is not one is refused in one line."""
+def load_checkpoint(path: Path, *, lazy: bool = False) -> dict:
+    """A checkpoint written by ``fit``; a file that is not one is refused in one line. ``lazy`` maps the file
+    instead of reading it: the tensors are read only when used (the reports read a checkpoint's progress)."""
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
+        doc = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no checkpoint there (a run keeps one while it trains, see --checkpoint-every)") \
             from None

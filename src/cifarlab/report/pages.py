@@ -463,6 +463,14 @@ def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | No
             "split, by machine, fastest first.</p>"
             + _rows(["time", "run", "architecture", "epochs", "val accuracy", "test accuracy"], run_rows)
         )
+    unfinished = _unfinished_runs(out)
+    if unfinished:
+        parts.append(
+            "<h2>Unfinished runs</h2>"
+            + '<p class="note">Runs that keep a checkpoint and no record yet: stopped, or training now (see when '
+            "it was last saved). The command continues one from its checkpoint.</p>"
+            + _rows(["run", "architecture", "done", "time so far", "last saved", "to continue"], unfinished)
+        )
     lr_rows = []
     for path, doc, page in _records(out, "lrfind", "lrfind.json", lrfind_page, redrawn):
         s = doc.get("suggestions", {})
@@ -510,6 +518,36 @@ def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | No
             "<code>python -m studies.onecycle</code>.</p>"
         )
     return html.write_page(out / "index.html", "cifarlab reports", "\n".join(parts))
+
+
+def _unfinished_runs(out: Path) -> list[tuple]:
+    """A row for each run folder that holds a checkpoint and no run.json, newest first."""
+    paths = [p for p in sorted((out / "runs").glob("*/checkpoint.pt"), reverse=True)
+             if not (p.parent / "run.json").exists()]
+    if not paths:
+        return []
+    import time
+
+    from cifarlab.errors import ConfigError
+    from cifarlab.train import load_checkpoint  # torch: imported only when there is a checkpoint to read
+
+    rows = []
+    for path in paths:
+        run = path.parent
+        saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        try:
+            doc = load_checkpoint(path, lazy=True)
+        except ConfigError:
+            rows.append((html.esc(run.name), "—", "not a readable checkpoint", "—", saved, "—"))
+            continue
+        epochs, epoch, step = doc["config"]["epochs"], int(doc["epoch"]), int(doc.get("step", 0))
+        done = (f"epoch {epoch + 1} of {epochs}: step {step} of {doc.get('steps_per_epoch', '?')}" if step
+                else f"{epoch} of {epochs} epochs")
+        command = (f"python -m studies.train --resume {run}" if "args" in doc["extra"]
+                   else "the same python -m studies.onecycle … --final command")
+        rows.append((html.esc(run.name), html.esc(doc["config"]["arch"]), html.esc(done),
+                     f"{doc['wall_seconds'] / 60:.1f} min", saved, f"<code>{html.esc(command)}</code>"))
+    return rows
 
 
 def _records(out: Path, kind: str, name: str, draw, redrawn: list[Path] | None = None):
