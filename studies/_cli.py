@@ -26,7 +26,8 @@ EXIT_INTERRUPTED = 130
 @contextlib.contextmanager
 def stop_at_a_step(checkpoint) -> Iterator[None]:
     """While a run with a checkpoint trains, Ctrl-C or SIGTERM (a scheduler's or ``timeout``'s stop) finishes the
-    step under way, saves the checkpoint there and stops; a second Ctrl-C stops at once, keeping the last save."""
+    step under way, saves the checkpoint there and stops; a second Ctrl-C stops at once, keeping the last save.
+    A signal the process was started ignoring (a script's background job ignores SIGINT) stays ignored."""
     if checkpoint is None or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -37,7 +38,8 @@ def stop_at_a_step(checkpoint) -> Iterator[None]:
         checkpoint.request_stop()
         print("stopping after this step to save a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
 
-    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)
+              if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -152,6 +152,14 @@ def test_a_second_ctrl_c_stops_at_once():
         os.kill(os.getpid(), signal.SIGINT)  # the user will not wait for it
         pytest.fail("a second stop did not interrupt")
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    # a script's background job starts with SIGINT ignored, so that the script's Ctrl-C leaves it running
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _cli.stop_at_a_step(ckpt):
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def test_a_diverging_train_run_says_why_and_leaves_no_folder_behind(tmp_path, capsys):
