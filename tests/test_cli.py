@@ -99,6 +99,17 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
                      precision=precision)
     agree = sum(a == b for a, b in zip(again.predictions.tolist(), test["plain"]["predictions"], strict=True)) / 40
     assert agree >= (1.0 if precision == "fp32" else 0.9), agree
+    # studies.evaluate finds the run's data, recipe and normalisation from the folder alone and scores as it did
+    from studies import evaluate as evaluate_cli
+
+    code, out, _ = run_main(evaluate_cli.main, [str(run_dir), "--tta", "none,flip"], capsys)
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines()
+                                          if line.startswith("│"))}
+    assert code == 0 and set(rows) == {"none", "flip"}
+    for views, key in (("none", "plain"), ("flip", "flip_tta")):
+        if precision == "fp32":  # bf16 kernels may round a prediction the other way
+            assert rows[views][2] == rows[views][6] == f"{test[key]['accuracy']:.2%}"
+            assert rows[views][3] == f"{test[key]['loss']:.4f}"
 
 
 def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch):

@@ -16,6 +16,7 @@ import torch
 from conftest import REPO, STUDY, TINY, load_study_at, write_image_folder
 
 from bench import devices as devices_cli
+from studies import evaluate as evaluate_cli
 from studies import lrfind as lrfind_cli
 from studies import onecycle
 from studies import report as report_cli
@@ -23,8 +24,9 @@ from studies import train as train_cli
 
 DATA = ["--data", "synthetic:200:40", "--val-size", "40"]
 CLIS = {"train": train_cli.main, "lrfind": lrfind_cli.main, "onecycle": onecycle.main, "report": report_cli.main,
-        "devices": devices_cli.main}
-BASE = {"train": DATA, "lrfind": DATA, "onecycle": [*STUDY, *TINY], "report": [], "devices": DATA}
+        "devices": devices_cli.main, "evaluate": evaluate_cli.main}
+BASE = {"train": DATA, "lrfind": DATA, "onecycle": [*STUDY, *TINY], "report": [], "devices": DATA, "evaluate": []}
+WRITERS = [cli for cli in CLIS if cli != "evaluate"]  # evaluate only reads: it takes no --out
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 
 
@@ -56,12 +58,14 @@ def bad_data(tmp_path_factory) -> dict[str, Path]:
     write_image_folder(root / "mismatched", ["cat", "dog"], ["cat", "frog"], per_class=2)
     corrupt = write_image_folder(root / "corrupt", ["cat", "dog"], per_class=2)
     (corrupt / "train" / "dog" / "0001.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    write_image_folder(root / "other-classes", ["cat", "dog"], per_class=2)
     write_image_folder(root / "empty-split", ["cat", "dog"], per_class=2)
     for f in (root / "empty-split" / "test").rglob("*.png"):
         f.unlink()
     return {"missing": root / "no-such-folder", "empty": root / "empty", "file": root / "a-file.txt",
             "no-classes": root / "no-classes",
-            "mismatched": root / "mismatched", "corrupt": root / "corrupt", "empty-split": root / "empty-split"}
+            "mismatched": root / "mismatched", "corrupt": root / "corrupt", "empty-split": root / "empty-split",
+            "other-classes": root / "other-classes"}
 
 
 UNREACHABLE_PG = "postgresql://cifar:hunter2secret@127.0.0.1:1/studies"
@@ -117,17 +121,24 @@ BATTERY = [
     ("devices", ["--threads", "0"], "--threads: must be at least 1, got 0"),
     ("devices", ["--batch-size", "99999"], "--batch-size 99999 is larger than the training set"),
     ("devices", ["--data", "{corrupt}"], "cannot read image"),
+    # studies.evaluate ("{run}" is the stored run's folder)
+    ("evaluate", ["{missing}"], "no weights there (studies.train saves model.pt in its run folder"),
+    ("evaluate", ["{file}"], "not a torch file that holds only tensors"),
+    ("evaluate", ["{run}", "--tta", "mirror"], "unknown view 'mirror'; valid: none, flip, flip-shift"),
+    ("evaluate", ["{run}", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+    ("evaluate", ["{run}", "--data", "{other-classes}"], "has other classes than the model (cat, dog)"),
 ]
 CUDA_BATTERY = [(cli, ["--device", "cuda"], "no CUDA device") for cli in ("train", "lrfind", "onecycle", "devices")]
 
 
 def _run_bad(cli: str, argv: list[str], out: Path, paths: dict[str, Path], capsys) -> tuple[int, str]:
-    argv = [a.format(out=out, **{k: str(v) for k, v in paths.items()}) for a in argv]
+    run = next(out.glob("runs/*/model.pt")).parent
+    argv = [a.format(out=out, run=run, **{k: str(v) for k, v in paths.items()}) for a in argv]
     base = BASE[cli]
     if "--data" in argv:  # the bad data path replaces the synthetic set and its hold-out count
         base = [a for i, a in enumerate(base) if a not in ("--data", "--val-size")
                 and (i == 0 or base[i - 1] not in ("--data", "--val-size"))]
-    with_out = [] if "--out" in argv else ["--out", str(out)]
+    with_out = [] if "--out" in argv or cli not in WRITERS else ["--out", str(out)]
     code = CLIS[cli]([*base, *argv, *with_out])
     gc.collect()
     captured = capsys.readouterr()
@@ -160,7 +171,7 @@ def test_an_unwritable_output_folder_is_refused_by_every_cli(stored, capsys):
     blocked = stored / "runs"  # a folder of results: a file inside it stands where --out wants a folder
     target = next(blocked.glob("*/run.json")) / "sub"
     before = snapshot(stored)
-    for cli in CLIS:
+    for cli in WRITERS:
         code = CLIS[cli]([*BASE[cli], "--out", str(target)])
         err = capsys.readouterr().err
         assert (code == 2 and "cannot be written" in err) or "no output folder" in err, (cli, err)

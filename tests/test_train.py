@@ -139,6 +139,33 @@ def test_evaluate_tta_averages_mirrored_logits(small):
     assert math.isfinite(tta.loss) and tta.loss <= max(plain.loss, flipped.loss) + 1e-4
 
 
+def test_flip_shift_tta_weighs_the_six_views_as_airbench_does():
+    from cifarlab.augment import Normalization
+    from cifarlab.train import _shifted
+
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    down, up = _shifted(x, 1, 1, False), _shifted(x, -1, -1, True)
+    assert torch.equal(down[..., 1:, 1:], x[..., :-1, :-1]) and torch.equal(up[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(down[..., 0, 1:], x[..., 1, :-1]) and torch.equal(up[..., -1, :-1], x[..., -2, 1:])  # reflected
+    assert up.is_contiguous(memory_format=torch.channels_last)
+    # A linear model's logits of a weighted sum of views are the weighted sum of its logits of each view.
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(6) % 10
+    norm = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    xs = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
+    padded = np.pad(xs.numpy(), ((0, 0), (0, 0), (1, 1), (1, 1)), mode="reflect")
+    views = [xs, torch.from_numpy(padded[..., :32, :32].copy()), torch.from_numpy(padded[..., 2:, 2:].copy())]
+    mixed = sum(w * 0.5 * (v + v.flip(3)) for w, v in zip((0.5, 0.25, 0.25), views, strict=True))
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(mixed) * 0.5, torch.from_numpy(labels)).item()
+    got = evaluate(model, images, labels, norm, device=torch.device("cpu"), tta="flip-shift", logit_scale=0.5)
+    assert got.loss == pytest.approx(want, rel=1e-5) and got.views == "flip-shift" and got.tta
+    with pytest.raises(ConfigError, match="unknown test-time augmentation 'mirror'; valid: none, flip, flip-shift"):
+        evaluate(model, images, labels, norm, device=torch.device("cpu"), tta="mirror")
+
+
 def test_diverging_loss_raises_with_its_reason(small):
     with pytest.raises(TrainingDiverged, match="training loss became"):
         fit(quick(max_lr=1e6, optimizer="sgd", pct_start=0.1), small)

@@ -197,6 +197,7 @@ class EvalResult:
     accuracy: float
     predictions: np.ndarray
     tta: bool = False
+    views: str = "none"  # which test-time augmentation: one of TTA_VIEWS
 
 
 @dataclass
@@ -393,13 +394,35 @@ def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization,
     return len(loader), epoch, None
 
 
+# Test-time augmentation: the views whose logits are averaged. "flip-shift" is airbench's second level: the image
+# and its mirror weigh half, and the same pair moved by one pixel up-left and down-right (edges reflected) a
+# quarter each; 6 forward passes against 2.
+TTA_VIEWS = ("none", "flip", "flip-shift")
+
+
+def _flip_logits(model: nn.Module, x: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    return 0.5 * (model(x).float() * logit_scale + model(x.flip(3)).float() * logit_scale)
+
+
+def _shifted(x: torch.Tensor, dy: int, dx: int, channels_last: bool) -> torch.Tensor:
+    """``x`` moved by (dy, dx) pixels, the uncovered edge filled by reflection."""
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    h, w = x.shape[-2:]
+    out = padded[:, :, 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Normalization, *,
              device: torch.device, precision: str = "fp32", channels_last: bool = False,
-             batch_size: int = 1024, tta: bool = False, logit_scale: float = 1.0) -> EvalResult:
+             batch_size: int = 1024, tta: bool | str = False, logit_scale: float = 1.0) -> EvalResult:
     """Loss and accuracy at inference speed: no autograd, the training precision, large batches.
 
-    With ``tta`` the logits of each image and its horizontal mirror are averaged.
+    ``tta``: ``True`` or "flip" averages the logits of each image and its horizontal mirror; "flip-shift" adds
+    the pair moved by a pixel each way (``TTA_VIEWS``); ``False`` or "none" evaluates the image alone.
     """
+    views = {False: "none", True: "flip"}.get(tta, tta) if isinstance(tta, bool) else tta
+    if views not in TTA_VIEWS:
+        raise ConfigError(f"unknown test-time augmentation {tta!r}; valid: {', '.join(TTA_VIEWS)}")
     if len(labels) == 0:
         raise ConfigError("cannot evaluate on an empty split")
     was_training = model.training
@@ -409,15 +432,19 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Nor
     data = EvalBatches(images, labels, norm, device, channels_last)
     with torch.inference_mode(), autocast(device, precision):
         for x, y in data.batches(batch_size):
-            logits = model(x).float() * logit_scale
-            if tta:
-                logits = 0.5 * (logits + model(x.flip(3)).float() * logit_scale)
+            if views == "none":
+                logits = model(x).float() * logit_scale
+            else:
+                logits = _flip_logits(model, x, logit_scale)
+            if views == "flip-shift":
+                logits = 0.5 * logits + 0.25 * (_flip_logits(model, _shifted(x, -1, -1, channels_last), logit_scale)
+                                                + _flip_logits(model, _shifted(x, 1, 1, channels_last), logit_scale))
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
             preds.append(logits.argmax(1))
     model.train(was_training)
     pred = torch.cat(preds).cpu().numpy()
     return EvalResult(loss=float(loss_sum) / len(labels), accuracy=float((pred == labels).mean()),
-                      predictions=pred, tta=tta)
+                      predictions=pred, tta=views != "none", views=views)
 
 
 WEIGHTS_FORMAT = 1  # bumped when what save_weights stores changes shape
