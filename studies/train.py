@@ -163,18 +163,24 @@ def _main(args, raw: list[str]) -> int:
                           "run's data")
     if not args.quiet:
         console.print(model_summary(recipe_model(config, splits.num_classes)), highlight=False)
+    from cifarlab.report.devices import machine_of
+    from cifarlab.timing import environment
+
+    machine = machine_of(environment(resolve_device(config.device)))  # a resumed run may go on elsewhere
     checkpoint = None
     if resume is not None:
         where, done = resume_point(resume, config.epochs)
         console.print(f"resuming {run_dir} {where}", soft_wrap=True)
         resumed_after = [*resume["extra"].get("resumed_after", []), done]
-        checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every, resume=resume,
-                                   extra={**resume["extra"], "resumed_after": resumed_after})
+        extra = {**resume["extra"], "resumed_after": resumed_after}
+        if "machines" in extra:  # (a checkpoint saved before they were kept does not say where it trained)
+            extra["machines"] = [*extra["machines"], machine]
+        checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every, resume=resume, extra=extra)
     elif not args.no_checkpoint:
         run_dir = new_record_dir(out, "runs", config.arch)
         stored = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every,
-                                   extra={"args": stored, "data": data, "resumed_after": []})
+                                   extra={"args": stored, "data": data, "resumed_after": [], "machines": [machine]})
         console.print(f"checkpoint: {checkpoint.path} (if the run stops: {PROG} --resume {run_dir})", soft_wrap=True)
 
     progress = Progress(
@@ -239,6 +245,8 @@ def _main(args, raw: list[str]) -> int:
     doc = run_record(result, splits, status="completed", train_subset=args.train_subset, wall_seconds=wall)
     if checkpoint is not None and checkpoint.extra["resumed_after"]:
         doc["resumed_after_epochs"] = checkpoint.extra["resumed_after"]
+        if "machines" in checkpoint.extra:
+            doc["machines"] = checkpoint.extra["machines"]  # the machine of each session, in turn
     write_json(run_dir / "run.json", doc)
     write_csv(run_dir / "epochs.csv", epochs)
     console.print(f"run record: {Path(run_dir) / 'run.json'}")

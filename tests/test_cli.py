@@ -144,6 +144,7 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monke
     # the same epochs as a run never stopped: cifarlab.train's resume test shows it figure for figure
     doc = json.loads((stopped / "run.json").read_text())
     assert [e["epoch"] for e in doc["epochs"]] == [1, 2] and doc["resumed_after_epochs"] == [1.5]
+    assert len(doc["machines"]) == 2 and doc["machines"][0] == doc["machines"][1]  # each session's, the same here
     assert doc["config"]["batch_size"] == 16 and doc["data"]["train"] == 64
     assert not (stopped / "checkpoint.pt").exists() and (stopped / "model.pt").is_file()  # a finished run removes it
     index = (tmp_path / "stopped" / "index.html").read_text()

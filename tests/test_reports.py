@@ -162,6 +162,11 @@ def test_machines_compared_keeps_the_newest_default_path_of_each_machine(out, tm
     full["environment"].update(device="cuda", device_name='GPU <b>"9"</b>')
     (tree / "runs" / "20000103-000000-custom_resnet").mkdir()
     (tree / "runs" / "20000103-000000-custom_resnet" / "run.json").write_text(json.dumps(full))
+    # and one stopped on this machine and resumed on the GPU: both named, in turn
+    resumed = {**full, "machines": [f"{here['device_name']} · {threads} threads", 'GPU <b>"9"</b>'],
+               "epochs": full["epochs"] * 2}
+    (tree / "runs" / "20000104-000000-custom_resnet").mkdir()
+    (tree / "runs" / "20000104-000000-custom_resnet" / "run.json").write_text(json.dumps(resumed))
     assert report.main(["--out", str(tree)]) == 0
     assert "the machines-compared page redrawn" in capsys.readouterr().out
     frame = pd.read_csv(tree / "machines" / "machines.csv")
@@ -173,8 +178,9 @@ def test_machines_compared_keeps_the_newest_default_path_of_each_machine(out, tm
     assert f'href="../devices/{bench.name}/index.html"' in page and "20000101-000000-bench" not in page
     assert (tree / "machines" / "machines.png").is_file()
     runs = pd.read_csv(tree / "machines" / "runs.csv")
-    assert runs["run"].tolist() == ["20000103-000000-custom_resnet"]
-    assert runs["machine"].tolist() == ['GPU <b>"9"</b>'] and runs["epochs"].tolist() == [len(full["epochs"])]
+    assert runs["run"].tolist() == ["20000103-000000-custom_resnet", "20000104-000000-custom_resnet"]  # fastest first
+    assert runs["machine"].tolist() == ['GPU <b>"9"</b>', f'{here["device_name"]} · {threads} threads → GPU <b>"9"</b>']
+    assert runs["epochs"].tolist() == [len(full["epochs"]), 2 * len(full["epochs"])]
     assert runs["training_seconds"][0] == pytest.approx(sum(e["epoch_seconds"] for e in full["epochs"]))
     section = page[page.index('id="time-to-accuracy"'):]
     assert f"{full['test']['plain']['accuracy']:.2%}" in section and 'GPU &lt;b&gt;"9"&lt;/b&gt;' in section

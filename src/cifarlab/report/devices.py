@@ -252,6 +252,12 @@ def _machine(name, device, threads) -> str:
     return machine + f" · {threads} threads" if device == "cpu" and threads else machine
 
 
+def machine_of(env: dict) -> str:
+    """The machine a stored ``environment`` (``cifarlab.timing.environment``) describes, as the pages name it."""
+    return _machine(env.get("device_name") or env.get("cpu_model") or env.get("device"), env.get("device"),
+                    env.get("torch_threads"))
+
+
 # CIFAR-10's 50,000 training images less at most the default 5,000-image validation split: a run on fewer trained
 # on a subset, and its accuracy says nothing of the time to train the recipe.
 FULL_TRAIN = 45_000
@@ -268,9 +274,9 @@ def runs_frame(out: Path) -> pd.DataFrame:
                 or (data.get("train") or 0) < FULL_TRAIN):
             continue
         config, resolved, epochs = doc.get("config") or {}, doc.get("resolved") or {}, doc.get("epochs") or []
+        machines = list(dict.fromkeys(doc.get("machines") or []))  # a run resumed elsewhere: each machine, in turn
         rows.append({
-            "machine": _machine(env.get("device_name") or env.get("cpu_model") or env.get("device"),
-                                env.get("device"), env.get("torch_threads")),
+            "machine": " → ".join(machines) if len(machines) > 1 else machine_of(env),
             "arch": config.get("arch"), "epochs": len(epochs), "batch_size": config.get("batch_size"),
             "precision": resolved.get("precision"), "train_images": data.get("train"),
             "test_accuracy": test["plain"].get("accuracy"),
@@ -369,7 +375,8 @@ def _runs_section(runs: pd.DataFrame) -> str:
             + '<p class="note">Every completed run stored here that trained on the whole training split (no '
               f"<code>--train-subset</code>, at least {FULL_TRAIN:,} images) and was tested, fastest first: the "
               "time each machine took to the accuracy it reached. Training time: the epochs' training and "
-              "validation; wall time adds loading, whitening, compiling and testing. Copy other machines' "
+              "validation; wall time adds loading, whitening, compiling and testing. A run stopped and resumed on "
+              "another machine names both (A → B): its times add theirs. Copy other machines' "
               "<code>reports/runs/&lt;time&gt;-&lt;arch&gt;/</code> folders into this tree's <code>runs/</code> to "
               'add them, then run <code>python -m studies.report</code>. <a href="runs.csv">runs.csv</a></p><ul>'
             + "".join(f'<li><a href="../runs/{html.esc(r)}/index.html">{html.esc(r)}</a></li>' for r in runs["run"])
