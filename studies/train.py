@@ -188,8 +188,10 @@ def _main(args, raw: list[str]) -> int:
         TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}"), TimeRemainingColumn(),
         console=console, disable=args.quiet, transient=True,
     )
-    task = progress.add_task("train", total=config.epochs, epoch=1, epochs=config.epochs, batch="-",
-                             loss=float("nan"), acc=0.0)
+    # A resumed run's bar starts where the checkpoint left it: a jump at the first step would read as speed.
+    done = resume_point(resume, config.epochs)[1] if resume is not None else 0
+    task = progress.add_task("train", total=config.epochs, completed=done, epoch=int(done) + 1, epochs=config.epochs,
+                             batch="-", loss=float("nan"), acc=0.0)
 
     def on_step(epoch: int, step: int, steps: int, loss: float, acc: float) -> None:
         progress.update(task, completed=(epoch - 1) + step / steps, epoch=epoch, batch=f"{step}/{steps}",
