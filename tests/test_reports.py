@@ -100,9 +100,23 @@ def test_study_page_has_the_tables_and_figures(out):
     assert "Best against the seed" in text and "seed configuration" in text
     assert re.search(r"<code>python -m studies\.train --epochs 1 [^<]*--max-lr [0-9.e-]+", text), text
     assert "Trade-off between accuracy and time" in text
+    # 64 training images, one epoch: every batch size tried holds them all in one step
+    assert re.search(r"Optimizer steps per trial: batch \d+: 1[^<]* \(1 epoch of 64 training images\)", text), text
     for fig in ("history.png", "max_lr.png", "by_param.png", "curves.png", "time.png"):
         assert (study_page.parent / fig).is_file()
     assert (study_page.parent / "trials.csv").read_text().startswith("trial,state,optimizer,max_lr,batch_size")
+
+
+def test_steps_per_trial_by_batch_size():
+    from cifarlab.report.pages import steps_by_batch
+
+    # the quick budget: 3 epochs of 2,048 images; a pruned trial's fewer epochs do not lower the figure
+    done = pd.DataFrame({"batch_size": [128, 1024, 512, 256, 128], "train_images": [2048] * 5,
+                         "epochs_run": [3, 3, 3, 3, 1]})
+    assert steps_by_batch(done) == ({128: 48, 256: 24, 512: 12, 1024: 6}, 2048, 3)
+    # a batch larger than the training set takes all of it, one step an epoch
+    assert steps_by_batch(done.assign(train_images=100))[0] == {128: 3, 256: 3, 512: 3, 1024: 3}
+    assert steps_by_batch(done.assign(train_images=None)) == ({}, 0, 0)  # trials stored before they kept it
 
 
 def test_the_time_front_keeps_each_trial_no_faster_one_beats():

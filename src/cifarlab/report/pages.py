@@ -223,6 +223,7 @@ def study_frame(study) -> pd.DataFrame:
                 "epochs_run": len(epochs),
                 "seconds": t.duration.total_seconds() if t.duration else None,
                 "images_per_second": t.user_attrs.get("images_per_second"),
+                "train_images": t.user_attrs.get("train_images"),
                 "seed_config": bool(t.user_attrs.get("seed_config")),
                 "reason": t.user_attrs.get("pruned_reason") or t.user_attrs.get("fail_reason") or "",
             }
@@ -323,13 +324,28 @@ def _study_figures(study, frame: pd.DataFrame, out_dir: Path) -> str:
         html.figure("max_lr.png", "Max LR (log axis) against validation accuracy; colour: optimizer, size: batch size")
     )
 
+    steps, images, epochs = steps_by_batch(done)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    sns.stripplot(data=done, x="batch_size", y="val acc (%)", ax=axes[0], size=6)
-    axes[0].set(title="by batch size", xlabel="batch size (images)", ylabel="validation accuracy (%)")
+    order = sorted(done["batch_size"].dropna().unique())
+    sns.stripplot(data=done, x="batch_size", y="val acc (%)", order=order, ax=axes[0], size=6)
+    axes[0].set_xticks(range(len(order)),
+                       [f"{b:.0f}\n{steps[b]} step{'s' if steps[b] != 1 else ''}" if b in steps else f"{b:.0f}"
+                        for b in order])
+    axes[0].set(title="by batch size", xlabel="batch size (images), optimizer steps per trial",
+                ylabel="validation accuracy (%)")
     sns.stripplot(data=done, x="optimizer", y="val acc (%)", ax=axes[1], size=6)
     axes[1].set(title="by optimizer", xlabel="optimizer", ylabel="validation accuracy (%)")
     save(fig, out_dir / "by_param.png")
     parts.append(html.figure("by_param.png", "Validation accuracy by batch size and by optimizer"))
+    if steps:
+        parts.append(
+            '<p class="note">Optimizer steps per trial: '
+            + html.esc(", ".join(f"batch {b:.0f}: {n}" for b, n in steps.items()))
+            + f" ({epochs} epoch{'s' if epochs != 1 else ''} of {images:,} training images). At a fixed number of "
+            "epochs a larger batch takes fewer steps, so a short budget favours small batches: this study ranks "
+            "batch sizes at its own length, and whether the best one wins at full length is for "
+            "<code>--budget full</code> or <code>--final</code> to show.</p>"
+        )
 
     timed = done.dropna(subset=["seconds"])
     if len(timed):
@@ -379,6 +395,17 @@ def _study_figures(study, frame: pd.DataFrame, out_dir: Path) -> str:
         save(fig, out_dir / "importance.png")
         parts.append(html.figure("importance.png", "Hyperparameter importance"))
     return "\n".join(parts)
+
+
+def steps_by_batch(done: pd.DataFrame) -> tuple[dict[float, int], int, int]:
+    """({batch size: optimizer steps a whole trial takes}, training images, epochs) of a study's complete trials:
+    epochs x images // batch, or one step an epoch where the batch holds every image (``fit`` drops the ragged
+    last batch). Empty where the trials did not store their training images."""
+    known = done.dropna(subset=["train_images", "batch_size"])
+    if known.empty:
+        return {}, 0, 0
+    images, epochs = int(known["train_images"].max()), int(known["epochs_run"].max())
+    return {b: epochs * max(1, images // int(b)) for b in sorted(known["batch_size"].unique())}, images, epochs
 
 
 def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
