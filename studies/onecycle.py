@@ -707,7 +707,7 @@ def _final(args, archs, storage, budget, out, console) -> None:
     command after a stop skips the finished seeds and resumes the interrupted one (hours on a CPU)."""
     from cifarlab.data import load_splits
     from cifarlab.errors import ConfigError
-    from cifarlab.report.records import new_record_dir, write_json
+    from cifarlab.report.records import holding, new_record_dir, write_json
     from cifarlab.train import Checkpointing, TrainConfig, fit, load_checkpoint, save_weights
     from studies.train import resume_point, run_record
 
@@ -763,7 +763,7 @@ def _final(args, archs, storage, budget, out, console) -> None:
                               f"train loss {rec.train_loss:.3f} | val acc {rec.val_accuracy:.1%} | "
                               f"{rec.epoch_seconds:.0f} s, {rec.images_per_second:.0f} img/s")
 
-            with _cli.stop_at_a_step(checkpoint):
+            with holding(run_dir), _cli.stop_at_a_step(checkpoint):  # a second --final at once is refused
                 result = fit(config, splits, on_epoch=on_epoch, test=True, test_tta=True, checkpoint=checkpoint)
             # fit's wall time counts the sessions before a resume too
             doc = run_record(result, splits, status="completed", train_subset=None, wall_seconds=result.wall_seconds)

@@ -125,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args, raw: list[str]) -> int:
+    import contextlib
+
+    with contextlib.ExitStack() as held:  # the run folder's lock, from the moment it is known to the end
+        return _train(args, raw, held)
+
+
+def _train(args, raw: list[str], held) -> int:
     import time
 
     import pandas as pd
@@ -133,7 +140,7 @@ def _main(args, raw: list[str]) -> int:
 
     from cifarlab.errors import CifarlabError, ConfigError
     from cifarlab.models import model_summary
-    from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
+    from cifarlab.report.records import check_writable, holding, new_record_dir, write_csv, write_json
     from cifarlab.timing import resolve_device
     from cifarlab.train import Checkpointing, TrainConfig, fit, recipe_model, save_weights
 
@@ -141,6 +148,7 @@ def _main(args, raw: list[str]) -> int:
     resume, run_dir = None, None
     if args.resume is not None:
         args, resume, run_dir = _resume_args(args, raw)
+        held.enter_context(holding(run_dir))  # not while another process trains it
     config = _cli.dataclass_from_args(TrainConfig, args)
     resolve_device(config.device)  # fail on --device cuda without CUDA before loading data
     out = check_writable(args.out)
@@ -178,6 +186,7 @@ def _main(args, raw: list[str]) -> int:
         checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every, resume=resume, extra=extra)
     elif not args.no_checkpoint:
         run_dir = new_record_dir(out, "runs", config.arch)
+        held.enter_context(holding(run_dir))
         stored = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every,
                                    extra={"args": stored, "data": data, "resumed_after": [], "machines": [machine]})

@@ -132,10 +132,20 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monke
     (junk / "checkpoint.pt").write_bytes(b"cut short")  # a file a lost disk left: listed, not fatal
     index = rebuild(tmp_path / "stopped").read_text()
     assert "<h2>Unfinished runs</h2>" in index and "epoch 2 of 2: step 2 of 4" in index
+    assert f"<td>{stopped.name}</td><td>stopped</td>" in index
     assert f"<code>python -m studies.train --resume {stopped}</code>" in index
-    assert "<td>20260101-000000-custom_resnet</td><td>—</td><td>not a readable checkpoint</td>" in index
+    assert "<td>20260101-000000-custom_resnet</td><td>stopped</td><td>—</td><td>not a readable checkpoint</td>" in index
     (junk / "checkpoint.pt").unlink()
     junk.rmdir()
+    # While another process trains it, the reports say so and a second --resume is refused, losing nothing.
+    from cifarlab.report.records import holding
+
+    before = (stopped / "checkpoint.pt").read_bytes()
+    with holding(stopped):
+        assert f"<td>{stopped.name}</td><td>training now</td>" in rebuild(tmp_path / "stopped").read_text()
+        code, _, err = run_main(train_cli.main, ["--resume", str(stopped), "--data", SYNTH[1]], capsys)
+    assert code == 2 and "is in use: another process is training there now" in err and len(err.splitlines()) == 1
+    assert (stopped / "checkpoint.pt").read_bytes() == before
 
     code, _, err = run_main(train_cli.main, ["--resume", str(stopped), "--epochs", "5"], capsys)
     assert code == 2 and "drop --epochs" in err and len(err.strip().splitlines()) <= 2

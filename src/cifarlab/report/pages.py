@@ -494,9 +494,9 @@ def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | No
     if unfinished:
         parts.append(
             "<h2>Unfinished runs</h2>"
-            + '<p class="note">Runs that keep a checkpoint and no record yet: stopped, or training now (see when '
-            "it was last saved). The command continues one from its checkpoint.</p>"
-            + _rows(["run", "architecture", "done", "time so far", "last saved", "to continue"], unfinished)
+            + '<p class="note">Runs that keep a checkpoint and no record yet: training now (a process on this '
+            "machine holds the folder) or stopped. The command continues a stopped one from its checkpoint.</p>"
+            + _rows(["run", "state", "architecture", "done", "time so far", "last saved", "to continue"], unfinished)
         )
     lr_rows = []
     for path, doc, page in _records(out, "lrfind", "lrfind.json", lrfind_page, redrawn):
@@ -556,23 +556,25 @@ def _unfinished_runs(out: Path) -> list[tuple]:
     import time
 
     from cifarlab.errors import ConfigError
+    from cifarlab.report.records import in_use
     from cifarlab.train import load_checkpoint  # torch: imported only when there is a checkpoint to read
 
     rows = []
     for path in paths:
         run = path.parent
         saved = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        state = "training now" if in_use(run) else "stopped"
         try:
             doc = load_checkpoint(path, lazy=True)
         except ConfigError:
-            rows.append((html.esc(run.name), "—", "not a readable checkpoint", "—", saved, "—"))
+            rows.append((html.esc(run.name), state, "—", "not a readable checkpoint", "—", saved, "—"))
             continue
         epochs, epoch, step = doc["config"]["epochs"], int(doc["epoch"]), int(doc.get("step", 0))
         done = (f"epoch {epoch + 1} of {epochs}: step {step} of {doc.get('steps_per_epoch', '?')}" if step
                 else f"{epoch} of {epochs} epochs")
         command = (f"python -m studies.train --resume {run}" if "args" in doc["extra"]
                    else "the same python -m studies.onecycle … --final command")
-        rows.append((html.esc(run.name), html.esc(doc["config"]["arch"]), html.esc(done),
+        rows.append((html.esc(run.name), state, html.esc(doc["config"]["arch"]), html.esc(done),
                      f"{doc['wall_seconds'] / 60:.1f} min", saved, f"<code>{html.esc(command)}</code>"))
     return rows
 

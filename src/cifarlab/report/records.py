@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -30,6 +32,48 @@ def new_record_dir(out: Path, kind: str, name: str) -> Path:
         except FileExistsError:
             n += 1
             path = base.with_name(f"{base.name}-{n}")
+
+
+@contextlib.contextmanager
+def holding(folder: Path) -> Iterator[None]:
+    """Hold an advisory lock on a record folder while a process works in it; another holder is refused in one line.
+
+    The operating system releases it when the process ends, killed or not, so a stopped run is never left locked.
+    Where there is no ``fcntl`` (not POSIX) nothing is locked.
+    """
+    from cifarlab.errors import ConfigError
+
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{folder} is in use: another process is training there now (stop it first, or "
+                              "let it finish)") from None
+        yield
+    finally:
+        os.close(fd)  # and with it the lock
+
+
+def in_use(folder: Path) -> bool:
+    """Whether a process holds ``holding``'s lock on ``folder`` now."""
+    try:
+        import fcntl
+    except ImportError:
+        return False
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while another holds it exclusively
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _clean(value: object) -> object:
