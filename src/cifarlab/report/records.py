@@ -66,7 +66,10 @@ def in_use(folder: Path) -> bool:
         import fcntl
     except ImportError:
         return False
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # gone, or not ours to open: nobody we can see trains there
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while another holds it exclusively
         return False
