@@ -126,7 +126,7 @@ def test_no_breakdown_skips_it(tmp_path):
 def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
     # --precision fp32 (BENCH's): the ladder a CPU without bf16 units climbs; the bf16 one's rungs are below.
     # One repetition a rung: this test is about the rungs, not their spread.
-    assert devices.main([*BENCH, "--ablation", "--no-compile", "--images", "32", "--repeats", "1",
+    assert devices.main([*BENCH, "--ablation", "--no-compile", "--images", "16", "--batch-size", "16", "--repeats", "1",
                          "--out", str(tmp_path)]) == 0
     (run_dir,) = (tmp_path / "devices").iterdir()
     rows = [r for r in read_rows(run_dir / "devices.csv") if r["device"] == "cpu"]

@@ -202,13 +202,10 @@ class BatchAugmenter:
 
     @property
     def flip_now(self) -> torch.Tensor | None:
-        """The mirrors ``alternate_flip`` last drew or toggled, on the device (``epoch`` replaces, never edits it)."""
+        """The mirrors ``alternate_flip`` last drew or toggled (the next epoch mirrors the others), on the device;
+        ``epoch`` replaces the tensor, never edits it. A checkpoint keeps it, besides the generator, to go on with
+        the same augmentation."""
         return self._flip_now
-
-    def flip_state(self) -> torch.Tensor | None:
-        """This epoch's mirror of each image under ``alternate_flip`` (the next epoch mirrors the others), on the
-        CPU: what a checkpoint keeps besides the generator to go on with the same augmentation."""
-        return None if self._flip_now is None else self._flip_now.cpu()
 
     def load_flip_state(self, state: torch.Tensor | None) -> None:
         self._flip_now = None if state is None else state.to(self.device)
