@@ -59,7 +59,7 @@ def _main(args) -> int:
     from cifarlab.errors import ConfigError
     from cifarlab.report.records import read_json
     from cifarlab.timing import configure_device, resolve_device, synchronize
-    from cifarlab.train import evaluate, load_weights
+    from cifarlab.train import TTA_VIEWS, evaluate, load_weights
 
     console = _cli.console()
     path = Path(args.run)
@@ -102,8 +102,7 @@ def _main(args) -> int:
         result = evaluate(model, splits.test_images, splits.test_labels, norm, tta=views, **kw)
         synchronize(device)
         seconds = time.perf_counter() - t0
-        passes = {"none": 1, "flip": 2, "flip-shift": 6}[views]
-        table.add_row(views, str(passes), f"{result.accuracy:.2%}", f"{result.loss:.4f}", f"{seconds:.1f}",
+        table.add_row(views, str(TTA_VIEWS[views]), f"{result.accuracy:.2%}", f"{result.loss:.4f}", f"{seconds:.1f}",
                       f"{len(splits.test_labels) / seconds:.0f}",
                       f"{stored[views]:.2%}" if stored.get(views) is not None else "—")
     console.print(table)

@@ -50,7 +50,9 @@ RESUME_FLAGS = ("--resume", "--data", "--cache-dir", "--quiet")
 def resume_point(resume: dict, epochs: int) -> tuple[str, float]:
     """Where a checkpoint leaves its run, in words ("after epoch 3 of 10", "in epoch 4 of 10, after step 40 of
     97") and in epochs done (3, 3.412)."""
-    epoch, step, steps = int(resume["epoch"]), int(resume.get("step", 0)), int(resume.get("steps_per_epoch", 0))
+    from cifarlab.train import checkpoint_progress
+
+    epoch, step, steps = checkpoint_progress(resume)
     if not step:
         return f"after epoch {epoch} of {epochs}", epoch
     return f"in epoch {epoch + 1} of {epochs}, after step {step} of {steps}", round(epoch + step / max(steps, 1), 3)

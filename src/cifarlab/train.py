@@ -397,7 +397,7 @@ def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization,
 # Test-time augmentation: the views whose logits are averaged. "flip-shift" is airbench's second level: the image
 # and its mirror weigh half, and the same pair moved by one pixel up-left and down-right (edges reflected) a
 # quarter each; 6 forward passes against 2.
-TTA_VIEWS = ("none", "flip", "flip-shift")
+TTA_VIEWS = {"none": 1, "flip": 2, "flip-shift": 6}  # each view set and its forward passes per image
 
 
 def _flip_logits(model: nn.Module, x: torch.Tensor, logit_scale: float) -> torch.Tensor:
@@ -531,6 +531,12 @@ class Checkpointing:
         return f"epoch {self.saved_epoch}"
 
 
+def checkpoint_progress(doc: dict) -> tuple[int, int, int]:
+    """(whole epochs, steps of the next epoch, steps an epoch) a checkpoint holds; one saved before saves within an
+    epoch holds whole epochs."""
+    return int(doc["epoch"]), int(doc.get("step", 0)), int(doc.get("steps_per_epoch", 0))
+
+
 def load_checkpoint(path: Path, *, lazy: bool = False) -> dict:
     """A checkpoint written by ``fit``; a file that is not one is refused in one line. ``lazy`` maps the file
     instead of reading it: the tensors are read only when used (the reports read a checkpoint's progress)."""
@@ -613,8 +619,8 @@ def _restore(doc: dict, config: TrainConfig, *, model: nn.Module, optimizer: tor
         augmenter.load_flip_state(doc["flip_now"])
     result.records = [EpochRecord(**r) for r in doc["records"]]
     result.compile_seconds = doc["compile_seconds"]
-    step = int(doc.get("step", 0))  # checkpoints from before saves within an epoch hold whole epochs
-    return int(doc["epoch"]) + 1, step, (doc.get("within") or {}) if step else {}, float(doc["wall_seconds"])
+    epoch, step, _ = checkpoint_progress(doc)
+    return epoch + 1, step, (doc.get("within") or {}) if step else {}, float(doc["wall_seconds"])
 
 
 _NO_VALIDATION = EvalResult(loss=float("nan"), accuracy=float("nan"), predictions=np.empty(0, np.int64), tta=False)

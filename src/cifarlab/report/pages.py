@@ -557,7 +557,7 @@ def _unfinished_runs(out: Path) -> list[tuple]:
 
     from cifarlab.errors import ConfigError
     from cifarlab.report.records import in_use
-    from cifarlab.train import load_checkpoint  # torch: imported only when there is a checkpoint to read
+    from cifarlab.train import checkpoint_progress, load_checkpoint  # torch: only when a checkpoint is there
 
     rows = []
     for path in paths:
@@ -569,9 +569,8 @@ def _unfinished_runs(out: Path) -> list[tuple]:
         except ConfigError:
             rows.append((html.esc(run.name), state, "—", "not a readable checkpoint", "—", saved, "—"))
             continue
-        epochs, epoch, step = doc["config"]["epochs"], int(doc["epoch"]), int(doc.get("step", 0))
-        done = (f"epoch {epoch + 1} of {epochs}: step {step} of {doc.get('steps_per_epoch', '?')}" if step
-                else f"{epoch} of {epochs} epochs")
+        epochs, (epoch, step, steps) = doc["config"]["epochs"], checkpoint_progress(doc)
+        done = f"epoch {epoch + 1} of {epochs}: step {step} of {steps}" if step else f"{epoch} of {epochs} epochs"
         command = (f"python -m studies.train --resume {run}" if "args" in doc["extra"]
                    else "the same python -m studies.onecycle … --final command")
         rows.append((html.esc(run.name), state, html.esc(doc["config"]["arch"]), html.esc(done),
