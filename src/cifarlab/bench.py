@@ -45,6 +45,7 @@ class Case:
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays CUDA graphs
     fused_optimizer: bool = True  # the seed's optimizer loops over its tensors; torch's fused kernel does not
     matmul_convs: bool = True  # CPU: 3x3 convs on <= 4x4 maps as GEMMs (cifarlab.matmul_conv)
+    winograd: bool = True  # CPU in fp32: 3x3 convs of >= 64 channels by Winograd F(4x4, 3x3) (cifarlab.winograd)
     seed_layers: bool = False  # the seed's layers (ReLU, plain BN, unwhitened) instead of the default recipe's
     step: str = ""  # the ablation step's name, when part of a ladder
     loader_workers: int = 2
@@ -188,7 +189,7 @@ class CaseRun:
                              device=case.device, **(SEED_LAYERS if case.seed_layers else {}))
         # The model training builds (its recipe's whitening and frozen BN scales), with this case's kernels.
         self.model = model = build_model(config, splits, norm, device, case.channels_last, generator=gen,
-                                         matmul_convs=case.matmul_convs)
+                                         matmul_convs=case.matmul_convs, winograd=case.winograd)
         step_model: nn.Module = torch.compile(model, mode=case.compile_mode) if case.compile else model
         optimizer = build_optimizer(config, model, fused=case.fused_optimizer)
         criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
@@ -321,9 +322,9 @@ def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str =
     The last rung before ``torch.compile`` is what ``studies.train`` runs.
     """
     base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
-                fused_optimizer=False, matmul_convs=False, seed_layers=True,
+                fused_optimizer=False, matmul_convs=False, winograd=False, seed_layers=True,
                 step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
-    seed_kernels = {"fused_optimizer": False, "matmul_convs": False, "seed_layers": True}
+    seed_kernels = {"fused_optimizer": False, "matmul_convs": False, "winograd": False, "seed_layers": True}
     p, cl = precision, channels_last
     steps = [base]
     if p == "bf16":
@@ -333,11 +334,15 @@ def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str =
         steps.append(Case(arch, device, batch_size, p, True, "dataloader", **seed_kernels, step="+ channels_last"))
     steps += [
         Case(arch, device, batch_size, p, cl, "batched", **seed_kernels, step="+ batched in-memory data"),
-        Case(arch, device, batch_size, p, cl, "batched", matmul_convs=False, seed_layers=True,
+        Case(arch, device, batch_size, p, cl, "batched", matmul_convs=False, winograd=False, seed_layers=True,
              step="+ fused optimizer"),
     ]
     if torch.device(device).type == "cpu":
-        steps.append(Case(arch, device, batch_size, p, cl, "batched", seed_layers=True, step="+ 4x4 convs as GEMMs"))
+        steps.append(Case(arch, device, batch_size, p, cl, "batched", winograd=False, seed_layers=True,
+                          step="+ 4x4 convs as GEMMs"))
+        if p == "fp32":  # Winograd takes fp32 convs only: a CPU without bf16 units
+            steps.append(Case(arch, device, batch_size, p, cl, "batched", seed_layers=True,
+                              step="+ Winograd 3x3 convs"))
     if recipe_layers_differ():  # what the default recipe's layers cost or save
         steps.append(Case(arch, device, batch_size, p, cl, "batched", step="+ the recipe's layers"))
     if with_compile:

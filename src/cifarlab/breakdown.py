@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab.matmul_conv import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION, MatmulConv2d
-from cifarlab.timing import synchronize
+from cifarlab.matmul_conv import MatmulConv2d
+from cifarlab.timing import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION, synchronize
 
 CATEGORIES = ("conv forward", "conv backward", "batch norm", "pooling", "activation", "linear + loss", "optimizer",
               "data + augmentation", "casts + copies", "zero fill", "other")
@@ -204,7 +204,7 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         y = F.conv2d(x, weight, None, *args)
         path = conv.gemm_path(x) if isinstance(conv, MatmulConv2d) else None
-        kernel = {"gemm": "GEMM", "weight-gemm": "oneDNN, ∂weight GEMM"}.get(
+        kernel = {"winograd": "Winograd F(4x4,3x3)", "gemm": "GEMM", "weight-gemm": "oneDNN, ∂weight GEMM"}.get(
             path or "", "cuDNN" if device.type == "cuda" else "oneDNN")
         key = (tuple(x.shape), tuple(weight.shape), args, str(dtype), channels_last, kernel)
         if key not in timed:

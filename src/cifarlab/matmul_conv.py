@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Profiler regions: the GEMMs below are aten::mm calls, which bench.devices' breakdown would otherwise count as
-# "linear + loss"; inside these regions they count as the convolution passes they are.
-CONV_FORWARD_ANNOTATION = "cifarlab.conv_forward"
-CONV_BACKWARD_ANNOTATION = "cifarlab.conv_backward"
+from cifarlab import winograd
+from cifarlab.timing import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION
+
 DEFAULT_MAX_PIXELS = 16  # 4x4: the maps where oneDNN lost the most (bench.devices' conv table shows it)
 
 
@@ -130,27 +129,35 @@ class MatmulConv2d(nn.Conv2d):
 
     Plain 3x3 stride-1 convs run wholly as GEMMs (``matmul_conv3x3``); other small-output convs (the stride-2
     and 1x1 shortcut convs into a 4x4 stage) keep oneDNN's forward and input gradient and take only the weight
-    gradient as a GEMM (``gemm_weight_grad_conv``), which was oneDNN's slow pass there.
+    gradient as a GEMM (``gemm_weight_grad_conv``), which was oneDNN's slow pass there. In fp32 (a CPU without
+    bf16 units), plain 3x3 stride-1 convs with at least ``winograd_min_channels`` input channels run as
+    Winograd F(4x4, 3x3) (``cifarlab.winograd``) whatever their map size; 0 turns that off.
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
+    winograd_min_channels: int = 0
 
     def gemm_path(self, x: torch.Tensor) -> str | None:
-        """"gemm", "weight-gemm" or None (oneDNN / cuDNN) for an input like ``x``."""
+        """"winograd", "gemm", "weight-gemm" or None (oneDNN / cuDNN) for an input like ``x``."""
         if (x.device.type != "cpu" or x.dim() != 4 or isinstance(self.padding, str) or self.groups != 1
                 or self.dilation != (1, 1) or self.padding_mode != "zeros"):
             return None
+        plain3x3 = self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
+        if (plain3x3 and self.winograd_min_channels and self.in_channels >= self.winograd_min_channels
+                and winograd.supports(x, self.weight)):
+            return "winograd"
         out_h = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         out_w = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
         if out_h * out_w > self.max_pixels:
             return None
-        if self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1):
-            return "gemm"
-        return "weight-gemm"
+        return "gemm" if plain3x3 else "weight-gemm"
 
     def gemm_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """This conv's GEMM path for ``x`` (which must have one), without the bias."""
-        if self.gemm_path(x) == "gemm":
+        path = self.gemm_path(x)
+        if path == "winograd":
+            return winograd.winograd_conv3x3(x, weight)
+        if path == "gemm":
             return matmul_conv3x3(x, weight)
         return gemm_weight_grad_conv(x, weight, self.stride, self.padding)
 
@@ -163,11 +170,14 @@ class MatmulConv2d(nn.Conv2d):
         return out
 
 
-def use_matmul_convs(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+def use_matmul_convs(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     winograd_min_channels: int = 0) -> int:
     """Turn every plain ``nn.Conv2d`` of ``model`` into a ``MatmulConv2d`` in place; returns how many.
 
-    Parameters, buffers and state-dict keys are unchanged (the class is a subclass); the path is chosen per call
-    from the input's device and size, so a model moved to CUDA runs cuDNN as before.
+    ``max_pixels`` 0 leaves every small map to oneDNN; ``winograd_min_channels`` 0 turns Winograd off. Parameters,
+    buffers and state-dict keys are unchanged (the class is a subclass); the path is chosen per call from the
+    input's device, dtype and size, so a model moved to CUDA runs cuDNN as before, and one under bf16 autocast
+    takes no Winograd.
     """
     count = 0
     for module in model.modules():
@@ -176,4 +186,5 @@ def use_matmul_convs(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
             count += 1
         if isinstance(module, MatmulConv2d):
             module.max_pixels = max_pixels
+            module.winograd_min_channels = winograd_min_channels
     return count

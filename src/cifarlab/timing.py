@@ -17,6 +17,12 @@ from torch import nn
 
 from cifarlab.errors import ConfigError
 
+# Profiler regions (torch.profiler.record_function) around convolutions computed as matrix products
+# (cifarlab.matmul_conv, cifarlab.winograd): their aten::mm/bmm calls, which bench.devices' breakdown would
+# otherwise count as "linear + loss", count inside these regions as the convolution passes they are.
+CONV_FORWARD_ANNOTATION = "cifarlab.conv_forward"
+CONV_BACKWARD_ANNOTATION = "cifarlab.conv_backward"
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":

@@ -1,0 +1,92 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cifarlab import winograd
+from cifarlab.matmul_conv import MatmulConv2d, use_matmul_convs
+from cifarlab.models import create_model
+from cifarlab.winograd import winograd_conv3x3
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_winograd_matches_conv2d_and_its_gradients_across_chunks(channels_last, monkeypatch):
+    # Chunks of 2 images (6 overlapping tiles each) over a batch of 3: a full chunk and a short one, forward and
+    # backward (the gradient's overlap-add across tiles, and the weight gradient summed over chunks).
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 0)
+    monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 12)
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 8, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    xi = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y = winograd_conv3x3(xi, w)
+    assert y.shape == (3, 3, 8, 12) and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, F.conv2d(x, w, padding=1))
+    assert torch.autograd.gradcheck(winograd_conv3x3, (xi, w), fast_mode=True)
+
+
+def test_fp32_winograd_is_as_close_to_onednn_as_a_change_of_summation_order():
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(32, 64, 3, 3) * 0.05).requires_grad_()
+    g = torch.randn(8, 32, 16, 16)
+    outs = []
+    for conv in (lambda a, b: F.conv2d(a, b, padding=1), winograd_conv3x3):
+        y = conv(x, w)
+        outs.append((y, *torch.autograd.grad(y, (x, w), g)))
+    for ref, got in zip(outs[0], outs[1], strict=True):
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_one_gradient_alone():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    g = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    ref_x, ref_w = torch.autograd.grad(F.conv2d(xg, wg, padding=1), (xg, wg), g)
+    (only_x,) = torch.autograd.grad(winograd_conv3x3(xg, w), xg, g)
+    (only_w,) = torch.autograd.grad(winograd_conv3x3(x, wg), wg, g)
+    assert torch.allclose(only_x, ref_x) and torch.allclose(only_w, ref_w)
+
+
+def test_what_it_refuses_and_why():
+    w = torch.randn(4, 3, 3, 3)
+    assert not winograd.supports(torch.randn(1, 3, 6, 6), w)  # 6 is no multiple of the 4x4 output tile
+    assert not winograd.supports(torch.randn(1, 3, 8, 8, dtype=torch.bfloat16), w.bfloat16())
+    assert not winograd.supports(torch.randn(1, 3, 8, 8), torch.randn(4, 3, 5, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not winograd.supports(torch.randn(1, 3, 8, 8), w)
+    with pytest.raises(ValueError, match=r"needs fp32 or fp64 without autocast.*\(1, 3, 6, 6\)"):
+        winograd_conv3x3(torch.randn(1, 3, 6, 6), w)
+
+
+def test_the_conv_takes_winograd_only_in_fp32_on_wide_enough_inputs():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 8, 3, padding=1, bias=True)
+    x = torch.randn(2, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+    expected = conv(x)
+    use_matmul_convs(conv, winograd_min_channels=64)
+    assert conv.gemm_path(x) == "winograd"
+    assert torch.allclose(conv(x), expected, atol=1e-5)  # the bias too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.gemm_path(x) is None  # bf16: oneDNN (an 8x8 map is over the GEMM path's 4x4)
+        assert conv.gemm_path(x[:, :, :4, :4]) == "gemm"
+    assert conv.gemm_path(torch.randn(2, 64, 6, 6)) is None
+    use_matmul_convs(conv, winograd_min_channels=128)
+    assert conv.gemm_path(x) is None
+    use_matmul_convs(conv, winograd_min_channels=0)
+    assert conv.gemm_path(x) is None
+
+
+def test_the_custom_resnet_takes_it_for_every_3x3_conv_but_the_first():
+    model = create_model("custom_resnet")
+    use_matmul_convs(model, winograd_min_channels=winograd.DEFAULT_MIN_CHANNELS)
+    names = {m: n for n, m in model.named_modules()}
+    paths = {}
+    for mod in model.modules():
+        if isinstance(mod, MatmulConv2d):
+            mod.register_forward_pre_hook(lambda m, inp: paths.__setitem__(names[m], m.gemm_path(inp[0])))
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert paths.pop("prep.0") is None  # 3 input channels: the transforms would outweigh the products
+    assert len(paths) == 7 and set(paths.values()) == {"winograd"}
