@@ -144,6 +144,7 @@ def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
     assert float(rows[0]["speedup_vs_baseline"]) == 1.0
     assert rows[0]["data_path"] == "dataloader" and rows[-1]["data_path"] == "batched"
     assert (run_dir / "ablation.png").is_file()
+    assert "compute a quarter of those products, so their share can pass 100%" in (run_dir / "index.html").read_text()
 
 
 def test_a_ladder_has_only_the_rungs_of_the_path_training_takes():

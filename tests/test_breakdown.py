@@ -138,18 +138,21 @@ def test_conv_layer_table_has_every_convolution_with_its_passes():
 
 def test_gemm_convs_count_as_convolution_not_as_linear():
     conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.Conv2d(64, 64, 3, stride=2, padding=1))
-    use_matmul_convs(conv)
-    # 4x4 maps: the first conv runs all-GEMM, the strided one takes its weight gradient as a GEMM.
     x = torch.randn(16, 64, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
 
     def step() -> None:
         conv(x).sum().backward()
 
-    step()
-    seconds = {r["category"]: r["seconds_per_step"] for r in op_breakdown(step, CPU, steps=2)}
-    # The GEMMs are aten::mm calls; inside their annotated regions they are convolution passes, not "linear".
-    assert seconds["linear + loss"] == 0
-    assert seconds["conv forward"] > 0 and seconds["conv backward"] > 0
+    # 4x4 maps: the first conv runs all-GEMM (or, in fp32 with Winograd on, as Winograd's batched products), the
+    # strided one takes its weight gradient as a GEMM.
+    for winograd_min_channels, path in ((0, "gemm"), (64, "winograd")):
+        use_matmul_convs(conv, winograd_min_channels=winograd_min_channels)
+        assert conv[0].gemm_path(x) == path
+        step()
+        seconds = {r["category"]: r["seconds_per_step"] for r in op_breakdown(step, CPU, steps=2)}
+        # The GEMMs are aten::mm/bmm calls; in their annotated regions they are convolution passes, not "linear".
+        assert seconds["linear + loss"] == 0
+        assert seconds["conv forward"] > 0 and seconds["conv backward"] > 0
 
 
 def test_conv_layer_table_times_the_gemm_path_where_training_takes_it():
@@ -161,6 +164,9 @@ def test_conv_layer_table_times_the_gemm_path_where_training_takes_it():
     assert list(kernels.values()).count("GEMM") == 2
     assert all(r["forward_ms"] > 0 and r["input_grad_ms"] > 0 and r["weight_grad_ms"] > 0
                for r in rows if r["kernel"] == "GEMM")
+    use_matmul_convs(model, winograd_min_channels=64)  # in fp32, every conv but the 3-channel first one
+    kernels = {r["layer"]: r["kernel"] for r in conv_layer_table(model, 8, CPU, "fp32", True, repeats=1)}
+    assert kernels.pop("prep.0") == "oneDNN" and set(kernels.values()) == {"Winograd F(4x4,3x3)"}
 
 
 @pytest.mark.cuda
