@@ -112,7 +112,17 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
             assert rows[views][3] == f"{test[key]['loss']:.4f}"
 
 
-def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def ctrl_c_reaches_us():
+    """SIGINT handled as in a terminal, whatever pytest inherited: started as a script's background job (``nohup
+    ... &``, as a CI runner may start it) it ignores SIGINT, and a run rightly keeps ignoring it."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monkeypatch, ctrl_c_reaches_us):
     argv = [*SYNTH, *FAST, "--train-subset", "64", "--batch-size", "16", "--epochs", "2", "--no-test"]
     # A real Ctrl-C (SIGINT to this process) at the end of step 6 of 8, in epoch 2, with no timed save due.
     monkeypatch.setenv("CIFARLAB_FAULT", "step:6:INT")
@@ -163,7 +173,7 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monke
     assert code == 2 and "is a finished run (its run.json is there): there is nothing to resume" in err
 
 
-def test_a_second_ctrl_c_stops_at_once():
+def test_a_second_ctrl_c_stops_at_once(ctrl_c_reaches_us):
     from cifarlab.train import Checkpointing
     from studies import _cli
 
