@@ -137,7 +137,7 @@ def test_conv_layer_table_has_every_convolution_with_its_passes():
 
 
 def test_gemm_convs_count_as_convolution_not_as_linear():
-    conv = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1, bias=False), nn.Conv2d(64, 64, 3, stride=2, padding=1))
+    conv = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1, bias=False), nn.Conv2d(128, 64, 3, stride=2, padding=1))
     x = torch.randn(16, 64, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
 
     def step() -> None:

@@ -130,8 +130,9 @@ class MatmulConv2d(nn.Conv2d):
     Plain 3x3 stride-1 convs run wholly as GEMMs (``matmul_conv3x3``); other small-output convs (the stride-2
     and 1x1 shortcut convs into a 4x4 stage) keep oneDNN's forward and input gradient and take only the weight
     gradient as a GEMM (``gemm_weight_grad_conv``), which was oneDNN's slow pass there. In fp32 (a CPU without
-    bf16 units), plain 3x3 stride-1 convs with at least ``winograd_min_channels`` input channels run as
-    Winograd F(4x4, 3x3) (``cifarlab.winograd``) whatever their map size; 0 turns that off.
+    bf16 units), plain 3x3 stride-1 convs with at least ``winograd_min_channels`` input channels (and
+    ``winograd.MIN_OUT_CHANNELS`` output channels) run as Winograd F(4x4, 3x3) (``cifarlab.winograd``) whatever
+    their map size; 0 turns that off.
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -144,7 +145,7 @@ class MatmulConv2d(nn.Conv2d):
             return None
         plain3x3 = self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
         if (plain3x3 and self.winograd_min_channels and self.in_channels >= self.winograd_min_channels
-                and winograd.supports(x, self.weight)):
+                and self.out_channels >= winograd.MIN_OUT_CHANNELS and winograd.supports(x, self.weight)):
             return "winograd"
         out_h = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         out_w = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1

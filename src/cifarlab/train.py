@@ -82,9 +82,9 @@ class TrainConfig:
         "help": "on the CPU, run 3x3 convs on maps of 4x4 or less as matrix products (oneDNN's kernels reach a "
                 "quarter of the matmul peak there); no effect on CUDA"})
     winograd: bool = field(default=True, metadata={
-        "help": "where the CPU trains in fp32 (no bf16 units), run 3x3 convs with 64 or more input channels by "
-                "Winograd's F(4x4,3x3): 4x fewer multiplications, 1.5x the custom ResNet's step on a 2-core EPYC; "
-                "no effect in bf16 or on CUDA"})
+        "help": "where the CPU trains in fp32 (no bf16 units), run 3x3 convs of 64 or more input and 128 or more "
+                "output channels by Winograd's F(4x4,3x3): 4x fewer multiplications, 1.5x the custom ResNet's step "
+                "on a 2-core EPYC; no effect in bf16 or on CUDA"})
     precision: str = field(default="auto", metadata={"help": "auto, bf16 or fp32 (auto: bf16 where fast)"})
     channels_last: str = field(default="auto", metadata={"help": "auto, on or off"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (compile time reported apart)"})
