@@ -153,9 +153,9 @@ class MatmulConv2d(nn.Conv2d):
             return None
         return "gemm" if plain3x3 else "weight-gemm"
 
-    def gemm_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """This conv's GEMM path for ``x`` (which must have one), without the bias."""
-        path = self.gemm_path(x)
+    def gemm_conv(self, x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> torch.Tensor:
+        """This conv's GEMM path for ``x`` (which must have one; ``path`` if already asked), without the bias."""
+        path = path or self.gemm_path(x)
         if path == "winograd":
             return winograd.winograd_conv3x3(x, weight)
         if path == "gemm":
@@ -163,9 +163,10 @@ class MatmulConv2d(nn.Conv2d):
         return gemm_weight_grad_conv(x, weight, self.stride, self.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemm_path(x) is None:
+        path = self.gemm_path(x)
+        if path is None:
             return super().forward(x)
-        out = self.gemm_conv(x, self.weight)
+        out = self.gemm_conv(x, self.weight, path)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype).view(1, -1, 1, 1)
         return out

@@ -27,6 +27,8 @@ cuDNN chooses its own Winograd kernels on CUDA.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -62,20 +64,12 @@ DEFAULT_MIN_CHANNELS = 64  # input channels
 MIN_OUT_CHANNELS = 128  # and output channels: 64->128 takes it, 64->64 does not
 
 
-def _matrices(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(36x36 input transform, 36x9 weight transform, 16x36 output transform) on ``device`` in ``dtype``."""
+@functools.cache
+def transforms(device: torch.device, dtype: torch.dtype = torch.float32):
+    """(36x36 input transform, 36x9 weight transform, 16x36 output transform) on ``device`` in ``dtype``: the
+    Kronecker products of B^T, G and A^T with themselves, made once per device and dtype."""
     bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_BT, _G, _AT))
     return tuple(torch.kron(m, m).to(device=device, dtype=dtype) for m in (bt, g, at))
-
-
-_CACHE: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def transforms(device: torch.device, dtype: torch.dtype = torch.float32):
-    """The three transform matrices, made once per device and dtype."""
-    if (device, dtype) not in _CACHE:
-        _CACHE[device, dtype] = _matrices(device, dtype)
-    return _CACHE[device, dtype]
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -86,12 +80,15 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.shape[2] > 0 and x.shape[3] > 0 and not torch.is_autocast_enabled(x.device.type))
 
 
-def _tiles(xp: torch.Tensor, th: int, tw: int) -> torch.Tensor:
-    """(n, H+2, W+2, c) padded NHWC -> (6, 6, n, th, tw, c): the overlapping input tiles, as a view."""
+def _tiles(xp: torch.Tensor, th: int, tw: int, rows: tuple[int, int] = (0, TILE + 2),
+           cols: tuple[int, int] = (0, TILE + 2)) -> torch.Tensor:
+    """(n, H+2, W+2, c) padded NHWC -> (6, 6, n, th, tw, c): the overlapping input tiles, as a view; ``rows`` and
+    ``cols`` take a block of each tile instead (the blocks of rows 0-3 and 4-5 overlap no other tile's)."""
     n, _, _, c = xp.shape
     s = xp.stride()
-    return xp.as_strided((TILE + 2, TILE + 2, n, th, tw, c), (s[1], s[2], s[0], TILE * s[1], TILE * s[2], s[3]),
-                         xp.storage_offset())
+    (r0, r1), (c0, c1) = rows, cols
+    return xp.as_strided((r1 - r0, c1 - c0, n, th, tw, c), (s[1], s[2], s[0], TILE * s[1], TILE * s[2], s[3]),
+                         xp.storage_offset() + r0 * s[1] + c0 * s[2])
 
 
 def _images_per_chunk(tiles_per_image: int, channels: int) -> int:
@@ -147,14 +144,11 @@ class _WinogradConv3x3(torch.autograd.Function):
                 if want_x:
                     gd = (bk.t() @ torch.bmm(gm, ut).view(36, tiles * c)).view(TILE + 2, TILE + 2, m, th, tw, c)
                     gxp = torch.zeros(m, h + 2, w + 2, c, device=xp.device, dtype=xp.dtype)
-                    s = gxp.stride()
                     # Overlap-add of 6x6 tiles at a stride of 4: rows 0-3 and 4-5 of the tiles, likewise columns,
                     # each block a non-overlapping strided view of the padded gradient.
-                    for r0, r1 in ((0, TILE), (TILE, TILE + 2)):
-                        for c0, c1 in ((0, TILE), (TILE, TILE + 2)):
-                            gxp.as_strided((r1 - r0, c1 - c0, m, th, tw, c),
-                                           (s[1], s[2], s[0], TILE * s[1], TILE * s[2], s[3]),
-                                           r0 * s[1] + c0 * s[2]).add_(gd[r0:r1, c0:c1])
+                    for rows in ((0, TILE), (TILE, TILE + 2)):
+                        for cols in ((0, TILE), (TILE, TILE + 2)):
+                            _tiles(gxp, th, tw, rows, cols).add_(gd[slice(*rows), slice(*cols)])
                     grad_x[i:i + m].copy_(gxp[:, 1:h + 1, 1:w + 1])
             grad_w = None
             if want_w:
