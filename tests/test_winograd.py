@@ -9,45 +9,64 @@ from cifarlab.models import create_model
 from cifarlab.winograd import winograd_conv3x3
 
 
+@pytest.mark.parametrize("direct_forward", [False, True], ids=["winograd-forward", "direct-forward"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_winograd_matches_conv2d_and_its_gradients_across_chunks(channels_last, monkeypatch):
+def test_winograd_matches_conv2d_and_its_gradients_across_chunks(channels_last, direct_forward, monkeypatch):
     # Chunks of 2 images (6 overlapping tiles each) over a batch of 3: a full chunk and a short one, forward and
-    # backward (the gradient's overlap-add across tiles, and the weight gradient summed over chunks).
+    # backward (the gradient's overlap-add across tiles, and the weight gradient summed over chunks); the
+    # backward is Winograd's whichever way the forward went.
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 0)
     monkeypatch.setattr(winograd, "MIN_CHUNK_TILES", 12)
     torch.manual_seed(0)
     x = torch.randn(3, 2, 8, 12, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     xi = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    y = winograd_conv3x3(xi, w)
+    y = winograd_conv3x3(xi, w, direct_forward)
     assert y.shape == (3, 3, 8, 12) and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(y, F.conv2d(x, w, padding=1))
-    assert torch.autograd.gradcheck(winograd_conv3x3, (xi, w), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda a, b: winograd_conv3x3(a, b, direct_forward), (xi, w), fast_mode=True)
 
 
-def test_fp32_winograd_agrees_with_onednn_far_inside_bf16_rounding():
+@pytest.mark.parametrize("direct_forward", [False, True], ids=["winograd-forward", "direct-forward"])
+def test_fp32_winograd_agrees_with_onednn_far_inside_bf16_rounding(direct_forward):
     torch.manual_seed(0)
     x = torch.randn(8, 64, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
     w = (torch.randn(32, 64, 3, 3) * 0.05).requires_grad_()
     g = torch.randn(8, 32, 16, 16)
     outs = []
-    for conv in (lambda a, b: F.conv2d(a, b, padding=1), winograd_conv3x3):
+    for conv in (lambda a, b: F.conv2d(a, b, padding=1), lambda a, b: winograd_conv3x3(a, b, direct_forward)):
         y = conv(x, w)
         outs.append((y, *torch.autograd.grad(y, (x, w), g)))
     for ref, got in zip(outs[0], outs[1], strict=True):
         assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
-def test_one_gradient_alone():
+@pytest.mark.parametrize("direct_forward", [False, True], ids=["winograd-forward", "direct-forward"])
+def test_one_gradient_alone(direct_forward):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
     xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
     g = torch.randn(2, 5, 4, 4, dtype=torch.float64)
     ref_x, ref_w = torch.autograd.grad(F.conv2d(xg, wg, padding=1), (xg, wg), g)
-    (only_x,) = torch.autograd.grad(winograd_conv3x3(xg, w), xg, g)
-    (only_w,) = torch.autograd.grad(winograd_conv3x3(x, wg), wg, g)
+    (only_x,) = torch.autograd.grad(winograd_conv3x3(xg, w, direct_forward), xg, g)
+    (only_w,) = torch.autograd.grad(winograd_conv3x3(x, wg, direct_forward), wg, g)
     assert torch.allclose(only_x, ref_x) and torch.allclose(only_w, ref_w)
+
+
+def _forward_ops(x: torch.Tensor, w: torch.Tensor) -> set[str]:
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        winograd_conv3x3(x, w)
+    return {e.key for e in prof.key_averages()}
+
+
+def test_the_forward_is_direct_below_the_forward_channel_rule():
+    w = torch.randn(128, 64, 3, 3)
+    narrow = _forward_ops(torch.randn(2, 64, 8, 8), w)  # 64 input channels: oneDNN's forward was faster
+    assert "aten::convolution" in narrow and "aten::bmm" not in narrow
+    wide = _forward_ops(torch.randn(2, 128, 8, 8), torch.randn(128, 128, 3, 3))
+    assert "aten::bmm" in wide and "aten::convolution" not in wide
+    assert 64 < winograd.FORWARD_MIN_CHANNELS <= 128  # the two cases above straddle the rule
 
 
 def test_what_it_refuses_and_why():

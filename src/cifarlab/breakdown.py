@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifarlab import winograd
 from cifarlab.matmul_conv import MatmulConv2d
 from cifarlab.timing import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION, synchronize
 
@@ -30,6 +31,8 @@ CATEGORIES = ("conv forward", "conv backward", "batch norm", "pooling", "activat
               "data + augmentation", "casts + copies", "zero fill", "other")
 # Annotations (torch.profiler.record_function) whose operators count as one category whatever they are.
 DATA_ANNOTATION = "cifarlab.data"
+WINOGRAD_KERNEL = "Winograd F(4x4,3x3)"
+WINOGRAD_BACKWARD_KERNEL = "oneDNN forward, Winograd ∂"  # below winograd.FORWARD_MIN_CHANNELS input channels
 _ANNOTATED = (("Optimizer.step", "optimizer"), (DATA_ANNOTATION, "data + augmentation"),
               (CONV_FORWARD_ANNOTATION, "conv forward"), (CONV_BACKWARD_ANNOTATION, "conv backward"))
 
@@ -204,8 +207,10 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         y = F.conv2d(x, weight, None, *args)
         path = conv.gemm_path(x) if isinstance(conv, MatmulConv2d) else None
-        kernel = {"winograd": "Winograd F(4x4,3x3)", "gemm": "GEMM", "weight-gemm": "oneDNN, ∂weight GEMM"}.get(
+        kernel = {"winograd": WINOGRAD_KERNEL, "gemm": "GEMM", "weight-gemm": "oneDNN, ∂weight GEMM"}.get(
             path or "", "cuDNN" if device.type == "cuda" else "oneDNN")
+        if path == "winograd" and winograd.forward_is_direct(c_in):
+            kernel = WINOGRAD_BACKWARD_KERNEL
         key = (tuple(x.shape), tuple(weight.shape), args, str(dtype), channels_last, kernel)
         if key not in timed:
             timed[key] = _time_conv(conv, x, weight, torch.randn_like(y).contiguous(memory_format=fmt), device,

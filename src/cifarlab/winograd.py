@@ -9,14 +9,17 @@ instead of 144, so the products shrink 4x, at the price of linear transforms of 
     out tile = A^T [ (G g G^T) * (B^T d B) ] A      (* elementwise; summed over input channels)
 
 Summing over channels turns the elementwise product into 36 matrix products, one per tile position:
-``M[k] = V[k] @ U[k]``, V (tiles, C_in), U (C_in, C_out). The transforms are applied here as one small matrix
-each (the Kronecker products of B^T, G and A^T with themselves), and the batch is handled in chunks of a few
-megabytes so that a chunk's transformed tiles stay in cache between the transform and the products: on a 2-core
-EPYC the unchunked version lost to oneDNN on 64-channel layers, where the transforms cost as much as the products.
+``M[k] = V[k] @ U[k]``, V (tiles, C_in), U (C_in, C_out). Each transform is applied separably, as two small
+matrix products (over a tile's rows, then its columns: a third of the multiply-adds of one product with the
+36x36 Kronecker matrix, which it replaced), and the batch is handled in chunks of a few megabytes so that a
+chunk's transformed tiles stay in cache between the transform and the products: on a 2-core EPYC the unchunked
+version lost to oneDNN on 64-channel layers, where the transforms cost as much as the products.
 
 The backward pass is the same algorithm transposed (the products' gradients are two more batched products, the
 transforms' gradients their transposed matrices); the input's transform is recomputed per chunk rather than
-kept, so what stays in memory is one padded copy of the input, as a direct conv keeps its input.
+kept, so what stays in memory is one padded copy of the input, as a direct conv keeps its input. Below
+``FORWARD_MIN_CHANNELS`` input channels the forward pass is oneDNN's direct conv, which was faster there, and
+only the backward pass is Winograd's.
 
 Errors (a 128->128 conv on 16x16 maps against an fp64 conv, the largest error over the largest output): fp32
 Winograd 7.7e-6 against 1.3e-6 for oneDNN's fp32 conv, both far under the 3.4e-3 of oneDNN's bf16 conv that
@@ -62,14 +65,30 @@ MIN_CHUNK_TILES = 256  # and enough rows that the products stay efficient on wid
 # 128 trained at 28.4 img/s with its 64->64 convs on Winograd against 30.8 without them (oneDNN throughout: 25.1).
 DEFAULT_MIN_CHANNELS = 64  # input channels
 MIN_OUT_CHANNELS = 128  # and output channels: 64->128 takes it, 64->64 does not
+# The forward pass alone is Winograd's from this many input channels; below, oneDNN's direct forward was faster
+# (each conv at batch 128, in turns, on the 2-core EPYC: 64->128 on 32x32 maps 144-177 ms direct against 185-223
+# Winograd; 128->128 on 16x16 71-79 against 65-72) while Winograd's backward still won 1.5x, so such a conv
+# runs its forward direct and its backward by Winograd.
+FORWARD_MIN_CHANNELS = 128
 
 
 @functools.cache
-def transforms(device: torch.device, dtype: torch.dtype = torch.float32):
-    """(36x36 input transform, 36x9 weight transform, 16x36 output transform) on ``device`` in ``dtype``: the
-    Kronecker products of B^T, G and A^T with themselves, made once per device and dtype."""
-    bt, g, at = (torch.tensor(m, dtype=torch.float64) for m in (_BT, _G, _AT))
-    return tuple(torch.kron(m, m).to(device=device, dtype=dtype) for m in (bt, g, at))
+def factors(device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    """(B^T 6x6, G 6x3, A^T 4x6) on ``device`` in ``dtype``, made once per device and dtype."""
+    return tuple(torch.tensor(m, dtype=torch.float64).to(device=device, dtype=dtype) for m in (_BT, _G, _AT))
+
+
+def _two_sided(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``m X m^T`` for every trailing index r of ``x``: (k, k, R) -> (j, j, R) for ``m`` (j, k).
+
+    Two passes of k multiply-adds per value instead of one pass of k^2 with the Kronecker product ``m (x) m``
+    (a third of the work on input tiles); measured on the 2-core EPYC, a conv's forward and backward took 8-18%
+    less time on 64- to 128-channel layers this way.
+    """
+    j, k = m.shape
+    r = x.shape[-1]
+    y = (m @ x.reshape(k, k * r)).view(j, k, r)  # rows: y[a, q] = sum_p m[a, p] x[p, q]
+    return torch.matmul(m, y)  # columns, for each a: out[a, b] = sum_q m[b, q] y[a, q]
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -96,36 +115,59 @@ def _images_per_chunk(tiles_per_image: int, channels: int) -> int:
     return max(1, tiles // tiles_per_image)
 
 
+def _padded_nhwc(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # one copy
+
+
+def _weight_tiles(g3: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(o, c, 3, 3) -> (36, c, o): G g G^T for every input/output channel pair."""
+    o, c = weight.shape[:2]
+    return _two_sided(g3, weight.permute(2, 3, 1, 0).reshape(3, 3, c * o)).view(36, c, o)
+
+
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, direct_forward: bool) -> torch.Tensor:
         n, c, h, w = x.shape
         o = weight.shape[0]
         th, tw = h // TILE, w // TILE
+        ctx.geometry = (n, c, h, w, o)
+        if direct_forward:  # oneDNN's forward; the padded input and weight tiles are made by the backward pass
+            with torch.profiler.record_function(CONV_FORWARD_ANNOTATION):
+                out = F.conv2d(x.contiguous(memory_format=torch.channels_last), weight, padding=1)
+            ctx.save_for_backward(x, weight)
+            ctx.direct_forward = True
+            return out
         with torch.profiler.record_function(CONV_FORWARD_ANNOTATION):
-            bk, gk, ak = transforms(x.device, x.dtype)
-            xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # NHWC, zero-padded: one copy
-            u = (gk @ weight.permute(2, 3, 1, 0).reshape(9, c * o)).view(36, c, o)
+            bt, g3, at = factors(x.device, x.dtype)
+            xp = _padded_nhwc(x)  # NHWC, zero-padded
+            u = _weight_tiles(g3, weight)
             out = torch.empty(n, h, w, o, device=x.device, dtype=x.dtype)
             step = _images_per_chunk(th * tw, c)
             for i in range(0, n, step):
                 xc = xp[i:i + step]
                 m = xc.shape[0]
                 tiles = m * th * tw
-                v = (bk @ _tiles(xc, th, tw).reshape(36, tiles * c)).view(36, tiles, c)
-                y = (ak @ torch.bmm(v, u).view(36, tiles * o)).view(TILE, TILE, m, th, tw, o)
+                v = _two_sided(bt, _tiles(xc, th, tw).reshape(6, 6, tiles * c)).view(36, tiles, c)
+                y = _two_sided(at, torch.bmm(v, u).view(6, 6, tiles * o)).view(TILE, TILE, m, th, tw, o)
                 out[i:i + m].view(m, th, TILE, tw, TILE, o).copy_(y.permute(2, 3, 0, 4, 1, 5))
         ctx.save_for_backward(xp, u)
-        ctx.geometry = (n, c, h, w, o)
+        ctx.direct_forward = False
         return out.permute(0, 3, 1, 2)  # logical NCHW with channels-last strides
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        xp, u = ctx.saved_tensors
         n, c, h, w, o = ctx.geometry
         th, tw = h // TILE, w // TILE
         with torch.profiler.record_function(CONV_BACKWARD_ANNOTATION):
-            bk, gk, ak = transforms(xp.device, xp.dtype)
+            if ctx.direct_forward:
+                x, weight = ctx.saved_tensors
+                bt, g3, at = factors(x.device, x.dtype)
+                xp, u = _padded_nhwc(x), _weight_tiles(g3, weight)
+            else:
+                xp, u = ctx.saved_tensors
+                bt, g3, at = factors(xp.device, xp.dtype)
+            b, a = bt.t(), at.t()  # the transposed transforms
             want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             g = grad_out.permute(0, 2, 3, 1)
             grad_u = torch.zeros_like(u) if want_w else None
@@ -136,13 +178,13 @@ class _WinogradConv3x3(torch.autograd.Function):
                 gc = g[i:i + step]
                 m = gc.shape[0]
                 tiles = m * th * tw
-                gy = gc.reshape(m, th, TILE, tw, TILE, o).permute(2, 4, 0, 1, 3, 5).reshape(16, tiles * o)
-                gm = (ak.t() @ gy).view(36, tiles, o)
+                gy = gc.reshape(m, th, TILE, tw, TILE, o).permute(2, 4, 0, 1, 3, 5).reshape(TILE, TILE, tiles * o)
+                gm = _two_sided(a, gy).view(36, tiles, o)
                 if want_w:  # the input's transform again, from the chunk still in cache, rather than kept
-                    v = (bk @ _tiles(xp[i:i + m], th, tw).reshape(36, tiles * c)).view(36, tiles, c)
+                    v = _two_sided(bt, _tiles(xp[i:i + m], th, tw).reshape(6, 6, tiles * c)).view(36, tiles, c)
                     grad_u.baddbmm_(v.transpose(1, 2), gm)
                 if want_x:
-                    gd = (bk.t() @ torch.bmm(gm, ut).view(36, tiles * c)).view(TILE + 2, TILE + 2, m, th, tw, c)
+                    gd = _two_sided(b, torch.bmm(gm, ut).view(6, 6, tiles * c)).view(TILE + 2, TILE + 2, m, th, tw, c)
                     gxp = torch.zeros(m, h + 2, w + 2, c, device=xp.device, dtype=xp.dtype)
                     # Overlap-add of 6x6 tiles at a stride of 4: rows 0-3 and 4-5 of the tiles, likewise columns,
                     # each block a non-overlapping strided view of the padded gradient.
@@ -152,17 +194,25 @@ class _WinogradConv3x3(torch.autograd.Function):
                     grad_x[i:i + m].copy_(gxp[:, 1:h + 1, 1:w + 1])
             grad_w = None
             if want_w:
-                grad_w = (gk.t() @ grad_u.view(36, c * o)).view(3, 3, c, o).permute(3, 2, 0, 1).contiguous()
-        return (grad_x.permute(0, 3, 1, 2) if want_x else None), grad_w
+                grad_w = _two_sided(g3.t(), grad_u.view(6, 6, c * o)).view(3, 3, c, o).permute(3, 2, 0, 1).contiguous()
+        return (grad_x.permute(0, 3, 1, 2) if want_x else None), grad_w, None
 
 
-def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def forward_is_direct(in_channels: int) -> bool:
+    """Whether a Winograd conv with this many input channels runs its forward pass as oneDNN's direct conv."""
+    return in_channels < FORWARD_MIN_CHANNELS
+
+
+def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, direct_forward: bool | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, padding=1)`` for a 3x3 kernel by Winograd F(4x4, 3x3); see ``supports``.
 
-    The result has channels-last strides whatever ``x``'s layout.
+    ``direct_forward`` runs the forward pass as oneDNN's direct conv and only the backward by Winograd; None
+    chooses by ``FORWARD_MIN_CHANNELS``. The result has channels-last strides whatever ``x``'s layout.
     """
     if not supports(x, weight):
         raise ValueError(f"Winograd F(4x4, 3x3) needs fp32 or fp64 without autocast, a 3x3 kernel and maps a "
                          f"multiple of {TILE}; got {tuple(x.shape)} {x.dtype} with a {tuple(weight.shape)} "
                          f"{weight.dtype} kernel")
-    return _WinogradConv3x3.apply(x, weight)
+    if direct_forward is None:
+        direct_forward = forward_is_direct(x.shape[1])
+    return _WinogradConv3x3.apply(x, weight, direct_forward)
