@@ -121,6 +121,17 @@ def test_callback_can_stop_the_run(small):
     assert len(result.records) == 1 and result.stopped_early
 
 
+@pytest.mark.parametrize("retain", [True, False])
+def test_cpu_training_keeps_freed_memory_while_it_runs_unless_told_not_to(small, retain):
+    from cifarlab import hostmem
+
+    seen = []
+    fit(quick(epochs=1, device="cpu", retain_memory=retain), small.with_train_subset(32, seed=0),
+        on_step=lambda *_: seen.append(hostmem.freed_memory_retained()))
+    assert seen and set(seen) == {retain and hostmem._glibc() is not None}
+    assert not hostmem.freed_memory_retained()  # as before the run
+
+
 def test_test_set_only_when_asked(small):
     one_step = small.with_train_subset(32, seed=0)  # the test set's evaluation is what is tested, not training
     assert fit(quick(epochs=1), one_step).test is None

@@ -27,6 +27,7 @@ from cifarlab.augment import (
     seed_pipeline,
 )
 from cifarlab.data import DataSplits
+from cifarlab.hostmem import freed_memory_retained, retain_freed_memory
 from cifarlab.timing import Timer, configure_device, synchronize
 from cifarlab.train import TrainConfig, autocast, build_model, build_optimizer, evaluate
 
@@ -46,6 +47,7 @@ class Case:
     fused_optimizer: bool = True  # the seed's optimizer loops over its tensors; torch's fused kernel does not
     matmul_convs: bool = True  # CPU: 3x3 convs on <= 4x4 maps as GEMMs (cifarlab.matmul_conv)
     winograd: bool = True  # CPU in fp32: 3x3 convs of >= 64 channels by Winograd F(4x4, 3x3) (cifarlab.winograd)
+    retain_memory: bool = True  # CPU: freed memory stays in the process (cifarlab.hostmem), as fit() keeps it
     seed_layers: bool = False  # the seed's layers (ReLU, plain BN, unwhitened) instead of the default recipe's
     step: str = ""  # the ablation step's name, when part of a ladder
     loader_workers: int = 2
@@ -182,6 +184,7 @@ class CaseRun:
         self.case, self.splits = case, splits
         self.device = device = torch.device(case.device)
         configure_device(device)  # as fit() does: cuDNN's autotuner on CUDA
+        self._memory()
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
         self.norm = norm = Normalization.from_images(splits.train_images)
@@ -217,8 +220,13 @@ class CaseRun:
                 self.compile_seconds = time.perf_counter() - t0
         self.batches.settle()
 
+    def _memory(self) -> None:
+        """This case's way with freed memory (process-wide, so set again whenever the case's turn comes)."""
+        retain_freed_memory(self.case.retain_memory and self.device.type == "cpu")
+
     def repeat(self) -> float:
         """Time one repetition: ``steps`` training steps, and the augmentation they leave the workers to do."""
+        self._memory()
         with Timer(self.device) as t:
             for _ in range(self.steps):
                 self.train_step(*next(self.batches))
@@ -229,6 +237,7 @@ class CaseRun:
     def finish(self, *, eval_images: int = 1024, profile_steps: int = 0) -> CaseResult:
         """The data/compute split, the profile when asked, evaluation speed; then the data stream is closed."""
         device, batches, train_step = self.device, self.batches, self.train_step
+        self._memory()
         data_s = compute_s = 0.0
         for _ in range(self.steps):  # the breakdown: a synchronised clock read around each part of each step
             with Timer(device) as td:
@@ -271,11 +280,15 @@ def time_cases(cases: list[Case], splits: DataSplits, *, images: int, repeats: i
     the machine's; taking turns puts every case's repetitions in the same stretches of time, so their medians
     compare. All cases are built and warmed up first (their models and data stay in memory together).
     """
-    runs = [CaseRun(case, splits, images=images, warmup_steps=warmup_steps) for case in cases]
-    for _ in range(repeats):
-        for run in runs:
-            run.repeat()
-    return [run.finish(eval_images=eval_images, profile_steps=profile_steps) for run in runs]
+    retained = freed_memory_retained()
+    try:
+        runs = [CaseRun(case, splits, images=images, warmup_steps=warmup_steps) for case in cases]
+        for _ in range(repeats):
+            for run in runs:
+                run.repeat()
+        return [run.finish(eval_images=eval_images, profile_steps=profile_steps) for run in runs]
+    finally:
+        retain_freed_memory(retained)
 
 
 CHOICE_STEP = "{precision} · {layout}"
@@ -322,9 +335,10 @@ def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str =
     The last rung before ``torch.compile`` is what ``studies.train`` runs.
     """
     base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
-                fused_optimizer=False, matmul_convs=False, winograd=False, seed_layers=True,
+                fused_optimizer=False, matmul_convs=False, winograd=False, retain_memory=False, seed_layers=True,
                 step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
-    seed_kernels = {"fused_optimizer": False, "matmul_convs": False, "winograd": False, "seed_layers": True}
+    seed_kernels = {"fused_optimizer": False, "matmul_convs": False, "winograd": False, "retain_memory": False,
+                    "seed_layers": True}
     p, cl = precision, channels_last
     steps = [base]
     if p == "bf16":
@@ -334,10 +348,12 @@ def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str =
         steps.append(Case(arch, device, batch_size, p, True, "dataloader", **seed_kernels, step="+ channels_last"))
     steps += [
         Case(arch, device, batch_size, p, cl, "batched", **seed_kernels, step="+ batched in-memory data"),
-        Case(arch, device, batch_size, p, cl, "batched", matmul_convs=False, winograd=False, seed_layers=True,
-             step="+ fused optimizer"),
+        Case(arch, device, batch_size, p, cl, "batched", matmul_convs=False, winograd=False, retain_memory=False,
+             seed_layers=True, step="+ fused optimizer"),
     ]
     if torch.device(device).type == "cpu":
+        steps.append(Case(arch, device, batch_size, p, cl, "batched", matmul_convs=False, winograd=False,
+                          seed_layers=True, step="+ freed memory kept"))
         steps.append(Case(arch, device, batch_size, p, cl, "batched", winograd=False, seed_layers=True,
                           step="+ 4x4 convs as GEMMs"))
         if p == "fp32":  # Winograd takes fp32 convs only: a CPU without bf16 units

@@ -26,6 +26,7 @@ from cifarlab.augment import AugmentConfig, BatchAugmenter, EvalBatches, Normali
 from cifarlab.choices import resolve_speed
 from cifarlab.data import DataSplits, atomic_file
 from cifarlab.errors import ConfigError, TrainingDiverged
+from cifarlab.hostmem import retained_memory
 from cifarlab.matmul_conv import DEFAULT_MAX_PIXELS, use_matmul_convs
 from cifarlab.models import create_model, list_models
 from cifarlab.models.layers import ACTIVATIONS, use_activation, use_ghost_batch_norm
@@ -85,6 +86,10 @@ class TrainConfig:
         "help": "where the CPU trains in fp32 (no bf16 units), run 3x3 convs of 64 or more input and 128 or more "
                 "output channels by Winograd's F(4x4,3x3): 4x fewer multiplications, 1.5x the custom ResNet's step "
                 "on a 2-core EPYC; no effect in bf16 or on CUDA"})
+    retain_memory: bool = field(default=True, metadata={
+        "help": "on the CPU, keep freed memory in the process instead of returning it to the kernel after every "
+                "step and page-faulting it back (glibc's malloc; cifarlab.hostmem): a quarter of the system time "
+                "and 5-13%% faster custom-ResNet steps on a 2-core EPYC, at the cost of keeping the peak resident"})
     precision: str = field(default="auto", metadata={"help": "auto, bf16 or fp32 (auto: bf16 where fast)"})
     channels_last: str = field(default="auto", metadata={"help": "auto, on or off"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (compile time reported apart)"})
@@ -649,9 +654,17 @@ def fit(
     The test split is evaluated only when ``test`` (and/or ``test_tta``) is asked for, after training. With
     ``checkpoint`` the state to resume from is saved at epoch ends (``Checkpointing``), and a run given one to
     resume continues after its last epoch: on the batched path with the same random numbers as a run that was
-    never stopped, so the same results on the CPU.
+    never stopped, so the same results on the CPU. On the CPU, freed memory stays in the process while it
+    trains (``config.retain_memory``; ``cifarlab.hostmem``).
     """
     device = resolve_device(config.device)
+    with retained_memory(config.retain_memory and device.type == "cpu"):
+        return _fit(config, splits, device, on_epoch=on_epoch, on_step=on_step, test=test, test_tta=test_tta,
+                    checkpoint=checkpoint)
+
+
+def _fit(config: TrainConfig, splits: DataSplits, device: torch.device, *, on_epoch: EpochCallback | None,
+         on_step: StepCallback | None, test: bool, test_tta: bool, checkpoint: Checkpointing | None) -> FitResult:
     # Flags first, then what bench.devices --choose measured for this architecture on this device, then a rule.
     speed = resolve_speed(config.arch, device, config.precision, config.channels_last)
     precision, channels_last = speed.precision, speed.channels_last
