@@ -102,6 +102,57 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_one_never_stopped(small, tmp_
         load_checkpoint(tmp_path / "junk.pt")
 
 
+@pytest.mark.parametrize("when", ["during the last validation", "during the test evaluation"])
+def test_a_stop_after_the_last_step_saves_the_whole_run_and_its_resume_only_tests(small, tmp_path, when,
+                                                                                   monkeypatch):
+    from cifarlab import train as train_module
+
+    small = small.with_train_subset(32, seed=0)
+    config = quick(eval_batch_size=16)  # 4 test batches: a stop asked during the first is seen before the second
+    whole = fit(config, small, test=True, test_tta=True)
+    ckpt = Checkpointing(tmp_path / "checkpoint.pt", every=0)
+    trained = []
+
+    def on_epoch(record):
+        if record.epoch == config.epochs:
+            trained.append(True)
+            if when == "during the last validation":
+                ckpt.request_stop()  # the CLI's Ctrl-C handler calls this
+
+    build = train_module.build_model
+
+    def build_with_a_stop_in_the_test(*args, **kw):
+        model = build(*args, **kw)
+        def hook(module, inputs) -> None:  # the CLI's Ctrl-C handler, while the test split is being evaluated
+            if trained:
+                ckpt.request_stop()
+
+        if when == "during the test evaluation":
+            model.register_forward_pre_hook(hook)
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_with_a_stop_in_the_test)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, small, test=True, test_tta=True, on_epoch=on_epoch, checkpoint=ckpt)
+    monkeypatch.undo()
+    doc = load_checkpoint(ckpt.path)
+    assert (doc["epoch"], doc["step"], len(doc["records"])) == (2, 0, 2) and ckpt.describe() == "epoch 2"
+    resumed = fit(config, small, test=True, test_tta=True, checkpoint=Checkpointing(ckpt.path, resume=doc))
+    assert _metrics(resumed) == _metrics(whole)  # nothing trained again
+    assert (resumed.test.accuracy, resumed.test_tta.accuracy) == (whole.test.accuracy, whole.test_tta.accuracy)
+
+
+def test_a_setting_that_changes_no_result_may_differ_on_resume(small, tmp_path):
+    small = small.with_train_subset(32, seed=0)
+    ckpt = Checkpointing(tmp_path / "checkpoint.pt", every=0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(quick(), small, on_epoch=lambda rec: ckpt.request_stop(), checkpoint=ckpt)
+    doc = load_checkpoint(ckpt.path)
+    del doc["config"]["retain_memory"]  # a checkpoint written before the setting existed
+    resumed = fit(quick(retain_memory=False), small, checkpoint=Checkpointing(ckpt.path, resume=doc))
+    assert [r.epoch for r in resumed.records] == [1, 2]
+
+
 def test_record_fields_and_one_cycle_shape(small):
     steps = []
     small = small.with_train_subset(48, seed=0)  # half the images in steps of 16: the same schedule at half the cost

@@ -160,6 +160,10 @@ class TrainConfig:
         return asdict(self)
 
 
+# Settings that change no number a run computes: a run may resume with another value, or from a checkpoint
+# written before the setting existed.
+RESULT_NEUTRAL = frozenset({"retain_memory"})
+
 # What a recipe setting's value was before it became a setting: a config stored without it ran with that value.
 FORMER_DEFAULTS = {"activation": "relu", "ghost_batch": 0, "alternate_flip": False, "crop_pad": 4}
 
@@ -425,13 +429,19 @@ def _shifted(x: torch.Tensor, dy: int, dx: int, channels_last: bool) -> torch.Te
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+class EvaluationStopped(Exception):
+    """``evaluate``'s ``stop`` said yes between two batches."""
+
+
 def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Normalization, *,
              device: torch.device, precision: str = "fp32", channels_last: bool = False,
-             batch_size: int = 1024, tta: bool | str = False, logit_scale: float = 1.0) -> EvalResult:
+             batch_size: int = 1024, tta: bool | str = False, logit_scale: float = 1.0,
+             stop: Callable[[], bool] | None = None) -> EvalResult:
     """Loss and accuracy at inference speed: no autograd, the training precision, large batches.
 
     ``tta``: ``True`` or "flip" averages the logits of each image and its horizontal mirror; "flip-shift" adds
-    the pair moved by a pixel each way (``TTA_VIEWS``); ``False`` or "none" evaluates the image alone.
+    the pair moved by a pixel each way (``TTA_VIEWS``); ``False`` or "none" evaluates the image alone. ``stop``,
+    asked before each batch, ends the evaluation with ``EvaluationStopped`` when it returns True.
     """
     views = {False: "none", True: "flip"}.get(tta, tta) if isinstance(tta, bool) else tta
     if views not in TTA_VIEWS:
@@ -445,6 +455,9 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Nor
     data = EvalBatches(images, labels, norm, device, channels_last)
     with torch.inference_mode(), autocast(device, precision):
         for x, y in data.batches(batch_size):
+            if stop is not None and stop():
+                model.train(was_training)
+                raise EvaluationStopped
             if views == "none":
                 logits = model(x).float() * logit_scale
             else:
@@ -612,9 +625,9 @@ def _restore(doc: dict, config: TrainConfig, *, model: nn.Module, optimizer: tor
              device: torch.device) -> tuple[int, int, dict, float]:
     """Put the run back where ``doc`` left it; returns (the next epoch, the steps of it already done, that
     epoch's running sums, wall seconds already spent)."""
-    if doc["config"] != config.to_dict():
-        changed = sorted(k for k in set(doc["config"]) | set(config.to_dict())
-                         if doc["config"].get(k) != config.to_dict().get(k))
+    stored, now = ({k: v for k, v in c.items() if k not in RESULT_NEUTRAL} for c in (doc["config"], config.to_dict()))
+    if stored != now:
+        changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
         raise ConfigError(f"the checkpoint was written with other settings ({', '.join(changed)})")
     if (doc["ema"] is None) != (ema is None):
         raise ConfigError("the checkpoint's EMA setting differs from the run's")
@@ -803,10 +816,18 @@ def _fit(config: TrainConfig, splits: DataSplits, device: torch.device, *, on_ep
 
     kw = {"device": device, "precision": precision, "channels_last": channels_last,
           "batch_size": config.eval_batch_size, "logit_scale": config.logit_scale}
-    if test:
-        result.test = evaluate(eval_model, splits.test_images, splits.test_labels, norm, **kw)
-    if test_tta:
-        result.test_tta = evaluate(eval_model, splits.test_images, splits.test_labels, norm, tta=True, **kw)
+    if checkpoint is not None:  # a stop asked for after the last step: the training is whole, and saved whole
+        kw["stop"] = lambda: checkpoint.stop_requested
+    try:
+        if (test or test_tta) and checkpoint is not None and checkpoint.stop_requested:
+            raise EvaluationStopped  # asked during the last epoch's validation
+        if test:
+            result.test = evaluate(eval_model, splits.test_images, splits.test_labels, norm, **kw)
+        if test_tta:
+            result.test_tta = evaluate(eval_model, splits.test_images, splits.test_labels, norm, tta=True, **kw)
+    except EvaluationStopped:
+        save(len(result.records))  # every epoch done: a resumed run only evaluates the test split
+        raise KeyboardInterrupt from None
     result.wall_seconds = wall_before + time.perf_counter() - wall_start
     return result
 
