@@ -251,6 +251,30 @@ def test_seed_style_dataloader_path_trains(small):
     assert result.records[0].train_accuracy > 0
 
 
+def test_a_dataloader_run_resumed_within_an_epoch_loads_only_the_batches_it_has_not_trained(small, tmp_path,
+                                                                                              monkeypatch):
+    from cifarlab.augment import AlbumentationsDataset
+
+    loaded: list[int] = []
+    getitem = AlbumentationsDataset.__getitem__
+    monkeypatch.setattr(AlbumentationsDataset, "__getitem__", lambda self, i: (loaded.append(i), getitem(self, i))[1])
+    config = quick(epochs=1, augment="dataloader", loader_workers=0)  # 3 steps of 32
+    fit(config, small)
+    whole, loaded[:] = list(loaded), []
+
+    def killed(epoch, step, steps, loss, acc):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    ckpt = Checkpointing(tmp_path / "checkpoint.pt", every=1e-9)  # saves after every step: step 1 is kept
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, small, on_step=killed, checkpoint=ckpt)
+    assert ckpt.describe() == "epoch 1, step 1 of 3"
+    loaded.clear()
+    fit(config, small, checkpoint=Checkpointing(ckpt.path, resume=load_checkpoint(ckpt.path)))
+    assert loaded == whole[32:]  # the same shuffle, less the first batch, which is not loaded again
+
+
 @pytest.mark.parametrize(
     ("kw", "message"),
     [({"arch": "vgg"}, "unknown architecture 'vgg'"), ({"optimizer": "lion"}, "unknown optimizer 'lion'"),

@@ -395,20 +395,41 @@ def _train_batches(config: TrainConfig, splits: DataSplits, norm: Normalization,
     from cifarlab.augment import AlbumentationsDataset, reseed_worker, seed_pipeline
 
     dataset = AlbumentationsDataset(splits.train_images, splits.train_labels, seed_pipeline(norm, aug))
+    sampler = _SkippingSampler(torch.utils.data.RandomSampler(dataset, generator=gen))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=True, drop_last=n >= config.batch_size,
+        dataset, batch_size=config.batch_size, sampler=sampler, drop_last=n >= config.batch_size,
         num_workers=config.loader_workers, generator=gen, pin_memory=device.type == "cuda",
         persistent_workers=config.loader_workers > 0, worker_init_fn=reseed_worker,
     )
+    steps = len(loader)
 
     def epoch(skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in itertools.islice(loader, skip, None):  # skipped batches are still loaded: this path is slow
-            x = x.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(device, non_blocking=True)
+        sampler.skip = skip * config.batch_size  # the epoch's shuffle as drawn, less the batches already trained
+        try:
+            for x, y in loader:
+                x = x.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(device, non_blocking=True)
+        finally:
+            sampler.skip = 0
 
-    return len(loader), epoch, None
+    return steps, epoch, None
+
+
+class _SkippingSampler(torch.utils.data.Sampler[int]):
+    """``inner``'s order less its first ``skip`` indices: a run resumed within an epoch on the DataLoader path
+    draws the epoch's shuffle as before (the same random numbers in the same order) and loads only the batches
+    it has not trained on."""
+
+    def __init__(self, inner: torch.utils.data.Sampler[int]) -> None:
+        self.inner, self.skip = inner, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.inner), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
 
 
 # Test-time augmentation: the views whose logits are averaged. "flip-shift" is airbench's second level: the image
