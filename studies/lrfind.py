@@ -53,6 +53,7 @@ def _main(args) -> int:
     from cifarlab.augment import BatchAugmenter, Normalization
     from cifarlab.choices import resolve_speed
     from cifarlab.errors import ConfigError
+    from cifarlab.hostmem import retained_memory
     from cifarlab.lr_finder import lr_range_test
     from cifarlab.report.figures import lrfind_figure
     from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
@@ -95,7 +96,7 @@ def _main(args) -> int:
                         TextColumn("LR {task.fields[lr]:.2e}  smoothed loss {task.fields[loss]:.3f}"),
                         TimeRemainingColumn(), console=Console(stderr=True, highlight=False), transient=True)
     task = progress.add_task("sweep", total=args.steps, lr=args.start_lr, loss=float("nan"))
-    with progress:
+    with progress, retained_memory(device.type == "cpu"):  # as fit() trains: no page faults for each step's memory
         result = lr_range_test(
             model, optimizer, batches(), torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
             start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,

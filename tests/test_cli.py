@@ -214,10 +214,23 @@ def test_train_cli_prints_the_layer_table_of_the_model_it_trains(tmp_path, capsy
     assert all(name in out for name in shown) and not any(name in out for name in absent)
 
 
-def test_lrfind_cli_writes_csv_plot_and_suggestions(tmp_path, capsys):
-    argv = [*SYNTH, "--batch-size", "16", "--steps", "8", "--precision", "fp32", "--out", str(tmp_path)]
+def test_lrfind_cli_writes_csv_plot_and_suggestions(tmp_path, capsys, monkeypatch):
+    from cifarlab import hostmem, lr_finder
+
+    retained = []
+    sweep = lr_finder.lr_range_test
+
+    def recorded(*args, **kw):
+        retained.append(hostmem.freed_memory_retained())
+        return sweep(*args, **kw)
+
+    monkeypatch.setattr(lr_finder, "lr_range_test", recorded)
+    argv = [*SYNTH, "--batch-size", "16", "--steps", "8", "--precision", "fp32", "--device", "cpu",
+            "--out", str(tmp_path)]
     code, out, _ = run_main(lrfind_cli.main, argv, capsys)
     assert code == 0 and "steepest" in out and "min_div_10" in out
+    # the sweep trains as fit() does on the CPU, keeping freed memory (glibc), and lets it go after
+    assert retained == [hostmem._glibc() is not None] and not hostmem.freed_memory_retained()
     (run_dir,) = (tmp_path / "lrfind").iterdir()
     csv = (run_dir / "lrfind.csv").read_text().splitlines()
     assert csv[0] == "step,lr,loss,smoothed_loss" and len(csv) >= 4
