@@ -133,3 +133,14 @@ def load_study_at(out: Path, arch: str = "custom_resnet", url: str | None = None
 
     storage = url or f"sqlite:///{out / 'studies' / 'studies.db'}"
     return optuna.load_study(study_name=f"onecycle-{arch}", storage=storage)
+
+
+@pytest.fixture(autouse=True)
+def _malloc_setting_is_left_as_found():
+    """cifarlab.hostmem's setting is process-wide: a test (or the code under it) that changes it and does not put
+    it back would change what later tests in the same worker measure."""
+    from cifarlab import hostmem
+
+    before = hostmem.freed_memory_retained()
+    yield
+    assert hostmem.freed_memory_retained() == before, "glibc's malloc setting was left changed"

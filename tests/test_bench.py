@@ -224,6 +224,9 @@ def test_a_dataloader_repetition_ends_with_its_workers_prefetch_done():
     splits = load_splits("synthetic:256:32", val_size=16)
     case = bench.Case("custom_resnet", "cpu", 16, "fp32", False, data_path="dataloader", fused_optimizer=False,
                       matmul_convs=False, seed_layers=True)
+    from cifarlab import hostmem
+
+    retained = hostmem.freed_memory_retained()
     run = bench.CaseRun(case, splits, images=32, warmup_steps=1)
     try:
         run.repeat()
@@ -232,7 +235,8 @@ def test_a_dataloader_repetition_ends_with_its_workers_prefetch_done():
         assert it._num_workers == 2 and it._tasks_outstanding > 0
         assert it._data_queue.qsize() >= it._tasks_outstanding
     finally:
-        run.batches.close()
+        run.close()
+    assert hostmem.freed_memory_retained() == retained  # the case's malloc setting does not outlive it
 
 
 @pytest.mark.parametrize(

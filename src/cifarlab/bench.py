@@ -184,6 +184,7 @@ class CaseRun:
         self.case, self.splits = case, splits
         self.device = device = torch.device(case.device)
         configure_device(device)  # as fit() does: cuDNN's autotuner on CUDA
+        self._retained_before = freed_memory_retained()  # put back by close()
         self._memory()
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
@@ -219,6 +220,11 @@ class CaseRun:
                 synchronize(device)
                 self.compile_seconds = time.perf_counter() - t0
         self.batches.settle()
+
+    def close(self) -> None:
+        """Close the case's data stream, and leave freed memory as it was before the case was built."""
+        self.batches.close()
+        retain_freed_memory(self._retained_before)
 
     def _memory(self) -> None:
         """This case's way with freed memory (process-wide, so set again whenever the case's turn comes)."""
@@ -263,7 +269,7 @@ class CaseRun:
         evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], self.norm, **eval_kw)  # warm-up
         with Timer(device) as te:
             evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], self.norm, **eval_kw)
-        batches.close()
+        self.close()
         return CaseResult(case=self.case, images_timed=self.steps * self.case.batch_size,
                           repeats=len(self.seconds), seconds=list(self.seconds), data_seconds=data_s,
                           compute_seconds=compute_s, eval_seconds_per_image=te.seconds / n_eval,
