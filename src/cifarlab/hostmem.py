@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
 from collections.abc import Iterator
 
@@ -33,6 +34,7 @@ SETTLED_MMAP_THRESHOLD = 32 << 20  # glibc's dynamic mmap threshold, at its cap,
 _retained = False
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None

@@ -474,21 +474,22 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Nor
     loss_sum = torch.zeros((), device=device)
     preds = []
     data = EvalBatches(images, labels, norm, device, channels_last)
-    with torch.inference_mode(), autocast(device, precision):
-        for x, y in data.batches(batch_size):
-            if stop is not None and stop():
-                model.train(was_training)
-                raise EvaluationStopped
-            if views == "none":
-                logits = model(x).float() * logit_scale
-            else:
-                logits = _flip_logits(model, x, logit_scale)
-            if views == "flip-shift":
-                logits = 0.5 * logits + 0.25 * (_flip_logits(model, _shifted(x, -1, -1, channels_last), logit_scale)
-                                                + _flip_logits(model, _shifted(x, 1, 1, channels_last), logit_scale))
-            loss_sum += F.cross_entropy(logits, y, reduction="sum")
-            preds.append(logits.argmax(1))
-    model.train(was_training)
+    try:
+        with torch.inference_mode(), autocast(device, precision):
+            for x, y in data.batches(batch_size):
+                if stop is not None and stop():
+                    raise EvaluationStopped
+                if views == "none":
+                    logits = model(x).float() * logit_scale
+                else:
+                    logits = _flip_logits(model, x, logit_scale)
+                if views == "flip-shift":
+                    shifted = (_shifted(x, d, d, channels_last) for d in (-1, 1))
+                    logits = 0.5 * logits + 0.25 * sum(_flip_logits(model, v, logit_scale) for v in shifted)
+                loss_sum += F.cross_entropy(logits, y, reduction="sum")
+                preds.append(logits.argmax(1))
+    finally:
+        model.train(was_training)
     pred = torch.cat(preds).cpu().numpy()
     return EvalResult(loss=float(loss_sum) / len(labels), accuracy=float((pred == labels).mean()),
                       predictions=pred, tta=views != "none", views=views)
@@ -839,9 +840,7 @@ def _fit(config: TrainConfig, splits: DataSplits, device: torch.device, *, on_ep
           "batch_size": config.eval_batch_size, "logit_scale": config.logit_scale}
     if checkpoint is not None:  # a stop asked for after the last step: the training is whole, and saved whole
         kw["stop"] = lambda: checkpoint.stop_requested
-    try:
-        if (test or test_tta) and checkpoint is not None and checkpoint.stop_requested:
-            raise EvaluationStopped  # asked during the last epoch's validation
+    try:  # a stop asked during the last epoch's validation is seen before the first test batch
         if test:
             result.test = evaluate(eval_model, splits.test_images, splits.test_labels, norm, **kw)
         if test_tta:
