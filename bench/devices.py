@@ -335,6 +335,8 @@ def _print_table(console, frame, Table) -> None:
 
 def _print_breakdown(console, ops, convs, Table) -> None:
     """Where each architecture's step time goes, then each convolution's achieved TFLOP/s by pass."""
+    from cifarlab.breakdown import profiling_sentence
+
     for (arch, dev, bs), grp in ops.groupby(["arch", "device", "batch_size"], sort=False):
         table = Table(title=f"{arch} on {dev}, batch {bs}: time per training step by kind of operation")
         for c in ("operation", "ms / step", "share"):
@@ -343,6 +345,8 @@ def _print_breakdown(console, ops, convs, Table) -> None:
             if r["seconds_per_step"] > 0:
                 table.add_row(r["category"], _ms(r["seconds_per_step"] * 1e3), f"{r['share']:.1%}")
         console.print(table)
+        if sentence := profiling_sentence(grp.to_dict("records")):
+            console.print(f"  {arch}: {sentence}", highlight=False)
         layers = convs[(convs["arch"] == arch) & (convs["device"] == dev) & (convs["batch_size"] == bs)]
         table = Table(title=f"{arch}: each convolution alone, batch {bs} (TFLOP/s by pass)")
         for c in ("layer", "in → out", "kernel", "fwd ms", "∂input ms", "∂weight ms", "fwd TF/s", "∂input TF/s",

@@ -77,11 +77,19 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
 
     Wrap the batch's production in ``torch.profiler.record_function(DATA_ANNOTATION)`` to count it as data.
 
-    Each operator's *self* time is counted once, so the categories add up to the profiled work. On the CPU
-    ``wall`` is the synchronised wall time per profiled step, and the difference is Python and dispatch overhead
-    between ops. On CUDA the kernel times are the device's own, which profiling leaves alone, but the profiler
-    slows the host that launches them (on an H200 machine, 2026-11-27, a profiled step took 580 ms against 18 ms
-    unprofiled), so there ``wall`` is timed over as many unprofiled steps and the difference is device idle time.
+    Each operator's *self* time is counted once. The rows add up to an *unprofiled* step, timed over as many
+    steps right after the profiled ones, because profiling slows a step: it records every operator, which on
+    the CPU costs a few microseconds each, and the Winograd path's ~30,000 small operators per step took 11.0 s
+    profiled against 6.65 s unprofiled (EPYC, 2026-12-04). Most of that cost falls between operators, so the
+    old rest (profiled wall minus the operators' time) read as 38% "python + dispatch" and was mostly the
+    profiler's. On the CPU the rest is now the unprofiled step less the operators' time; where the operators'
+    profiled time alone exceeds the unprofiled step (the profiler inflated them too), each is scaled down in
+    proportion and the rest is 0: Python between operators is then below what profiling can resolve. On CUDA
+    the kernel times are the device's own, which profiling leaves alone, but the profiler slows the host that
+    launches them (on an H200 machine, 2026-11-27, a profiled step took 580 ms against 18 ms unprofiled), and
+    the rest is time the device sat idle. Every row carries ``profiled_step_seconds`` and ``scale`` (the factor
+    applied to the operators' times, 1 unless they were scaled down), so the report can say how far profiling
+    slowed the step.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -96,13 +104,12 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
         for _ in range(steps):
             step()
         synchronize(device)
+    profiled_wall = (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(device)
     wall = (time.perf_counter() - t0) / steps
-    if device.type == "cuda":
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        wall = (time.perf_counter() - t0) / steps
     totals = dict.fromkeys(CATEGORIES, 0.0)
     for evt in prof.events():
         if not evt.name.startswith("aten::"):
@@ -110,14 +117,16 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
         us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
         totals[categorize(evt.name, _annotation(evt))] += us / 1e6 / steps
     counted = sum(totals.values())
-    rows = [{"category": c, "seconds_per_step": s, "share": s / wall if wall else float("nan")}
-            for c, s in totals.items()]
+    # Device kernel times are not inflated by profiling the host; on the CPU, operators whose profiled time alone
+    # exceeds the unprofiled step carry some of the profiler's cost, shared out in proportion to their time.
+    scale = wall / counted if device.type == "cpu" and counted > wall > 0 else 1.0
     # On the CPU the host runs the ops, so the rest of the wall time is Python and dispatch between them; on CUDA
     # it is time the GPU sat idle (launch gaps, host work it waited for).
-    rest = max(wall - counted, 0.0)
-    rows.append({"category": "python + dispatch" if device.type == "cpu" else "device idle",
-                 "seconds_per_step": rest, "share": rest / wall if wall else float("nan")})
-    return rows
+    rest = max(wall - counted * scale, 0.0)
+    parts = [(c, s * scale) for c, s in totals.items()]
+    parts.append(("python + dispatch" if device.type == "cpu" else "device idle", rest))
+    return [{"category": c, "seconds_per_step": s, "share": s / wall if wall else float("nan"),
+             "profiled_step_seconds": profiled_wall, "scale": scale} for c, s in parts]
 
 
 def conv_flops(n: int, c_in: int, c_out: int, kernel: tuple[int, int], out_hw: tuple[int, int],
@@ -241,11 +250,12 @@ MATMUL_CATEGORIES = ("conv forward", "conv backward", "linear + loss")
 def peak_gap(ops: list[dict], step_seconds: float, step_flops: float, peak_flops: float) -> dict:
     """Where a step's time goes against the matmul peak: the rest of the peak that a share of peak leaves out.
 
-    ``ops`` are one step's ``op_breakdown`` rows; profiling slows a step down, so their shares are applied to
-    ``step_seconds``, the unprofiled step. ``parts``: the step's counted FLOPs at ``peak_flops`` (their share of
-    the step is ``share``, the share of peak), the time the convolutions and GEMMs take beyond that, and each
-    other kind of operation's whole time. ``ceiling`` is the share of peak the step would reach with every
-    convolution and GEMM at the peak and everything else as measured: what kernel work alone can win.
+    ``ops`` are one step's ``op_breakdown`` rows; their shares (of the few steps timed beside the profile) are
+    applied to ``step_seconds``, the step as the benchmark timed it over all its repetitions. ``parts``: the
+    step's counted FLOPs at ``peak_flops`` (their share of the step is ``share``, the share of peak), the time
+    the convolutions and GEMMs take beyond that, and each other kind of operation's whole time. ``ceiling`` is
+    the share of peak the step would reach with every convolution and GEMM at the peak and everything else as
+    measured: what kernel work alone can win.
 
     Convolutions can beat the matmul probe (fp32 on an AVX2-only EPYC: a whole step's counted FLOPs ran at 0.89
     of a 2048 x 2048 product's rate at batch 32, the convs doing them in part of the step): then the probe is no
@@ -279,3 +289,22 @@ def ceiling_sentence(row: dict) -> str:
     return (f"{row['share_of_peak']:.0%} of the peak; convs + GEMMs take {row['matmul_share_of_step']:.0%} of the "
             f"step. With every conv and GEMM at the peak and the rest as measured: "
             f"{row['share_if_matmuls_at_peak']:.0%}.")
+
+
+def profiling_sentence(rows: list[dict]) -> str:
+    """One line on one step's ``op_breakdown`` rows: how far profiling slowed it, and what the rows add up to.
+
+    Rows read back from a ``breakdown.csv`` written before the unprofiled step was timed lack the two columns;
+    they get an empty line.
+    """
+    if not rows or "profiled_step_seconds" not in rows[0] or rows[0]["profiled_step_seconds"] != rows[0][
+            "profiled_step_seconds"]:  # missing, or NaN in a table that mixes old and new rows
+        return ""
+    step = sum(r["seconds_per_step"] for r in rows)
+    profiled, scale = rows[0]["profiled_step_seconds"], rows[0]["scale"]
+    out = (f"profiled, a step took {profiled * 1e3:,.0f} ms against {step * 1e3:,.0f} ms unprofiled; the rows add "
+           f"up to the unprofiled step")
+    if scale < 1:
+        out += (f". The operators' profiled times alone came to {step / scale * 1e3:,.0f} ms and are scaled by "
+                f"{scale:.2f}: the Python between them is below what profiling can resolve")
+    return out + "."

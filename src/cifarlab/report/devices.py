@@ -162,8 +162,8 @@ def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: P
     fig, ax = plt.subplots(figsize=(9, 4))
     sns.barplot(data=shown, y="category", x="share", hue="label", ax=ax)
     ax.xaxis.set_major_formatter(lambda v, _: f"{v:.0%}")
-    ax.set(title="share of a training step's wall time by kind of operation (profiled)", xlabel="share of step",
-           ylabel="")
+    ax.set(title="share of a training step by kind of operation (profiled, scaled to an unprofiled step)",
+           xlabel="share of step", ylabel="")
     _legend_outside(ax)
     save(fig, run_dir / "breakdown.png")
     wide = ops.pivot_table(index="category", columns="label", values="seconds_per_step", sort=False) * 1e3
@@ -171,6 +171,12 @@ def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: P
     wide = wide.reset_index().rename(columns={"category": "operation (ms per step)"})
     out = ("<h2>Where the time goes</h2>" + html.figure("breakdown.png", "Share of step time by kind of operation")
            + html.table(wide, float_format="{:,.0f}"))
+    from cifarlab.breakdown import profiling_sentence  # imports torch, which drawing a page otherwise does not need
+
+    notes = [f"{label}: {sentence}" for label, grp in ops.groupby("label", sort=False)
+             if (sentence := profiling_sentence(grp.to_dict("records")))]
+    if notes:
+        out += '<p class="note">' + "<br>".join(html.esc(n) for n in notes) + "</p>"
     if convs is not None and len(convs):
         long = convs.melt(id_vars=["arch", "device", "layer"], value_vars=["forward_tflops", "input_grad_tflops",
                                                                            "weight_grad_tflops"],
