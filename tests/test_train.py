@@ -1,9 +1,12 @@
 
+import time
+
 import numpy as np
 import pytest
 import torch
 from conftest import denormalize
 
+from cifarlab import train
 from cifarlab.data import load_splits
 from cifarlab.errors import ConfigError, TrainingDiverged
 from cifarlab.timing import resolve_precision
@@ -151,6 +154,62 @@ def test_a_setting_that_changes_no_result_may_differ_on_resume(small, tmp_path):
     del doc["config"]["retain_memory"]  # a checkpoint written before the setting existed
     resumed = fit(quick(retain_memory=False), small, checkpoint=Checkpointing(ckpt.path, resume=doc))
     assert [r.epoch for r in resumed.records] == [1, 2]
+
+
+def _slow_first_call_compile(seconds):
+    """A stand-in for torch.compile whose first call in each session takes ``seconds`` more, as compiling does."""
+    def compile_(model, mode=None):
+        calls = []
+
+        def run(x):
+            if not calls:
+                calls.append(1)
+                time.sleep(seconds)
+            return model(x)
+        return run
+    return compile_
+
+
+def test_compile_time_of_each_session_is_reported_apart_from_the_epochs_speed(small, tmp_path, monkeypatch):
+    # Every session compiles on its first step, a resumed one too; that time goes to compile_seconds and out of
+    # the speed of the epoch it fell in, whether the session began at epoch 1, within it, or at a later epoch.
+    monkeypatch.setattr(train.torch, "compile", _slow_first_call_compile(0.3))
+    small = small.with_train_subset(32, seed=0)
+    config = quick(batch_size=16, compile=True, pct_start=0.5)  # 2 steps an epoch, 2 of the 4 warming up
+    path = tmp_path / "checkpoint.pt"
+
+    def compiling(rec):  # the epoch's training seconds that are not counted in its images per second
+        rec = rec if isinstance(rec, train.EpochRecord) else train.EpochRecord(**rec)
+        return rec.train_seconds - 32 / rec.images_per_second
+
+    # a session from the start, stopped after epoch 1, then resumed: the second compilation falls in epoch 2
+    ckpt = Checkpointing(path, every=0)
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, small, on_epoch=lambda rec: ckpt.request_stop(), checkpoint=ckpt)
+    doc = load_checkpoint(path)
+    first = doc["compile_seconds"]
+    assert first >= 0.3 and compiling(doc["records"][0]) == pytest.approx(first)
+    later = fit(config, small, checkpoint=Checkpointing(path, every=0, resume=doc))
+    assert later.compile_seconds >= first + 0.3
+    assert compiling(later.records[1]) == pytest.approx(later.compile_seconds - first)
+
+    # stopped in epoch 1 after its first step (saved at every step), resumed there: both compilations in epoch 1
+    def stop_at_step_2(epoch, step, steps, loss, acc):
+        if (epoch, step) == (1, 2):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, small, on_step=stop_at_step_2, checkpoint=Checkpointing(path, every=1e-9))
+    doc = load_checkpoint(path)
+    assert (doc["epoch"], doc["step"]) == (0, 1) and doc["within"]["compile_seconds"] == doc["compile_seconds"]
+    within = fit(config, small, checkpoint=Checkpointing(path, every=0, resume=doc))
+    assert within.compile_seconds >= doc["compile_seconds"] + 0.3
+    assert compiling(within.records[0]) == pytest.approx(within.compile_seconds)
+    assert compiling(within.records[1]) == pytest.approx(0, abs=1e-9)
+    # a checkpoint written before the field existed: its first session's compilation was in epoch 1 too
+    del doc["within"]["compile_seconds"]
+    old = fit(config, small, checkpoint=Checkpointing(path, every=0, resume=doc))
+    assert compiling(old.records[0]) == pytest.approx(old.compile_seconds)
 
 
 def test_record_fields_and_one_cycle_shape(small):

@@ -225,7 +225,7 @@ class FitResult:
     normalization: Normalization
     stopped_early: bool = False
     speed_source: str = ""  # why this precision and memory format: flags, a stored measurement or the rule
-    compile_seconds: float | None = None
+    compile_seconds: float | None = None  # the first step of each session that compiled (a resume compiles again)
     wall_seconds: float = 0.0
     test: EvalResult | None = None
     test_tta: EvalResult | None = None
@@ -612,6 +612,7 @@ class _EpochStart:
     seen: int = 0
     data_seconds: float = 0.0
     train_seconds: float = 0.0  # of this epoch, in the sessions before a resume
+    compile_seconds: float = 0.0  # of train_seconds: compiling (each session compiles on its first step)
 
 
 def _save_checkpoint(ckpt: Checkpointing, *, config: TrainConfig, epoch: int, model: nn.Module,
@@ -668,7 +669,10 @@ def _restore(doc: dict, config: TrainConfig, *, model: nn.Module, optimizer: tor
     result.records = [EpochRecord(**r) for r in doc["records"]]
     result.compile_seconds = doc["compile_seconds"]
     epoch, step, _ = checkpoint_progress(doc)
-    return epoch + 1, step, (doc.get("within") or {}) if step else {}, float(doc["wall_seconds"])
+    within = dict(doc.get("within") or {}) if step else {}
+    if step and "compile_seconds" not in within:  # written before the field: a first session compiled in epoch 1
+        within["compile_seconds"] = (doc["compile_seconds"] or 0.0) if epoch == 0 else 0.0
+    return epoch + 1, step, within, float(doc["wall_seconds"])
 
 
 _NO_VALIDATION = EvalResult(loss=float("nan"), accuracy=float("nan"), predictions=np.empty(0, np.int64), tta=False)
@@ -743,6 +747,7 @@ def _fit(config: TrainConfig, splits: DataSplits, device: torch.device, *, on_ep
                          wall_seconds=wall_before + time.perf_counter() - wall_start, step=step, within=within)
         last_save = time.monotonic()
 
+    compiling = config.compile  # the first step of every session compiles, a resumed one's again
     for epoch in range(first_epoch, config.epochs + 1):
         model.train()
         skip = first_step if epoch == first_epoch else 0  # steps of this epoch done before a resume
@@ -752,6 +757,7 @@ def _fit(config: TrainConfig, splits: DataSplits, device: torch.device, *, on_ep
         correct = torch.full((), before.correct, device=device, dtype=torch.long)
         seen = before.seen
         data_seconds = before.data_seconds
+        epoch_compile_seconds = before.compile_seconds
         with Timer(device) as train_timer:
             batches = epoch_batches(skip)
             step = skip
@@ -775,9 +781,12 @@ def _fit(config: TrainConfig, splits: DataSplits, device: torch.device, *, on_ep
                     ema_model.update(model)
                 if scheduler.last_epoch < total_steps - 1:  # no step past the end: OneCycleLR would extrapolate
                     scheduler.step()
-                if config.compile and result.compile_seconds is None:
+                if compiling:  # reported apart and left out of the epoch's speed
                     synchronize(device)
-                    result.compile_seconds = time.perf_counter() - t_step
+                    took = time.perf_counter() - t_step
+                    result.compile_seconds = (result.compile_seconds or 0.0) + took
+                    epoch_compile_seconds += took
+                    compiling = False
                 # Accumulate on the device; read back only at logging points.
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
@@ -797,16 +806,14 @@ def _fit(config: TrainConfig, splits: DataSplits, device: torch.device, *, on_ep
                     # Within the epoch: the sums so far and the epoch's start, to draw its batches again.
                     save(epoch - 1, step, _EpochStart(
                         before.generator, before.flip_now, float(loss_sum), int(correct), seen, data_seconds,
-                        before.train_seconds + train_timer.elapsed()))
+                        before.train_seconds + train_timer.elapsed(), epoch_compile_seconds))
                     if checkpoint.stop_requested:
                         raise KeyboardInterrupt
         train_seconds = before.train_seconds + train_timer.seconds
         train_loss = float(loss_sum) / max(seen, 1)
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch}", epoch, step)
-        compute_seconds = train_seconds
-        if epoch == 1 and result.compile_seconds is not None:
-            compute_seconds -= result.compile_seconds
+        compute_seconds = train_seconds - epoch_compile_seconds
         with Timer(device) as eval_timer:
             # An empty validation split (``val_size=0``) trains on everything and reports NaN here.
             val = evaluate(eval_model, splits.val_images, splits.val_labels, norm, device=device,
@@ -823,7 +830,7 @@ def _fit(config: TrainConfig, splits: DataSplits, device: torch.device, *, on_ep
             train_seconds=train_seconds,
             data_seconds=data_seconds,
             eval_seconds=eval_timer.seconds,
-            # The first step of a compiled model is mostly compilation: reported apart, not as training speed.
+            # The first step of a compiled model's session is mostly compilation: reported apart, not as speed.
             images_per_second=seen / compute_seconds if compute_seconds > 0 else float("nan"),
         )
         result.records.append(record)
