@@ -78,9 +78,9 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
     Wrap the batch's production in ``torch.profiler.record_function(DATA_ANNOTATION)`` to count it as data.
 
     Each operator's *self* time is counted once. The rows add up to an *unprofiled* step, timed over as many
-    steps right after the profiled ones, because profiling slows a step: it records every operator, which on
-    the CPU costs a few microseconds each, and the Winograd path's ~30,000 small operators per step took 11.0 s
-    profiled against 6.65 s unprofiled (EPYC, 2026-12-04). Most of that cost falls between operators, so the
+    steps right after the profiled ones, because profiling slows a step: it records every operator, at a cost
+    per operator on the host, and the Winograd path's ~30,000 small operators per step took 11.0 s profiled
+    against 6.65 s unprofiled (EPYC, 2026-11-28). Most of that cost falls between operators, so the
     old rest (profiled wall minus the operators' time) read as 38% "python + dispatch" and was mostly the
     profiler's. On the CPU the rest is now the unprofiled step less the operators' time; where the operators'
     profiled time alone exceeds the unprofiled step (the profiler inflated them too), each is scaled down in
