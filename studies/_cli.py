@@ -170,13 +170,18 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **extra: object):
     return cls(**values)
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, allow_no_val: bool = False) -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, allow_no_val: bool = False,
+                       val_default: int | None = 5000, val_default_help: str = "5000") -> None:
+    """``--data``, ``--val-size``, ``--train-subset`` and ``--cache-dir``. A command that resolves the hold-out
+    itself passes ``val_default=None`` and says how in ``val_default_help``."""
     group = parser.add_argument_group("data")
     group.add_argument("--data", default=None,
                        help="ImageFolder tree with train/ and test/, 'torchvision[:ROOT]', or 'synthetic[:N]' "
                             "(default: $CIFARLAB_DATA, else torchvision's CIFAR10 in the cache folder)")
-    group.add_argument("--val-size", type=count_fraction_or_zero if allow_no_val else count_or_fraction, default=5000,
-                       help="validation hold-out of the training set: a count or a fraction (default: 5000)"
+    group.add_argument("--val-size", type=count_fraction_or_zero if allow_no_val else count_or_fraction,
+                       default=val_default,
+                       help=f"validation hold-out of the training set: a count or a fraction (default: "
+                            f"{val_default_help})"
                             + ("; 0 trains on every training image and validates on none" if allow_no_val else ""))
     group.add_argument("--train-subset", type=count_or_fraction, default=None,
                        help="train on a seeded, stratified subset: a count or a fraction (default: all)")

@@ -262,10 +262,10 @@ def test_modules_run_from_the_repository_root():
     assert proc.returncode == 2 and "expected a whole number" in proc.stderr
 
 
-def test_val_size_zero_trains_on_every_training_image(tmp_path, capsys):
-    argv = ["--data", "synthetic:200:40", "--val-size", "0", *FAST, "--epochs", "1", "--out", str(tmp_path)]
+def test_a_tested_run_trains_on_every_training_image_by_default(tmp_path, capsys):
+    argv = ["--data", "synthetic:200:40", *FAST, "--epochs", "1", "--out", str(tmp_path)]  # --val-size 0: the default
     code, out, _ = run_main(train_cli.main, argv, capsys)
-    assert code == 0 and "200 train / 0 val / 40 test" in out
+    assert code == 0 and "200 train / 0 val / 40 test" in out and "test accuracy" in out
     assert "no validation split" in out and "nan%" not in out
     (run_dir,) = (tmp_path / "runs").iterdir()
     doc = json.loads((run_dir / "run.json").read_text())
@@ -273,6 +273,21 @@ def test_val_size_zero_trains_on_every_training_image(tmp_path, capsys):
     assert "none held out" in (run_dir / "index.html").read_text()
     code, _, err = run_main(train_cli.main, ["--data", "synthetic:200:40", "--val-size", "-1"], capsys)
     assert code == 2 and "a count must be at least 0" in err
+
+
+def test_an_untested_run_holds_a_tenth_out_and_resumes_with_it(tmp_path, capsys, monkeypatch, ctrl_c_reaches_us):
+    from cifarlab.train import load_checkpoint
+
+    argv = ["--data", "synthetic:200:40", *FAST, "--epochs", "1", "--no-winograd", "--no-test", "--out", str(tmp_path)]
+    monkeypatch.setenv("CIFARLAB_FAULT", "step:2:INT")  # stopped after step 2 of 6
+    code, out, _ = run_main(train_cli.main, argv, capsys)
+    monkeypatch.delenv("CIFARLAB_FAULT")
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert code == 130 and "180 train / 20 val" in out
+    assert load_checkpoint(run_dir / "checkpoint.pt")["extra"]["args"]["val_size"] == 0.1  # resolved, not None
+    code, out, _ = run_main(train_cli.main, ["--resume", str(run_dir)], capsys)
+    assert code == 0 and "180 train / 20 val" in out
+    assert json.loads((run_dir / "run.json").read_text())["data"]["val"] == 20
 
 
 def test_a_stored_config_becomes_the_train_command_that_rebuilds_it():
