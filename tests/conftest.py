@@ -144,3 +144,13 @@ def _malloc_setting_is_left_as_found():
     before = hostmem.freed_memory_retained()
     yield
     assert hostmem.freed_memory_retained() == before, "glibc's malloc setting was left changed"
+
+
+@pytest.fixture(autouse=True)
+def _fault_counts_start_at_zero():
+    """cifarlab.faults counts passes per point for the life of the process (one run in real use): each test that
+    sets CIFARLAB_FAULT in this process must count from zero, not from where an earlier test in the worker left."""
+    from cifarlab import faults
+
+    faults._passes.clear()
+    yield
