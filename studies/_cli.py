@@ -171,7 +171,7 @@ def dataclass_from_args(cls: type, args: argparse.Namespace, **extra: object):
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, *, allow_no_val: bool = False,
-                       val_default: int | None = 5000, val_default_help: str = "5000") -> None:
+                       val_default: int | None = 5000, val_default_help: str | None = None) -> None:
     """``--data``, ``--val-size``, ``--train-subset`` and ``--cache-dir``. A command that resolves the hold-out
     itself passes ``val_default=None`` and says how in ``val_default_help``."""
     group = parser.add_argument_group("data")
@@ -181,7 +181,7 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, allow_no_val: bool = 
     group.add_argument("--val-size", type=count_fraction_or_zero if allow_no_val else count_or_fraction,
                        default=val_default,
                        help=f"validation hold-out of the training set: a count or a fraction (default: "
-                            f"{val_default_help})"
+                            f"{val_default_help or val_default})"
                             + ("; 0 trains on every training image and validates on none" if allow_no_val else ""))
     group.add_argument("--train-subset", type=count_or_fraction, default=None,
                        help="train on a seeded, stratified subset: a count or a fraction (default: all)")

@@ -28,9 +28,9 @@ def build_parser():
     parser = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     _cli.add_dataclass_arguments(parser, TrainConfig)
     _cli.add_data_arguments(parser, allow_no_val=True, val_default=None, val_default_help=(
-        f"0 when the run ends with the test, so the tested model learns from every training image as published "
+        "0 when the run ends with the test, so the tested model learns from every training image as published "
         f"CIFAR-10 figures do; {HOLD_OUT:g} (5,000 of CIFAR-10's 50,000) with --no-test, so that the run "
-        f"measures some accuracy"))
+        "measures some accuracy"))
     _cli.add_out_argument(parser)
     parser.add_argument("--test", action=_cli.argparse.BooleanOptionalAction, default=True,
                         help="evaluate on the test set after training (plain and flip-TTA)")

@@ -152,5 +152,5 @@ def _fault_counts_start_at_zero():
     sets CIFARLAB_FAULT in this process must count from zero, not from where an earlier test in the worker left."""
     from cifarlab import faults
 
-    faults._passes.clear()
+    faults.reset()
     yield

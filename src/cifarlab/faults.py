@@ -19,6 +19,12 @@ import signal
 _passes: dict[str, int] = {}
 
 
+def reset() -> None:
+    """Count every point's passes from zero again: a process that injects faults more than once (a test worker
+    running several tests) calls it before each."""
+    _passes.clear()
+
+
 def point(name: str) -> None:
     spec = os.environ.get("CIFARLAB_FAULT")
     if not spec:
