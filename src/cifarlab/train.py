@@ -265,16 +265,27 @@ def recipe_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
+def use_recipe_convs(model: nn.Module, config: TrainConfig, *, matmul_convs: bool | None = None,
+                     winograd: bool | None = None) -> nn.Module:
+    """``model`` with the CPU conv kernels ``config`` trains with (GEMMs on small maps, Winograd in fp32).
+
+    Each conv picks its kernel per call, from the input's device, dtype and size, so this changes no parameter,
+    no state-dict key and nothing on CUDA; ``matmul_convs`` / ``winograd`` override the config's choices.
+    """
+    gemm = config.matmul_convs if matmul_convs is None else matmul_convs
+    wino = config.winograd if winograd is None else winograd
+    if gemm or wino:
+        use_matmul_convs(model, max_pixels=DEFAULT_MAX_PIXELS if gemm else 0,
+                         winograd_min_channels=DEFAULT_MIN_CHANNELS if wino else 0)
+    return model
+
+
 def build_model(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,
                 channels_last: bool, *, generator: torch.Generator | None = None,
                 matmul_convs: bool | None = None, winograd: bool | None = None) -> nn.Module:
     """The model ``config`` trains, as training, the LR range test and the benchmark all build it."""
-    model = recipe_model(config, splits.num_classes).to(device)
-    gemm = config.matmul_convs if matmul_convs is None else matmul_convs
-    wino = config.winograd if winograd is None else winograd
-    if gemm or wino:  # each conv picks its kernel per call, from the input's device, dtype and size
-        use_matmul_convs(model, max_pixels=DEFAULT_MAX_PIXELS if gemm else 0,
-                         winograd_min_channels=DEFAULT_MIN_CHANNELS if wino else 0)
+    model = use_recipe_convs(recipe_model(config, splits.num_classes).to(device), config,
+                             matmul_convs=matmul_convs, winograd=winograd)
     if config.whiten:
         whiten_first_conv(model, splits.train_images, norm, generator=generator)
     if channels_last:
@@ -508,12 +519,19 @@ def save_weights(result: FitResult, path: Path, classes: list[str] | tuple[str, 
     """
     from torch.nn.utils import parametrize
 
-    model = copy.deepcopy(result.model).float().cpu()
-    for module in model.modules():
+    # Folded from the state dict, not by removing the parametrisation from a deep copy: the copy shares its
+    # module's generated class, and removing it there deletes that class's ``weight`` property from under the
+    # caller's model, which then fails on its next forward pass.
+    state = result.model.state_dict()
+    for prefix, module in result.model.named_modules():
         if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+            dot = f"{prefix}." if prefix else ""
+            for name in module.parametrizations:
+                state = {k: v for k, v in state.items() if not k.startswith(f"{dot}parametrizations.{name}.")}
+                with torch.no_grad():
+                    state[f"{dot}{name}"] = getattr(module, name).detach()
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+             for k, v in state.items()}
     doc = {"format": WEIGHTS_FORMAT, "state_dict": state, "config": result.config.to_dict(), "classes": list(classes),
            "normalization": {"mean": list(result.normalization.mean), "std": list(result.normalization.std)}}
     with atomic_file(Path(path), "wb") as fh:
@@ -523,6 +541,9 @@ def save_weights(result: FitResult, path: Path, classes: list[str] | tuple[str, 
 
 def load_weights(path: Path) -> tuple[nn.Module, Normalization, dict]:
     """(model in eval mode on the CPU, its input normalisation, the stored document) from ``save_weights``' file.
+
+    The model runs the conv kernels its run trained with (``use_recipe_convs``): a stored model evaluates at the
+    speed, and with the arithmetic, of the evaluation at the end of its training.
 
     Feed it images as ``evaluate`` does: uint8 ``(N, 32, 32, 3)`` through the returned normalisation, or call
     ``evaluate(model, images, labels, norm, device=torch.device("cpu"))``.
@@ -539,7 +560,7 @@ def load_weights(path: Path) -> tuple[nn.Module, Normalization, dict]:
         raise ConfigError(f"{path} is not a cifarlab weights file (format {WEIGHTS_FORMAT})")
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in doc["config"].items() if k in known})
-    model = recipe_model(config, len(doc["classes"]))
+    model = use_recipe_convs(recipe_model(config, len(doc["classes"])), config)
     model.load_state_dict(doc["state_dict"])
     norm = Normalization(tuple(doc["normalization"]["mean"]), tuple(doc["normalization"]["std"]))
     return model.eval(), norm, doc
