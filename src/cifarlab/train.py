@@ -529,7 +529,7 @@ def save_weights(result: FitResult, path: Path, classes: list[str] | tuple[str, 
             for name in module.parametrizations:
                 state = {k: v for k, v in state.items() if not k.startswith(f"{dot}parametrizations.{name}.")}
                 with torch.no_grad():
-                    state[f"{dot}{name}"] = getattr(module, name).detach()
+                    state[f"{dot}{name}"] = getattr(module, name)
     state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
              for k, v in state.items()}
     doc = {"format": WEIGHTS_FORMAT, "state_dict": state, "config": result.config.to_dict(), "classes": list(classes),
