@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
@@ -254,7 +255,7 @@ def test_pruned_trials_keep_their_records(tmp_path, monkeypatch):
 def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_path, capsys, monkeypatch):
     import cifarlab.train
 
-    # 100 training images: the final runs retrain on all of them (no subset), twice
+    # 120 training images: the trials train on a subset with 20 held out, the final runs on all 120, twice
     base = [*SYNTH, "--data", "synthetic:120:20", "--arch", "custom_resnet", "--trials", "2", "--out", str(tmp_path)]
     final = ["--final", "--final-epochs", "2", "--final-seeds", "2"]
     # A Ctrl-C just after the second seed saved its first checkpoint: the first seed is finished and stored.
@@ -277,11 +278,13 @@ def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_pat
     out = capsys.readouterr().out
     assert re.search(r"custom_resnet final seed 1/2: trained before, test \d", out), out
     assert re.search(r"custom_resnet final seed 2/2: resuming .*-final after epoch 1 of 2$", out, re.M), out
-    assert "test accuracy" in out and "over 2 seed(s)" in out
+    assert "test accuracy" in out and "over 2 seed(s), trained on 120 images" in out
+    assert re.search(r"final seed 2/2 epoch 2/2: train loss [\d.]+ \| train acc \d", out), out  # no "nan%"
     assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))
     study = load(tmp_path)
     final = study.user_attrs["final"]
     assert final["params"] == study.best_trial.params and len(final["runs"]) == 2
+    assert final["holdout"] == 0 and [r["train_images"] for r in final["runs"]] == [120, 120]
     assert 0 <= final["mean"] <= 1 and final["std"] >= 0
     runs = sorted((tmp_path / "runs").glob("*-custom_resnet-final*/run.json"))
     assert len(runs) == 2 and len(list((tmp_path / "runs").iterdir())) == 2  # one folder a seed, resumed or not
@@ -289,6 +292,20 @@ def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_pat
     _, _, doc = load_weights(runs[0].with_name("model.pt"))
     assert doc["config"]["batch_size"] == final["params"]["batch_size"]
     assert doc["config"]["optimizer"] == final["params"]["optimizer"]
+    assert json.loads(runs[0].read_text())["data"]["train"] == 120
+
+    # --final-holdout keeps the study's 20 validation images out: not the retrains stored, so it trains again
+    assert onecycle.main([*base, "--final", "--final-epochs", "2", "--final-holdout"]) == 0
+    out = capsys.readouterr().out
+    assert "trained before" not in out and "over 1 seed(s), trained on 100 images" in out, out
+    assert re.search(r"final seed 1/1 epoch 2/2: train loss [\d.]+ \| val acc \d", out), out
+    study = load(tmp_path)
+    final = study.user_attrs["final"]
+    assert final["holdout"] == 20 and [r["train_images"] for r in final["runs"]] == [100]
+    from cifarlab.report.pages import study_page
+
+    text = study_page(study, tmp_path / "page").read_text()
+    assert "Final retrain (2 epochs, 1 seed(s), 100 training images): test accuracy <b>" in text
 
 
 def test_a_trial_that_ran_its_last_epoch_is_never_pruned(tmp_path, monkeypatch):

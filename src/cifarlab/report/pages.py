@@ -268,8 +268,11 @@ def study_page(study, out_dir: Path) -> Path:
                          f"<code>{html.esc(command)}</code></p>")
         final = study.user_attrs.get("final")
         if final:
+            images = {r.get("train_images") for r in final["runs"]}
+            # finals stored before the count was kept held the study's validation split out
+            trained_on = f", {images.pop():,} training images" if len(images) == 1 and None not in images else ""
             parts.append(
-                f"<p>Final retrain ({final['epochs']} epochs, {len(final['runs'])} seed(s)): test accuracy "
+                f"<p>Final retrain ({final['epochs']} epochs, {len(final['runs'])} seed(s){trained_on}): test accuracy "
                 f"<b>{final['mean']:.2%} ± {final['std']:.2%}</b></p>"
             )
         parts.append(_study_figures(study, frame, out_dir))
