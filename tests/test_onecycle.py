@@ -306,6 +306,10 @@ def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_pat
 
     text = study_page(study, tmp_path / "page").read_text()
     assert "Final retrain (2 epochs, 1 seed(s), 100 training images): test accuracy <b>" in text
+    # a retrain stored before the hold-out was recorded held the study's split out: it counts as such
+    study.set_user_attr("final", {k: v for k, v in final.items() if k != "holdout"})
+    assert onecycle.main([*base, "--final", "--final-epochs", "2", "--final-holdout"]) == 0
+    assert "final seed 1/1: trained before" in capsys.readouterr().out
 
 
 def test_a_trial_that_ran_its_last_epoch_is_never_pruned(tmp_path, monkeypatch):
