@@ -54,6 +54,17 @@ def test_one_gradient_alone(direct_forward):
     assert torch.allclose(only_x, ref_x) and torch.allclose(only_w, ref_w)
 
 
+@pytest.mark.parametrize("direct_forward", [False, True], ids=["winograd-forward", "direct-forward"])
+def test_what_the_backward_keeps_is_the_input_itself(direct_forward):
+    # Each chunk is padded in cache when the backward needs it: the graph holds the input the layer was given
+    # (which the ReLU before it keeps anyway), not a padded copy of the whole batch alongside it.
+    x = torch.randn(4, 128, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = torch.randn(128, 128, 3, 3, requires_grad=True)
+    saved = winograd_conv3x3(x, w, direct_forward).grad_fn.saved_tensors
+    assert len(saved) == 2 and saved[0].data_ptr() == x.data_ptr() and saved[0].shape == x.shape
+    assert saved[1].shape == ((128, 128, 3, 3) if direct_forward else (36, 128, 128))  # the weight or its tiles
+
+
 def _forward_ops(x: torch.Tensor, w: torch.Tensor) -> set[str]:
     with torch.no_grad(), torch.profiler.profile() as prof:
         winograd_conv3x3(x, w)

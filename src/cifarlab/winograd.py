@@ -17,7 +17,12 @@ version lost to oneDNN on 64-channel layers, where the transforms cost as much a
 
 The backward pass is the same algorithm transposed (the products' gradients are two more batched products, the
 transforms' gradients their transposed matrices); the input's transform is recomputed per chunk rather than
-kept, so what stays in memory is one padded copy of the input, as a direct conv keeps its input. Below
+kept, and each chunk is zero-padded in cache, so what stays in memory is the input itself, as a direct conv
+keeps it (most often the tensor that the ReLU before keeps anyway). The input's gradient is written straight
+into place: each tile's inner 4x4 block copied, its border rows and columns added to the neighbouring blocks.
+Measured on the 2-core EPYC (custom ResNet, fp32, batch 512, twelve steps in turns within one process): the
+same step time as with a padded copy of each input kept and a zeroed padded gradient per chunk (median paired
+ratio 0.996), and a peak resident memory 0.2-0.3 GB lower (3.13-3.22 GB against 3.40-3.42). Below
 ``FORWARD_MIN_CHANNELS`` input channels the forward pass is oneDNN's direct conv, which was faster there, and
 only the backward pass is Winograd's.
 
@@ -99,15 +104,12 @@ def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.shape[2] > 0 and x.shape[3] > 0 and not torch.is_autocast_enabled(x.device.type))
 
 
-def _tiles(xp: torch.Tensor, th: int, tw: int, rows: tuple[int, int] = (0, TILE + 2),
-           cols: tuple[int, int] = (0, TILE + 2)) -> torch.Tensor:
-    """(n, H+2, W+2, c) padded NHWC -> (6, 6, n, th, tw, c): the overlapping input tiles, as a view; ``rows`` and
-    ``cols`` take a block of each tile instead (the blocks of rows 0-3 and 4-5 overlap no other tile's)."""
+def _tiles(xp: torch.Tensor, th: int, tw: int) -> torch.Tensor:
+    """(n, H+2, W+2, c) padded NHWC -> (6, 6, n, th, tw, c): the overlapping input tiles, as a view."""
     n, _, _, c = xp.shape
     s = xp.stride()
-    (r0, r1), (c0, c1) = rows, cols
-    return xp.as_strided((r1 - r0, c1 - c0, n, th, tw, c), (s[1], s[2], s[0], TILE * s[1], TILE * s[2], s[3]),
-                         xp.storage_offset() + r0 * s[1] + c0 * s[2])
+    return xp.as_strided((TILE + 2, TILE + 2, n, th, tw, c), (s[1], s[2], s[0], TILE * s[1], TILE * s[2], s[3]),
+                         xp.storage_offset())
 
 
 def _images_per_chunk(tiles_per_image: int, channels: int) -> int:
@@ -125,6 +127,32 @@ def _weight_tiles(g3: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return _two_sided(g3, weight.permute(2, 3, 1, 0).reshape(3, 3, c * o)).view(36, c, o)
 
 
+# How one axis of a 6-wide input-gradient tile lands on the unpadded map, whose tiles start every 4 pixels one
+# pixel before their output tile (the padding): (tile rows, phases within the 4-pixel block, source tiles,
+# destination tiles). Rows 1-4 are the tile's own block; row 0 is phase 3 of the tile before; row 5 phase 0 of
+# the tile after. The first tile's row 0 and the last tile's row 5 fall on the padding and are dropped.
+_LANDINGS = ((slice(1, TILE + 1), slice(0, TILE), slice(None), slice(None)),
+             (slice(0, 1), slice(TILE - 1, TILE), slice(1, None), slice(None, -1)),
+             (slice(TILE + 1, TILE + 2), slice(0, 1), slice(None, -1), slice(1, None)))
+
+
+def _overlap_add(gx: torch.Tensor, gd: torch.Tensor) -> None:
+    """Overwrite ``gx`` (m, h, w, c) with the sum of the 6x6 input-gradient tiles ``gd`` (6, 6, m, th, tw, c)
+    laid at a stride of 4 with a one-pixel border cut off: the tiles' inner 4x4 blocks copied into place, then
+    their border rows, columns and corners added to the neighbouring blocks. Straight into the gradient, with
+    no zeroed padded buffer and no copy out of one."""
+    m, h, w, c = gx.shape
+    blocks = gx.view(m, h // TILE, TILE, w // TILE, TILE, c).permute(2, 4, 0, 1, 3, 5)  # (4, 4, m, th, tw, c)
+    for r, (r_tile, r_phase, r_src, r_dst) in enumerate(_LANDINGS):
+        for k, (c_tile, c_phase, c_src, c_dst) in enumerate(_LANDINGS):
+            dst = blocks[r_phase, c_phase, :, r_dst, c_dst]
+            src = gd[r_tile, c_tile, :, r_src, c_src]
+            if r == k == 0:
+                dst.copy_(src)
+            else:
+                dst.add_(src)
+
+
 class _WinogradConv3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, direct_forward: bool) -> torch.Tensor:
@@ -140,18 +168,17 @@ class _WinogradConv3x3(torch.autograd.Function):
             return out
         with torch.profiler.record_function(CONV_FORWARD_ANNOTATION):
             bt, g3, at = factors(x.device, x.dtype)
-            xp = _padded_nhwc(x)  # NHWC, zero-padded
             u = _weight_tiles(g3, weight)
             out = torch.empty(n, h, w, o, device=x.device, dtype=x.dtype)
             step = _images_per_chunk(th * tw, c)
             for i in range(0, n, step):
-                xc = xp[i:i + step]
+                xc = _padded_nhwc(x[i:i + step])  # padded per chunk, in cache, rather than the whole batch
                 m = xc.shape[0]
                 tiles = m * th * tw
                 v = _two_sided(bt, _tiles(xc, th, tw).reshape(6, 6, tiles * c)).view(36, tiles, c)
                 y = _two_sided(at, torch.bmm(v, u).view(6, 6, tiles * o)).view(TILE, TILE, m, th, tw, o)
                 out[i:i + m].view(m, th, TILE, tw, TILE, o).copy_(y.permute(2, 3, 0, 4, 1, 5))
-        ctx.save_for_backward(xp, u)
+        ctx.save_for_backward(x, u)
         ctx.direct_forward = False
         return out.permute(0, 3, 1, 2)  # logical NCHW with channels-last strides
 
@@ -163,15 +190,15 @@ class _WinogradConv3x3(torch.autograd.Function):
             if ctx.direct_forward:
                 x, weight = ctx.saved_tensors
                 bt, g3, at = factors(x.device, x.dtype)
-                xp, u = _padded_nhwc(x), _weight_tiles(g3, weight)
+                u = _weight_tiles(g3, weight)
             else:
-                xp, u = ctx.saved_tensors
-                bt, g3, at = factors(xp.device, xp.dtype)
+                x, u = ctx.saved_tensors
+                bt, g3, at = factors(x.device, x.dtype)
             b, a = bt.t(), at.t()  # the transposed transforms
             want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
             g = grad_out.permute(0, 2, 3, 1)
             grad_u = torch.zeros_like(u) if want_w else None
-            grad_x = torch.empty(n, h, w, c, device=xp.device, dtype=xp.dtype) if want_x else None
+            grad_x = torch.empty(n, h, w, c, device=x.device, dtype=x.dtype) if want_x else None
             ut = u.transpose(1, 2)
             step = _images_per_chunk(th * tw, max(c, o))
             for i in range(0, n, step):
@@ -180,18 +207,13 @@ class _WinogradConv3x3(torch.autograd.Function):
                 tiles = m * th * tw
                 gy = gc.reshape(m, th, TILE, tw, TILE, o).permute(2, 4, 0, 1, 3, 5).reshape(TILE, TILE, tiles * o)
                 gm = _two_sided(a, gy).view(36, tiles, o)
-                if want_w:  # the input's transform again, from the chunk still in cache, rather than kept
-                    v = _two_sided(bt, _tiles(xp[i:i + m], th, tw).reshape(6, 6, tiles * c)).view(36, tiles, c)
+                if want_w:  # the input's transform again, from a chunk padded in cache, rather than kept
+                    xc = _tiles(_padded_nhwc(x[i:i + m]), th, tw)
+                    v = _two_sided(bt, xc.reshape(6, 6, tiles * c)).view(36, tiles, c)
                     grad_u.baddbmm_(v.transpose(1, 2), gm)
                 if want_x:
                     gd = _two_sided(b, torch.bmm(gm, ut).view(6, 6, tiles * c)).view(TILE + 2, TILE + 2, m, th, tw, c)
-                    gxp = torch.zeros(m, h + 2, w + 2, c, device=xp.device, dtype=xp.dtype)
-                    # Overlap-add of 6x6 tiles at a stride of 4: rows 0-3 and 4-5 of the tiles, likewise columns,
-                    # each block a non-overlapping strided view of the padded gradient.
-                    for rows in ((0, TILE), (TILE, TILE + 2)):
-                        for cols in ((0, TILE), (TILE, TILE + 2)):
-                            _tiles(gxp, th, tw, rows, cols).add_(gd[slice(*rows), slice(*cols)])
-                    grad_x[i:i + m].copy_(gxp[:, 1:h + 1, 1:w + 1])
+                    _overlap_add(grad_x[i:i + m], gd)
             grad_w = None
             if want_w:
                 grad_w = _two_sided(g3.t(), grad_u.view(6, 6, c * o)).view(3, 3, c, o).permute(3, 2, 0, 1).contiguous()
