@@ -20,9 +20,10 @@ transforms' gradients their transposed matrices); the input's transform is recom
 kept, and each chunk is zero-padded in cache, so what stays in memory is the input itself, as a direct conv
 keeps it (most often the tensor that the ReLU before keeps anyway). The input's gradient is written straight
 into place: each tile's inner 4x4 block copied, its border rows and columns added to the neighbouring blocks.
-Measured on the 2-core EPYC (custom ResNet, fp32, batch 512, twelve steps in turns within one process): the
-same step time as with a padded copy of each input kept and a zeroed padded gradient per chunk (median paired
-ratio 0.996), and a peak resident memory 0.2-0.3 GB lower (3.13-3.22 GB against 3.40-3.42). Below
+Measured on the 2-core EPYC (fp32, batch 512, steps in turns within one process): the same step time as with a
+padded copy of each input kept and a zeroed padded gradient per chunk (median paired ratios 0.996 for the custom
+ResNet over twelve steps, 1.006 for ResNet-18 over eight), and a lower peak resident memory (3.13-3.22 GB
+against 3.40-3.42 for the custom ResNet, 4.53 against 5.01 for ResNet-18). Below
 ``FORWARD_MIN_CHANNELS`` input channels the forward pass is oneDNN's direct conv, which was faster there, and
 only the backward pass is Winograd's.
 
