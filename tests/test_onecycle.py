@@ -185,13 +185,12 @@ def test_bad_flags(argv, message, tmp_path, capsys):
 def test_timeout_starts_no_trial_after_its_deadline_and_says_so(tmp_path, capsys, monkeypatch):
     # the deadline the command set itself: the clock starts inside main, after its imports (a third of a second
     # here, more on a loaded CI machine), so a bound taken before main() is earlier than the real deadline
-    deadlines = []
+    deadlines, real = [], onecycle.share_of_time
 
     def recording(*a, **k):
-        deadlines.append(share_of_time(*a, **k))
+        deadlines.append(real(*a, **k))
         return deadlines[-1]
 
-    share_of_time = onecycle.share_of_time
     monkeypatch.setattr(onecycle, "share_of_time", recording)
     before = time.time()
     argv = [*SYNTH, "--arch", "custom_resnet", "--out", str(tmp_path), "--trials", "20", "--timeout", "2s"]
