@@ -25,12 +25,21 @@ def test_ghost_batch_norm_normalises_each_ghost_batch_on_its_own():
     assert torch.allclose(bn(x), nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias))
 
 
-def test_ghost_batch_norm_falls_back_on_uneven_batches_and_keeps_channels_last():
+def test_ghost_batch_norm_splits_uneven_batches_into_near_equal_ghost_batches_and_keeps_channels_last():
     bn = nn.BatchNorm2d(8)
     use_ghost_batch_norm(bn, 32)
-    x = torch.randn(40, 8, 4, 4)  # 40 is no multiple of 32: one batch
+    x = torch.randn(40, 8, 4, 4)  # under two ghost batches of 32: normalised whole
     assert torch.allclose(bn(x), nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, training=True),
                           atol=1e-5)
+    # 100 images are no multiple of 32, but hold three ghost batches of at least 32: 34 + 33 + 33, not one batch
+    # (ghost batch norm was then silently off) and not 32 + 32 + 32 + a noisy 4
+    x = torch.randn(100, 8, 4, 4) + torch.arange(100.0).view(100, 1, 1, 1)
+    for form in ("chunked", "folded"):  # CUDA's fold needs equal ghost batches: an uneven split is chunked there
+        bn.form = form
+        y = bn(x)
+        for lo, hi in ((0, 34), (34, 67), (67, 100)):
+            assert y[lo:hi].mean(dim=(0, 2, 3)).abs().max() < 1e-4
+        assert y[30:34].mean() > 1 and y[34:38].mean() < -1  # the first ghost batch ends at 34, not 32
     cl = torch.randn(64, 8, 4, 4).contiguous(memory_format=torch.channels_last)
     assert bn(cl).is_contiguous(memory_format=torch.channels_last)
 

@@ -70,7 +70,8 @@ class TrainConfig:
                 "then validated and tested in their place (0: off; e.g. 0.99)"})
     activation: str = field(default="celu", metadata={"help": "relu, or celu: CELU(0.3), as in Page's recipe"})
     ghost_batch: int = field(default=32, metadata={
-        "help": "images per ghost batch for batch-norm statistics in training (0: the whole batch; Page: 32)"})
+        "help": "images per ghost batch for batch-norm statistics in training: a batch splits into batch // N "
+                "ghost batches as equal as they can be, each of at least N images (0: the whole batch; Page: 32)"})
     bn_scale: str = field(default="frozen", metadata={
         "help": "learned, or frozen: batch-norm scales fixed at 1, as in Page's 10-epoch recipe"})
     bias_lr_scale: float = field(default=64.0, metadata={

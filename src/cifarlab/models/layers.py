@@ -18,9 +18,11 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     """Batch norm whose training statistics come from ghost batches of ``ghost_batch`` images each.
 
     Smaller batches give noisier statistics, which regularise (Hoffer et al. 2017; Page's recipe uses 32 images
-    of a 512 batch). The ghost batches are consecutive runs of ``ghost_batch`` images. One step moves the running
-    statistics as far as plain batch norm does, by the mean of the ghost batches' statistics; evaluation uses
-    them as usual. A batch that does not split evenly is normalised whole.
+    of a 512 batch). A batch of ``n`` images splits into ``n // ghost_batch`` ghost batches of consecutive
+    images, as equal as they can be: each holds at least ``ghost_batch`` images, so the statistics are never
+    noisier than asked (a batch of 256 with ghost batches of 48 splits into 52 + 4 x 51), and a batch under twice
+    ``ghost_batch`` is normalised whole. One step moves the running statistics as far as plain batch norm does,
+    by the mean of the ghost batches' statistics; evaluation uses them as usual.
 
     Two ways to compute the same thing, by device. On the CPU one ``batch_norm`` per ghost batch (chunks are views
     in NCHW and channels-last alike): each kernel runs in the calling thread, and this was 7-12% faster than the
@@ -39,15 +41,16 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         splits = n // self.ghost_batch
-        if not self.training or splits <= 1 or n % self.ghost_batch:
+        if not self.training or splits <= 1:
             return super().forward(x)
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
         momentum = self.momentum if self.momentum is not None else 0.1
-        if self.form == "folded" or (self.form == "auto" and x.is_cuda):
+        # the fold needs ghost batches of one size; an uneven split takes the chunked form on any device
+        if n % splits == 0 and (self.form == "folded" or (self.form == "auto" and x.is_cuda)):
             return self.forward_folded(x, splits, momentum)
         return torch.cat([F.batch_norm(chunk, self.running_mean, self.running_var, self.weight, self.bias, True,
-                                       momentum / splits, self.eps) for chunk in x.chunk(splits)])
+                                       momentum / splits, self.eps) for chunk in x.tensor_split(splits)])
 
     def forward_folded(self, x: torch.Tensor, splits: int, momentum: float) -> torch.Tensor:
         """One ``batch_norm`` call: ghost batch ``s``'s channels become channels ``s*C .. s*C + C-1`` of a batch of
