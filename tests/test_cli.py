@@ -41,6 +41,7 @@ def run_main(main, argv, capsys):
         (["--data", "/no/such/folder"], "/no/such/folder does not exist"),
         (["--batch-size", "4096"], "--batch-size 4096 is larger than the training set (160 images)"),
         (["--precision", "fp8"], "unknown precision 'fp8'"),
+        (["--compile-mode", "max-autotune"], "compile-mode max-autotune takes effect only with --compile"),
         # 160 images at batch 40: 4 steps, exactly one to warm the LR up (torch would divide by zero)
         (["--epochs", "1", "--batch-size", "40"], "pct-start 0.25 of 4 steps (1 epoch) is a one-step warm-up"),
     ],

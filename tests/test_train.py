@@ -342,6 +342,7 @@ def test_a_dataloader_run_resumed_within_an_epoch_loads_only_the_batches_it_has_
      ({"pct_start": 1.0}, "pct-start"), ({"precision": "fp8"}, "unknown precision"),
      ({"alternate_flip": True, "augment": "dataloader"}, "alternate-flip needs --augment batched"),
      ({"compile_mode": "fast"}, "unknown compile mode 'fast'; valid: default, reduce-overhead"),
+     ({"compile_mode": "reduce-overhead"}, "compile-mode reduce-overhead takes effect only with --compile"),
      ({"crop_pad": 9}, r"crop-pad must lie in \[0, 8\] pixels, got 9")],
 )
 def test_bad_config_is_refused(kw, message):

@@ -146,6 +146,9 @@ class TrainConfig:
             raise ConfigError(f"channels-last must be auto, on or off, got {self.channels_last!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ConfigError(f"unknown compile mode {self.compile_mode!r}; valid: {', '.join(COMPILE_MODES)}")
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile-mode {self.compile_mode} takes effect only with --compile; add --compile, "
+                              "or leave --compile-mode out to train eagerly")
         if self.augment not in ("batched", "dataloader"):
             raise ConfigError(f"unknown augmentation path {self.augment!r}; valid: batched, dataloader")
         if self.alternate_flip and self.augment != "batched":
