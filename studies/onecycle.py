@@ -93,12 +93,14 @@ def build_parser():
                    help="worker processes on this machine sharing each study (default: 1)")
     p.add_argument("--final", action="store_true",
                    help="retrain each architecture's best configuration on every training image; test accuracy")
-    p.add_argument("--final-holdout", action=_cli.argparse.BooleanOptionalAction, default=False,
+    # the --final-* flags default to None so that one given without --final is told, not ignored (FINAL_DEFAULTS)
+    p.add_argument("--final-holdout", action=_cli.argparse.BooleanOptionalAction, default=None,
                    help="keep the study's validation split out of the --final retrains, so that their per-epoch "
                         "validation accuracy compares with the trials' (default: train on all of it, as published "
                         "test figures do)")
-    p.add_argument("--final-epochs", type=_cli.positive_int, default=24, help="epochs of --final runs (default: 24)")
-    p.add_argument("--final-seeds", type=_cli.positive_int, default=1, help="--final runs per architecture")
+    p.add_argument("--final-epochs", type=_cli.positive_int, default=None, help="epochs of --final runs (default: 24)")
+    p.add_argument("--final-seeds", type=_cli.positive_int, default=None,
+                   help="--final runs per architecture (default: 1)")
     p.add_argument("--heartbeat", type=_cli.positive_int, default=15,
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried "
                         "(default: %(default)s)")
@@ -109,6 +111,9 @@ def build_parser():
     p.add_argument("--data", default=None, help="data source, as for studies.train (default: $CIFARLAB_DATA)")
     p.add_argument("--cache-dir", default=None, help="decoded-array cache folder")
     return p
+
+
+FINAL_DEFAULTS = {"final_holdout": False, "final_epochs": 24, "final_seeds": 1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -459,6 +464,13 @@ def _main(args, raw_argv: list[str]) -> int:
         raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not args.study_name.strip():
         raise ConfigError("--study-name must not be empty")
+    given = [f"--{k.replace('_', '-')}" for k in FINAL_DEFAULTS if getattr(args, k) is not None]
+    if given and not args.final:
+        raise ConfigError(f"{', '.join(given)} only {'shape' if len(given) > 1 else 'shapes'} the --final retrains; "
+                          "add --final to run them, or leave the flag out")
+    for k, v in FINAL_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     budget = resolve_budget(args, device)
     out = check_writable(args.out)
     url = args.storage or default_url(out)
@@ -621,7 +633,8 @@ def _best_text(study) -> str:
 def worker_argv(raw_argv: list[str], arch: str, index: int, deadline: float | None) -> list[str]:
     """A worker's flags: the command's, for one architecture, with the architecture's deadline in place of
     ``--timeout`` (each worker would otherwise start the clock again)."""
-    argv = _strip_flags(raw_argv, {"--workers", "--arch", "--final", "--worker-index", "--timeout", "--deadline"})
+    argv = _strip_flags(raw_argv, {"--workers", "--arch", "--final", "--worker-index", "--timeout", "--deadline",
+                                   "--final-epochs", "--final-seeds", "--final-holdout", "--no-final-holdout"})
     argv += ["--arch", arch, "--workers", "1", "--worker-index", str(index)]
     return argv + (["--deadline", repr(deadline)] if deadline is not None else [])
 
@@ -657,7 +670,7 @@ def _spawn_workers(args, raw_argv, arch, study, console, deadline: float | None 
 
 def _strip_flags(argv: list[str], names: set[str]) -> list[str]:
     out, skip = [], False
-    valueless = {"--final", "--quiet", "--no-report"}
+    valueless = {"--final", "--quiet", "--no-report", "--final-holdout", "--no-final-holdout"}
     for tok in argv:
         if skip:
             skip = False

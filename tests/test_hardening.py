@@ -85,6 +85,8 @@ BATTERY = [
     ("onecycle", ["--storage", UNREACHABLE_PG], "cannot reach the study storage"),
     ("onecycle", ["--weight-decay", "0.01", "--trials", "2"], "exists with another fixed"),
     ("onecycle", ["--data", "{missing}"], "does not exist"),
+    ("onecycle", ["--final-seeds", "3", "--no-final-holdout"],
+     "--final-holdout, --final-seeds only shape the --final retrains; add --final"),
     ("onecycle", ["--train-subset", "100000"], "--train-subset asks for 100000 images but only 384 are available"),
     # studies.train
     ("train", ["--arch", "vgg"], "unknown architecture 'vgg'; valid: custom_resnet, resnet18"),

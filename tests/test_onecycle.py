@@ -227,8 +227,8 @@ def test_durations_and_the_time_each_architecture_gets():
     assert [onecycle.left_text(s) for s in (20.0, 3000.0, 10800.0)] == ["~20 s left", "~50 min left", "~3.0 h left"]
     assert onecycle.left_text(10800.0, True) == "~3.0 h left (--timeout)"
     # a worker gets the architecture's deadline, not the --timeout it would start again
-    argv = onecycle.worker_argv(["--trials", "9", "--timeout", "2h", "--workers", "2", "--final"], "resnet18", 1,
-                                1234.5)
+    argv = onecycle.worker_argv(["--trials", "9", "--timeout", "2h", "--workers", "2", "--final", "--final-seeds", "3",
+                                 "--no-final-holdout", "--final-epochs=5"], "resnet18", 1, 1234.5)
     assert argv == ["--trials", "9", "--arch", "resnet18", "--workers", "1", "--worker-index", "1",
                     "--deadline", "1234.5"]
     parsed = onecycle.build_parser().parse_args(argv)
