@@ -89,6 +89,12 @@ def _main(args) -> int:
 
     console = _cli.console()
     archs = parse_archs(args.arch)
+    if args.no_compile and not args.ablation:
+        raise ConfigError("--no-compile leaves torch.compile out of the --ablation ladder, the only run that compiles; "
+                          "add --ablation, or leave --no-compile out")
+    if args.choose and args.precision != "auto":
+        raise ConfigError(f"--choose times fp32 and bf16 itself and stores the faster; leave --precision "
+                          f"{args.precision} out, or drop --choose to time {args.precision} alone")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but this machine has no CUDA device; use --device cpu or all")
     if args.threads:

@@ -121,6 +121,8 @@ BATTERY = [
     ("devices", ["--images", "lots"], "--images must be a positive count, 'all' or 'auto', got 'lots'"),
     ("devices", ["--images", "-5"], "--images must be a positive count, 'all' or 'auto', got -5"),
     ("devices", ["--threads", "0"], "--threads: must be at least 1, got 0"),
+    ("devices", ["--no-compile"], "--no-compile leaves torch.compile out of the --ablation ladder"),
+    ("devices", ["--choose", "--precision", "bf16"], "--choose times fp32 and bf16 itself"),
     ("devices", ["--batch-size", "99999"], "--batch-size 99999 is larger than the training set"),
     ("devices", ["--data", "{corrupt}"], "cannot read image"),
     # studies.evaluate ("{run}" is the stored run's folder)
