@@ -153,6 +153,9 @@ def _train(args, raw: list[str], held) -> int:
     from cifarlab.train import Checkpointing, TrainConfig, fit, recipe_model, save_weights
 
     console = _cli.console()
+    if args.no_checkpoint and any(t.split("=", 1)[0] == "--checkpoint-every" for t in raw):
+        raise ConfigError("--checkpoint-every sets how often the checkpoint is saved, and --no-checkpoint keeps none; "
+                          "give one of them")
     resume, run_dir = None, None
     if args.resume is not None:
         args, resume, run_dir = _resume_args(args, raw)

@@ -91,6 +91,7 @@ BATTERY = [
     # studies.train
     ("train", ["--arch", "vgg"], "unknown architecture 'vgg'; valid: custom_resnet, resnet18"),
     ("train", ["--optimizer", "lion"], "unknown optimizer 'lion'"),
+    ("train", ["--no-checkpoint", "--checkpoint-every=5m"], "--checkpoint-every sets how often the checkpoint"),
     ("train", ["--epochs", "ten"], "--epochs: expected a whole number, got 'ten'"),
     ("train", ["--batch-size", "-4"], "--batch-size: must be at least 1, got -4"),
     ("train", ["--batch-size", "4096"], "--batch-size 4096 is larger than the training set (160 images)"),
