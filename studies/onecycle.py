@@ -52,6 +52,11 @@ BUDGETS = {
 }
 
 
+# What the --final-* flags mean when not given; they parse to None, so that one given without --final is told
+FINAL_DEFAULTS = {"final_holdout": False, "final_epochs": 24, "final_seeds": 1}
+FINAL_FLAGS = [f"--{k.replace('_', '-')}" for k in FINAL_DEFAULTS]
+
+
 def build_parser():
     from cifarlab.train import TrainConfig
 
@@ -93,14 +98,14 @@ def build_parser():
                    help="worker processes on this machine sharing each study (default: 1)")
     p.add_argument("--final", action="store_true",
                    help="retrain each architecture's best configuration on every training image; test accuracy")
-    # the --final-* flags default to None so that one given without --final is told, not ignored (FINAL_DEFAULTS)
     p.add_argument("--final-holdout", action=_cli.argparse.BooleanOptionalAction, default=None,
                    help="keep the study's validation split out of the --final retrains, so that their per-epoch "
                         "validation accuracy compares with the trials' (default: train on all of it, as published "
                         "test figures do)")
-    p.add_argument("--final-epochs", type=_cli.positive_int, default=None, help="epochs of --final runs (default: 24)")
+    p.add_argument("--final-epochs", type=_cli.positive_int, default=None,
+                   help=f"epochs of --final runs (default: {FINAL_DEFAULTS['final_epochs']})")
     p.add_argument("--final-seeds", type=_cli.positive_int, default=None,
-                   help="--final runs per architecture (default: 1)")
+                   help=f"--final runs per architecture (default: {FINAL_DEFAULTS['final_seeds']})")
     p.add_argument("--heartbeat", type=_cli.positive_int, default=15,
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried "
                         "(default: %(default)s)")
@@ -111,9 +116,6 @@ def build_parser():
     p.add_argument("--data", default=None, help="data source, as for studies.train (default: $CIFARLAB_DATA)")
     p.add_argument("--cache-dir", default=None, help="decoded-array cache folder")
     return p
-
-
-FINAL_DEFAULTS = {"final_holdout": False, "final_epochs": 24, "final_seeds": 1}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -464,7 +466,7 @@ def _main(args, raw_argv: list[str]) -> int:
         raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not args.study_name.strip():
         raise ConfigError("--study-name must not be empty")
-    given = [f"--{k.replace('_', '-')}" for k in FINAL_DEFAULTS if getattr(args, k) is not None]
+    given = [flag for flag, k in zip(FINAL_FLAGS, FINAL_DEFAULTS) if getattr(args, k) is not None]
     if given and not args.final:
         raise ConfigError(f"{', '.join(given)} only {'shape' if len(given) > 1 else 'shapes'} the --final retrains; "
                           "add --final to run them, or leave the flag out")
@@ -634,7 +636,7 @@ def worker_argv(raw_argv: list[str], arch: str, index: int, deadline: float | No
     """A worker's flags: the command's, for one architecture, with the architecture's deadline in place of
     ``--timeout`` (each worker would otherwise start the clock again)."""
     argv = _strip_flags(raw_argv, {"--workers", "--arch", "--final", "--worker-index", "--timeout", "--deadline",
-                                   "--final-epochs", "--final-seeds", "--final-holdout", "--no-final-holdout"})
+                                   *FINAL_FLAGS, "--no-final-holdout"})
     argv += ["--arch", arch, "--workers", "1", "--worker-index", str(index)]
     return argv + (["--deadline", repr(deadline)] if deadline is not None else [])
 
