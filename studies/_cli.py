@@ -48,7 +48,19 @@ def stop_at_a_step(checkpoint) -> Iterator[None]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (plus a hint) instead of the full usage block."""
+    """argparse that reports a bad flag in one line (plus a hint) instead of the full usage block, and takes flags
+    by their full names only.
+
+    argparse would otherwise take any unique prefix (``--timeo`` for ``--timeout``), and the commands read some
+    flags from the raw command line as well: ``studies.onecycle`` passes its command line on to its worker
+    processes without the flags it sets for them, and ``studies.train`` refuses flag pairs that contradict each
+    other. A prefix escaped both (a worker ran with the user's ``--timeo`` beside its own deadline), so it is
+    refused here, in one line, like any other unknown flag.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(run with --help for the valid flags)\n")

@@ -69,8 +69,8 @@ def _resume_args(args, raw: list[str]):
     from cifarlab.errors import ConfigError
     from cifarlab.train import load_checkpoint
 
-    others = [tok.split("=", 1)[0] for tok in raw if tok.startswith("--")
-              and not any(f.startswith(tok.split("=", 1)[0]) for f in RESUME_FLAGS)]
+    # the parser takes full flag names only (_cli.ArgumentParser), so the raw names are the flags given
+    others = [tok.split("=", 1)[0] for tok in raw if tok.startswith("--") and tok.split("=", 1)[0] not in RESUME_FLAGS]
     if others:
         raise ConfigError(f"--resume continues a run with its own settings; drop {', '.join(others)} "
                           f"(only {', '.join(RESUME_FLAGS[1:])} may be given with it)")

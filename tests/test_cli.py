@@ -16,6 +16,7 @@ from studies import lrfind as lrfind_cli
 from studies import train as train_cli
 
 SYNTH = ["--data", "synthetic:200:40", "--val-size", "40"]
+NO_DATA = ["--data", "/no/such/folder"]
 FAST = ["--batch-size", "32", "--eval-batch-size", "64", "--precision", "auto", "--quiet"]
 
 
@@ -53,6 +54,29 @@ def test_train_cli_bad_input(argv, message, capsys):
     assert any(m in err for m in message.split("|")), err
     assert len(err.strip().splitlines()) <= 2, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "prefix"),
+    [
+        ("studies.train", ["--no-checkpoint", "--checkpoint-ev", "5m", *NO_DATA], "--checkpoint-ev"),
+        ("studies.onecycle", ["--trials", "4", "--workers", "2", "--timeo", "1h", *NO_DATA], "--timeo"),
+        ("studies.lrfind", ["--step", "10", *NO_DATA], "--step"),
+        ("studies.evaluate", ["/no/such/run", "--tt", "flip"], "--tt"),
+        ("studies.report", ["--stor", "postgresql://cifar@127.0.0.1:1/none"], "--stor"),
+        ("bench.devices", ["--no-break", *NO_DATA], "--no-break"),
+    ],
+)
+def test_flags_are_taken_by_their_full_names_only(module, argv, prefix, capsys):
+    # argparse took any unique prefix, which slipped past the checks that read the raw command line: a worker of
+    # `studies.onecycle --workers 2 --timeo 1h` got --timeo beside its own --deadline, and `studies.train
+    # --no-checkpoint --checkpoint-ev 5m` ran without the refusal that the full flag gets. Each command refuses one
+    # (each argv would otherwise fail fast on a missing path, with another message).
+    import importlib
+
+    code, _, err = run_main(importlib.import_module(module).main, argv, capsys)
+    assert code == 2, err
+    assert f"unrecognized arguments: {prefix}" in err and len(err.strip().splitlines()) == 2, err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
