@@ -156,6 +156,9 @@ def _train(args, raw: list[str], held) -> int:
     if args.no_checkpoint and any(t.split("=", 1)[0] == "--checkpoint-every" for t in raw):
         raise ConfigError("--checkpoint-every sets how often the checkpoint is saved, and --no-checkpoint keeps none; "
                           "give one of them")
+    if args.optimizer != "sgd" and any(t.split("=", 1)[0] == "--bias-lr-scale" for t in raw):
+        raise ConfigError(f"--bias-lr-scale scales SGD's bias learning rate; --optimizer {args.optimizer} trains every "
+                          "parameter at one LR: drop --bias-lr-scale, or train with --optimizer sgd")
     resume, run_dir = None, None
     if args.resume is not None:
         args, resume, run_dir = _resume_args(args, raw)

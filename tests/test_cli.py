@@ -43,6 +43,8 @@ def run_main(main, argv, capsys):
         (["--batch-size", "4096"], "--batch-size 4096 is larger than the training set (160 images)"),
         (["--precision", "fp8"], "unknown precision 'fp8'"),
         (["--compile-mode", "max-autotune"], "compile-mode max-autotune takes effect only with --compile"),
+        # Adam and AdamW train every parameter at one LR: the flag was silently ignored with them
+        (["--optimizer", "adam", "--bias-lr-scale", "8"], "--bias-lr-scale scales SGD's bias learning rate"),
         # 160 images at batch 40: 4 steps, exactly one to warm the LR up (torch would divide by zero)
         (["--epochs", "1", "--batch-size", "40"], "pct-start 0.25 of 4 steps (1 epoch) is a one-step warm-up"),
     ],
@@ -329,3 +331,6 @@ def test_a_stored_config_becomes_the_train_command_that_rebuilds_it():
     # A config stored before a recipe setting existed ran with its former value, not today's default.
     older = {k: v for k, v in config.items() if k != "activation"}
     assert dataclass_from_args(TrainConfig, train_cli.build_parser().parse_args(train_argv(older))).activation == "relu"
+    # An Adam config stored with another bias LR scale (it has no effect there) gives a command train accepts.
+    assert "--bias-lr-scale" not in train_argv({**config, "bias_lr_scale": 1.0})
+    assert "--bias-lr-scale" in train_argv({**config, "optimizer": "sgd", "bias_lr_scale": 1.0})

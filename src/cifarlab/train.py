@@ -175,7 +175,8 @@ FORMER_DEFAULTS = {"activation": "relu", "ghost_batch": 0, "alternate_flip": Fal
 def train_argv(stored: dict) -> list[str]:
     """The ``studies.train`` flags that rebuild a stored config (every ``TrainConfig`` field is a flag named after
     it): each field that differs from today's default, a field the config predates at its former value. The seed
-    is left out; so are fields this release no longer has."""
+    is left out; so are fields this release no longer has, and the bias LR scale of an Adam or AdamW config
+    (which it does not use)."""
     import shlex
 
     values = {**FORMER_DEFAULTS, **stored}
@@ -183,6 +184,8 @@ def train_argv(stored: dict) -> list[str]:
     for f in fields(TrainConfig):
         if f.name == "seed" or f.name not in values or values[f.name] == f.default:
             continue
+        if f.name == "bias_lr_scale" and values.get("optimizer", "sgd") != "sgd":
+            continue  # Adam and AdamW train every parameter at one LR, and studies.train refuses the flag with them
         flag, value = "--" + f.name.replace("_", "-"), values[f.name]
         if isinstance(f.default, bool):
             argv.append(flag if value else "--no-" + flag[2:])
