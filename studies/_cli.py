@@ -54,8 +54,9 @@ class ArgumentParser(argparse.ArgumentParser):
     argparse would otherwise take any unique prefix (``--timeo`` for ``--timeout``), and the commands read some
     flags from the raw command line as well: ``studies.onecycle`` passes its command line on to its worker
     processes without the flags it sets for them, and ``studies.train`` refuses flag pairs that contradict each
-    other. A prefix escaped both (a worker ran with the user's ``--timeo`` beside its own deadline), so it is
-    refused here, in one line, like any other unknown flag.
+    other. A prefix escaped both: ``--workers 2 --final --final-ep 5`` handed each worker ``--final-ep 5`` without
+    the ``--final`` it keeps for itself, which the worker refuses, so every worker failed. A prefix is refused here,
+    in one line, like any other unknown flag.
     """
 
     def __init__(self, *args, **kwargs) -> None:

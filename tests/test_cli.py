@@ -62,7 +62,7 @@ def test_train_cli_bad_input(argv, message, capsys):
     ("module", "argv", "prefix"),
     [
         ("studies.train", ["--no-checkpoint", "--checkpoint-ev", "5m", *NO_DATA], "--checkpoint-ev"),
-        ("studies.onecycle", ["--trials", "4", "--workers", "2", "--timeo", "1h", *NO_DATA], "--timeo"),
+        ("studies.onecycle", ["--trials", "4", "--workers", "2", "--final", "--final-ep", "5", *NO_DATA], "--final-ep"),
         ("studies.lrfind", ["--step", "10", *NO_DATA], "--step"),
         ("studies.evaluate", ["/no/such/run", "--tt", "flip"], "--tt"),
         ("studies.report", ["--stor", "postgresql://cifar@127.0.0.1:1/none"], "--stor"),
@@ -70,10 +70,10 @@ def test_train_cli_bad_input(argv, message, capsys):
     ],
 )
 def test_flags_are_taken_by_their_full_names_only(module, argv, prefix, capsys):
-    # argparse took any unique prefix, which slipped past the checks that read the raw command line: a worker of
-    # `studies.onecycle --workers 2 --timeo 1h` got --timeo beside its own --deadline, and `studies.train
-    # --no-checkpoint --checkpoint-ev 5m` ran without the refusal that the full flag gets. Each command refuses one
-    # (each argv would otherwise fail fast on a missing path, with another message).
+    # argparse took any unique prefix, which slipped past the checks that read the raw command line: each worker of
+    # `studies.onecycle --workers 2 --final --final-ep 5` got --final-ep without --final and refused to run, and
+    # `studies.train --no-checkpoint --checkpoint-ev 5m` ran without the refusal that the full flag gets. Each
+    # command refuses one (each argv would otherwise fail fast on a missing path, with another message).
     import importlib
 
     code, _, err = run_main(importlib.import_module(module).main, argv, capsys)
