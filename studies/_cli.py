@@ -67,6 +67,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n(run with --help for the valid flags)\n")
 
 
+def flags_given(argv: list[str]) -> list[str]:
+    """The flags named on a command line, in order (``--name=value`` counts as ``--name``); the parser takes full
+    names only, so these are the flags as it read them."""
+    return [tok.split("=", 1)[0] for tok in argv if tok.startswith("--")]
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

@@ -69,8 +69,7 @@ def _resume_args(args, raw: list[str]):
     from cifarlab.errors import ConfigError
     from cifarlab.train import load_checkpoint
 
-    # the parser takes full flag names only (_cli.ArgumentParser), so the raw names are the flags given
-    others = [tok.split("=", 1)[0] for tok in raw if tok.startswith("--") and tok.split("=", 1)[0] not in RESUME_FLAGS]
+    others = [flag for flag in _cli.flags_given(raw) if flag not in RESUME_FLAGS]
     if others:
         raise ConfigError(f"--resume continues a run with its own settings; drop {', '.join(others)} "
                           f"(only {', '.join(RESUME_FLAGS[1:])} may be given with it)")
@@ -153,10 +152,11 @@ def _train(args, raw: list[str], held) -> int:
     from cifarlab.train import Checkpointing, TrainConfig, fit, recipe_model, save_weights
 
     console = _cli.console()
-    if args.no_checkpoint and any(t.split("=", 1)[0] == "--checkpoint-every" for t in raw):
+    given = _cli.flags_given(raw)
+    if args.no_checkpoint and "--checkpoint-every" in given:
         raise ConfigError("--checkpoint-every sets how often the checkpoint is saved, and --no-checkpoint keeps none; "
                           "give one of them")
-    if args.optimizer != "sgd" and any(t.split("=", 1)[0] == "--bias-lr-scale" for t in raw):
+    if args.optimizer != "sgd" and "--bias-lr-scale" in given:
         raise ConfigError(f"--bias-lr-scale scales SGD's bias learning rate; --optimizer {args.optimizer} trains every "
                           "parameter at one LR: drop --bias-lr-scale, or train with --optimizer sgd")
     resume, run_dir = None, None
