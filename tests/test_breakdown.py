@@ -70,7 +70,46 @@ def test_op_breakdown_accounts_for_the_step_and_names_each_kind():
     # Self times plus the overhead between operators make up an unprofiled step, exactly.
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     assert all(r["seconds_per_step"] >= 0 for r in rows)
-    assert all(0 < r["scale"] <= 1 and r["profiled_step_seconds"] > 0 for r in rows)
+    assert all(r["scale"] > 0 and r["profiled_step_seconds"] > 0 for r in rows)
+
+
+def test_op_breakdown_counts_the_python_between_operators():
+    # 50 ms of Python (a sleep) between two products in every step, profiled or not: that is the rest.
+    a = torch.randn(256, 256)
+
+    def step():
+        b = a @ a
+        time.sleep(0.05)
+        return b @ a
+
+    step()
+    by = {r["category"]: r["seconds_per_step"] for r in op_breakdown(step, CPU, steps=3)}
+    assert 0.04 < by["python + dispatch"] < 0.1
+    assert 0 < by["linear + loss"] < 0.05
+
+
+def test_op_breakdown_does_not_read_a_slower_unprofiled_step_as_python():
+    # The machine's pace moving between the profiled steps and the unprofiled ones timed after them (on the AMX
+    # Xeon, ResNet-18's steps ran at 2.2-2.9 s one after another), played here by steps that do six times the
+    # work once profiling is over. No Python runs between the operators, so none may be reported: the operators
+    # are scaled up to fill the unprofiled step instead (the old rest read as five sixths of it).
+    a = torch.randn(384, 384)
+    calls = [0]
+
+    def step():
+        calls[0] += 1
+        for _ in range(6 if calls[0] <= 4 else 36):  # the warm-up call, then three profiled ones
+            a @ a
+
+    step()
+    rows = op_breakdown(step, CPU, steps=3)
+    by = {r["category"]: r["seconds_per_step"] for r in rows}
+    step_seconds = sum(by.values())
+    assert by["python + dispatch"] < 0.15 * step_seconds
+    assert by["linear + loss"] > 0.8 * step_seconds
+    assert rows[0]["scale"] > 2.5
+    assert "scaled by" in profiling_sentence(rows) and "ran slower for the unprofiled steps" in profiling_sentence(
+        rows)
 
 
 def test_op_breakdown_leaves_the_profilers_own_cost_out():
@@ -84,28 +123,31 @@ def test_op_breakdown_leaves_the_profilers_own_cost_out():
             a = a + 1
 
     step()
-    rows = op_breakdown(step, CPU, steps=3)
+    rows = op_breakdown(step, CPU, steps=5)
     step_seconds = sum(r["seconds_per_step"] for r in rows)
     profiled = rows[0]["profiled_step_seconds"]
-    assert profiled > 2 * step_seconds
+    assert profiled > 1.25 * step_seconds  # timed inside the profiler, its stop and event reading left out
     by = {r["category"]: r["seconds_per_step"] for r in rows}
     assert by["python + dispatch"] < 0.5 * (profiled - step_seconds)
     t0 = time.perf_counter()
     for _ in range(3):
         step()
-    assert step_seconds < 0.5 * profiled and (time.perf_counter() - t0) / 3 < 0.5 * profiled
+    assert step_seconds < 0.8 * profiled and (time.perf_counter() - t0) / 3 < 0.8 * profiled
     line = profiling_sentence(rows)
     assert line.startswith(f"profiled, a step took {profiled * 1e3:,.0f} ms against {step_seconds * 1e3:,.0f} ms")
 
 
 def test_profiling_sentence_says_when_the_operators_were_scaled():
     rows = [{"category": "conv forward", "seconds_per_step": 0.6, "profiled_step_seconds": 1.1, "scale": 0.75},
-            {"category": "batch norm", "seconds_per_step": 0.4, "profiled_step_seconds": 1.1, "scale": 0.75},
-            {"category": "python + dispatch", "seconds_per_step": 0.0, "profiled_step_seconds": 1.1, "scale": 0.75}]
+            {"category": "batch norm", "seconds_per_step": 0.3, "profiled_step_seconds": 1.1, "scale": 0.75},
+            {"category": "python + dispatch", "seconds_per_step": 0.1, "profiled_step_seconds": 1.1, "scale": 0.75}]
     assert profiling_sentence(rows) == (
         "profiled, a step took 1,100 ms against 1,000 ms unprofiled; the rows add up to the unprofiled step. The "
-        "operators' profiled times alone came to 1,333 ms and are scaled by 0.75: the Python between them is below "
-        "what profiling can resolve.")
+        "operators' profiled times came to 1,200 ms and are scaled by 0.75: profiling slowed them.")
+    slower = [{**r, "scale": 1.5} for r in rows]
+    assert profiling_sentence(slower).endswith(
+        "The operators' profiled times came to 600 ms and are scaled by 1.50: the machine ran slower for the "
+        "unprofiled steps.")
     unscaled = [{**r, "scale": 1.0} for r in rows]
     assert profiling_sentence(unscaled).endswith("1,000 ms unprofiled; the rows add up to the unprofiled step.")
     # A breakdown.csv from before the unprofiled step was timed, alone or beside newer rows (NaN there).

@@ -82,14 +82,18 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
     per operator on the host, and the Winograd path's ~30,000 small operators per step took 11.0 s profiled
     against 6.65 s unprofiled (EPYC, 2026-11-28). Most of that cost falls between operators, so the
     old rest (profiled wall minus the operators' time) read as 38% "python + dispatch" and was mostly the
-    profiler's. On the CPU the rest is now the unprofiled step less the operators' time; where the operators'
-    profiled time alone exceeds the unprofiled step (the profiler inflated them too), each is scaled down in
-    proportion and the rest is 0: Python between operators is then below what profiling can resolve. On CUDA
+    profiler's. On the CPU, "python + dispatch" is therefore the unprofiled step less the operators' time, but
+    never more than the profiled steps themselves left between their operators (profiling adds time there, it
+    takes none away), in proportion to the unprofiled step. The cap matters on a machine whose pace moves from
+    step to step: on the 2-core AMX Xeon (2026-12-06) ResNet-18's steps ran at 2.2-2.9 s one after another,
+    with 37-44 ms between operators in each profiled one, and an unprofiled pair 0.6 s slower than the profiled
+    pair's operators read as 19% "python + dispatch". The operators' times are then scaled, all by one factor,
+    to fill the unprofiled step: down where profiling inflated them, up where the machine slowed. On CUDA
     the kernel times are the device's own, which profiling leaves alone, but the profiler slows the host that
     launches them (on an H200 machine, 2026-11-27, a profiled step took 580 ms against 18 ms unprofiled), and
-    the rest is time the device sat idle. Every row carries ``profiled_step_seconds`` and ``scale`` (the factor
-    applied to the operators' times, 1 unless they were scaled down), so the report can say how far profiling
-    slowed the step.
+    the rest is time the device sat idle. Every row carries ``profiled_step_seconds`` (timed inside the
+    profiler, its stop and the reading of its events left out) and ``scale`` (the factor applied to the
+    operators' times, 1 on CUDA), so the report can say how far profiling slowed the step.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -99,12 +103,12 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     synchronize(device)
-    t0 = time.perf_counter()
     with profile(activities=activities, acc_events=True) as prof:  # one cycle; says so, so torch won't warn
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
         synchronize(device)
-    profiled_wall = (time.perf_counter() - t0) / steps
+        profiled_wall = (time.perf_counter() - t0) / steps  # the profiler's stop and its events left out
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -117,12 +121,14 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
         us = evt.self_device_time_total if device.type == "cuda" else evt.self_cpu_time_total
         totals[categorize(evt.name, _annotation(evt))] += us / 1e6 / steps
     counted = sum(totals.values())
-    # Device kernel times are not inflated by profiling the host; on the CPU, operators whose profiled time alone
-    # exceeds the unprofiled step carry some of the profiler's cost, shared out in proportion to their time.
-    scale = wall / counted if device.type == "cpu" and counted > wall > 0 else 1.0
-    # On the CPU the host runs the ops, so the rest of the wall time is Python and dispatch between them; on CUDA
-    # it is time the GPU sat idle (launch gaps, host work it waited for).
-    rest = max(wall - counted * scale, 0.0)
+    if device.type == "cpu" and counted > 0:
+        # The host runs the ops, so what the unprofiled step leaves after them is Python and dispatch, up to what
+        # the profiled steps left between their operators; the operators fill the rest, all scaled alike.
+        between = max(profiled_wall - counted, 0.0) * wall / profiled_wall if profiled_wall > 0 else 0.0
+        rest = min(max(wall - counted, 0.0), between)
+        scale = (wall - rest) / counted
+    else:  # CUDA: device kernel times, which profiling leaves alone; the rest is time the GPU sat idle
+        rest, scale = max(wall - counted, 0.0), 1.0
     parts = [(c, s * scale) for c, s in totals.items()]
     parts.append(("python + dispatch" if device.type == "cpu" else "device idle", rest))
     return [{"category": c, "seconds_per_step": s, "share": s / wall if wall else float("nan"),
@@ -304,7 +310,11 @@ def profiling_sentence(rows: list[dict]) -> str:
     profiled, scale = rows[0]["profiled_step_seconds"], rows[0]["scale"]
     out = (f"profiled, a step took {profiled * 1e3:,.0f} ms against {step * 1e3:,.0f} ms unprofiled; the rows add "
            f"up to the unprofiled step")
-    if scale < 1:
-        out += (f". The operators' profiled times alone came to {step / scale * 1e3:,.0f} ms and are scaled by "
-                f"{scale:.2f}: the Python between them is below what profiling can resolve")
+    ops = step - next((r["seconds_per_step"] for r in rows if r["category"] == "python + dispatch"), 0.0)
+    if scale < 0.995:
+        out += (f". The operators' profiled times came to {ops / scale * 1e3:,.0f} ms and are scaled by "
+                f"{scale:.2f}: profiling slowed them")
+    elif scale > 1.005:
+        out += (f". The operators' profiled times came to {ops / scale * 1e3:,.0f} ms and are scaled by "
+                f"{scale:.2f}: the machine ran slower for the unprofiled steps")
     return out + "."
