@@ -207,6 +207,11 @@ def _main(args) -> int:
     write_json(run_dir / "devices.json", {"kind": "devices", "environment": env, "rows": frame.to_dict("records"),
                                           "args": {k: v for k, v in vars(args).items() if k != "out"}})
     _print_table(console, frame, Table)
+    if args.ablation and "status" in frame:
+        from cifarlab.report.devices import ladder_bounds
+
+        for line in ladder_bounds(frame[frame["status"] == "ok"]):
+            console.print(f"  {line}", highlight=False)
     ops, convs, gaps = pd.DataFrame(op_rows), pd.DataFrame(conv_rows), pd.DataFrame(gap_rows)
     if len(ops):
         write_csv(run_dir / "breakdown.csv", ops)

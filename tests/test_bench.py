@@ -2,6 +2,7 @@
 
 import csv
 
+import pandas as pd
 import pytest
 import torch
 
@@ -152,7 +153,7 @@ def test_no_breakdown_skips_it(tmp_path):
     assert "Where the time goes" not in (run_dir / "index.html").read_text()
 
 
-def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
+def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path, capsys):
     # --precision fp32 (BENCH's): the ladder a CPU without bf16 units climbs; the bf16 one's rungs are below.
     # One repetition a rung: this test is about the rungs, not their spread.
     assert devices.main([*BENCH, "--ablation", "--no-compile", "--images", "16", "--batch-size", "16", "--repeats", "1",
@@ -175,7 +176,33 @@ def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path):
     assert float(rows[0]["speedup_vs_baseline"]) == 1.0
     assert rows[0]["data_path"] == "dataloader" and rows[-1]["data_path"] == "batched"
     assert (run_dir / "ablation.png").is_file()
-    assert "compute a quarter of those products, so their share can pass 100%" in (run_dir / "index.html").read_text()
+    page = (run_dir / "index.html").read_text()
+    assert "compute a quarter of those products, so their share can pass 100%" in page
+    # How far the device's peaks let a path go above the baseline: in the terminal and on the page.
+    assert "custom_resnet on cpu, batch 16: the seed baseline trains at" in page
+    assert "custom_resnet on cpu, batch 16: the seed baseline trains at" in capsys.readouterr().out
+
+
+def test_ladder_bounds_say_what_the_peaks_allow_over_the_baseline():
+    from cifarlab.report.devices import ladder_bounds
+
+    # The baseline: 100 img/s at 0.2 TFLOP/s, half its fp32 peak of 0.4. A bf16 rung: 500 img/s at 1.0 TFLOP/s
+    # of a 2.0 peak. At half the bf16 peak a path runs 5x the baseline, at the whole peak 10x.
+    frame = pd.DataFrame([
+        {"arch": "custom_resnet", "device": "cpu", "batch_size": 512, "step": "seed baseline (fp32)",
+         "images_per_second": 100.0, "achieved_tflops": 0.2, "peak_tflops": 0.4, "precision": "fp32"},
+        {"arch": "custom_resnet", "device": "cpu", "batch_size": 512, "step": "+ bf16 autocast",
+         "images_per_second": 300.0, "achieved_tflops": 0.6, "peak_tflops": 2.0, "precision": "bf16"},
+        {"arch": "custom_resnet", "device": "cpu", "batch_size": 512, "step": "+ channels_last",
+         "images_per_second": 500.0, "achieved_tflops": 1.0, "peak_tflops": 2.0, "precision": "bf16"},
+        {"arch": "resnet18", "device": "cpu", "batch_size": 512, "step": "default",  # no ladder: no line
+         "images_per_second": 200.0, "achieved_tflops": 0.7, "peak_tflops": 2.0, "precision": "bf16"}])
+    assert ladder_bounds(frame) == [
+        "custom_resnet on cpu, batch 512: the seed baseline trains at 0.20 TFLOP/s, 50% of the fp32 peak (0.40). "
+        "At that share of the bf16 peak (2.00) a path would run 5.0x the baseline, and at the whole peak 10.0x; "
+        "the fastest rung (+ channels_last) runs 5.0x, at 50% of its peak."]
+    assert ladder_bounds(frame[frame["arch"] == "resnet18"]) == []
+    assert ladder_bounds(frame.drop(columns="peak_tflops")) == []  # a table from before peaks were stored
 
 
 def test_a_ladder_has_only_the_rungs_of_the_path_training_takes():
