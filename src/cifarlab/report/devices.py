@@ -91,9 +91,9 @@ def ladder_bounds(frame: pd.DataFrame) -> list[str]:
 
     A speed-up over the seed-style path is bounded by the hardware, not by the ladder alone: the baseline already
     runs at some share of its own precision's peak, so a rung in another precision gains the ratio of the two
-    peaks at the same share, and at most what its whole peak allows. On the 2-core AMX Xeon (2026-12-06) the fp32
-    baseline ran at 60% of the fp32 peak and the bf16 peak was 7.1x the fp32 one: 8x the baseline would need 67% of
-    the bf16 peak, above what the step's breakdown leaves with every conv at the peak (55%).
+    peaks at the same share, and at most what its whole peak allows. On the 2-core AMX Xeon (2026-12-06, 06:38) the
+    fp32 baseline ran at 55% of the fp32 peak (0.38 TFLOP/s) and the bf16 peak (2.60) was 6.9x it: 8x the baseline
+    would need 64% of the bf16 peak, above what the step's breakdown leaves with every conv at the peak (55%).
     """
     need = {"arch", "device", "batch_size", "step", "images_per_second", "achieved_tflops", "peak_tflops",
             "precision"}
@@ -107,7 +107,8 @@ def ladder_bounds(frame: pd.DataFrame) -> list[str]:
             continue
         b = base.iloc[0]
         top = rungs.loc[rungs["images_per_second"].idxmax()]
-        if not (b["achieved_tflops"] > 0 and b["peak_tflops"] > 0 and top["peak_tflops"] > 0):
+        if not (b["achieved_tflops"] > 0 and b["peak_tflops"] > 0 and top["achieved_tflops"] > 0
+                and top["peak_tflops"] > 0):
             continue
         base_share = b["achieved_tflops"] / b["peak_tflops"]
         # Images per second at the top rung's whole peak, for the FLOPs an image costs on that rung.
