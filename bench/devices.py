@@ -164,12 +164,17 @@ def _main(args) -> int:
                     timed.append(row)
                     if breakdown:
                         from cifarlab.breakdown import conv_layer_table
+                        from cifarlab.hostmem import retained_memory
 
                         ids = {"arch": arch, "device": dev, "batch_size": bs, "precision": case.precision}
                         op_rows += [{**ids, **r} for r in result.breakdown]
-                        conv_rows += [{**ids, **r} for r in conv_layer_table(  # the model just timed
-                            result.model, bs, device, case.precision, case.channels_last,
-                            peak_flops=peaks[case.precision])]
+                        # Each conv alone with freed memory kept as the step keeps it, not in whatever state
+                        # the cases left malloc in: building the 512-channel 4x4 conv's im2col operand took
+                        # 20-27 ms under a fresh process's malloc and 7-8 ms with memory kept (AMX Xeon).
+                        with retained_memory(case.retain_memory and device.type == "cpu"):
+                            conv_rows += [{**ids, **r} for r in conv_layer_table(  # the model just timed
+                                result.model, bs, device, case.precision, case.channels_last,
+                                peak_flops=peaks[case.precision])]
                     console.print(f"  {arch} {case.step or ''} batch {bs}: {row['images_per_second']:.0f} img/s, "
                                   f"{row['achieved_tflops']:.2f} TFLOP/s {case.precision}, "
                                   f"{row['epoch_50k_seconds'] / 60:.1f} min per 50k ({row['epoch_kind']})")

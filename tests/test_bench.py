@@ -97,8 +97,21 @@ BENCH = ["--data", "synthetic:200:40", "--val-size", "40", "--arch", "custom_res
          "--peak-seconds", "0.05"]
 
 
-def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capfd):
+def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capfd, monkeypatch):
+    import cifarlab.breakdown
+    from cifarlab.hostmem import freed_memory_retained
+
+    # Each conv alone is timed with freed memory kept, as the training step it stands for keeps it.
+    table, kept = cifarlab.breakdown.conv_layer_table, []
+
+    def conv_layer_table(*a, **kw):
+        kept.append(freed_memory_retained())
+        return table(*a, **kw)
+
+    monkeypatch.setattr(cifarlab.breakdown, "conv_layer_table", conv_layer_table)
+    before = freed_memory_retained()
     assert devices.main([*BENCH, "--out", str(tmp_path)]) == 0
+    assert kept[:1] == [True] and freed_memory_retained() == before  # the CPU's table; put back after it
     (run_dir,) = (tmp_path / "devices").iterdir()
     rows = read_rows(run_dir / "devices.csv")
     expected = {"arch", "device", "batch_size", "precision", "images_per_second", "seconds_median", "seconds_min",
