@@ -116,23 +116,35 @@ def test_op_breakdown_leaves_the_profilers_own_cost_out():
     # Thousands of tiny operators: recording each costs the profiler far more than the operator itself, as the
     # Winograd path's ~30,000 small ones per step did (11.0 s profiled against 6.65 s). That cost is no Python or
     # dispatch of the step's own: the rows add up to the unprofiled step, and "python + dispatch" is what is left
-    # of it after the operators.
+    # of it after the operators. Here the profiler's own cost (1.5-2x these tiny steps) is topped up by 30 ms of
+    # waiting while it records, so that a machine whose pace moves from step to step cannot hide it.
     def step():
         a = torch.zeros(4)
         for _ in range(2000):
             a = a + 1
+        if torch.autograd.profiler._is_profiler_enabled:
+            time.sleep(0.03)
 
     step()
-    rows = op_breakdown(step, CPU, steps=5)
-    step_seconds = sum(r["seconds_per_step"] for r in rows)
-    profiled = rows[0]["profiled_step_seconds"]
-    assert profiled > 1.25 * step_seconds  # timed inside the profiler, its stop and event reading left out
-    by = {r["category"]: r["seconds_per_step"] for r in rows}
-    assert by["python + dispatch"] < 0.5 * (profiled - step_seconds)
-    t0 = time.perf_counter()
+    # Up to three tries: a profiled and an unprofiled stretch are timed one after the other, and a second test
+    # process on the same cores can slow one of them five-fold (2,000 additions took 6 ms alone and 30 beside
+    # one). Counting the profiler's cost as Python would fail every try.
     for _ in range(3):
-        step()
-    assert step_seconds < 0.8 * profiled and (time.perf_counter() - t0) / 3 < 0.8 * profiled
+        rows = op_breakdown(step, CPU, steps=5)
+        step_seconds = sum(r["seconds_per_step"] for r in rows)
+        profiled = rows[0]["profiled_step_seconds"]  # timed inside the profiler, its stop and event reading left out
+        by = {r["category"]: r["seconds_per_step"] for r in rows}
+        t0 = time.perf_counter()
+        for _ in range(3):
+            step()
+        timed = (time.perf_counter() - t0) / 3
+        # The additions' profiled self times alone come to about the unprofiled step: little is left for Python.
+        if (profiled > 0.02 + step_seconds and by["python + dispatch"] < 0.5 * step_seconds
+                and step_seconds < 0.5 * profiled and timed < 0.5 * profiled):
+            break
+    else:
+        pytest.fail(f"profiled {profiled * 1e3:.1f} ms, rows {step_seconds * 1e3:.1f} ms, python + dispatch "
+                    f"{by['python + dispatch'] * 1e3:.1f} ms, an unprofiled step timed apart {timed * 1e3:.1f} ms")
     line = profiling_sentence(rows)
     assert line.startswith(f"profiled, a step took {profiled * 1e3:,.0f} ms against {step_seconds * 1e3:,.0f} ms")
 
