@@ -124,7 +124,7 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
     if device.type == "cpu" and counted > 0:
         # The host runs the ops, so what the unprofiled step leaves after them is Python and dispatch, up to what
         # the profiled steps left between their operators; the operators fill the rest, all scaled alike.
-        between = max(profiled_wall - counted, 0.0) * wall / profiled_wall if profiled_wall > 0 else 0.0
+        between = max(profiled_wall - counted, 0.0) * wall / profiled_wall
         rest = min(max(wall - counted, 0.0), between)
         scale = (wall - rest) / counted
     else:  # CUDA: device kernel times, which profiling leaves alone; the rest is time the GPU sat idle
@@ -311,10 +311,8 @@ def profiling_sentence(rows: list[dict]) -> str:
     out = (f"profiled, a step took {profiled * 1e3:,.0f} ms against {step * 1e3:,.0f} ms unprofiled; the rows add "
            f"up to the unprofiled step")
     ops = step - next((r["seconds_per_step"] for r in rows if r["category"] == "python + dispatch"), 0.0)
-    if scale < 0.995:
+    if abs(scale - 1) > 0.005:
+        why = "profiling slowed them" if scale < 1 else "the machine ran slower for the unprofiled steps"
         out += (f". The operators' profiled times came to {ops / scale * 1e3:,.0f} ms and are scaled by "
-                f"{scale:.2f}: profiling slowed them")
-    elif scale > 1.005:
-        out += (f". The operators' profiled times came to {ops / scale * 1e3:,.0f} ms and are scaled by "
-                f"{scale:.2f}: the machine ran slower for the unprofiled steps")
+                f"{scale:.2f}: {why}")
     return out + "."
