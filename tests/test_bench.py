@@ -156,6 +156,7 @@ def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capfd, monkeypatc
     # one ceiling sentence per profiled row that has a ceiling (on a CUDA machine its rows print their own)
     below = [r for r in rows if r.get("matmuls_above_peak") == "False"]
     assert out.count("With every conv and GEMM at the peak") == len(below)
+    assert " ".join(out.split()).count("with the convs and GEMMs as measured and nothing else") == len(below)
     assert cpu[0]["matmuls_above_peak"] in ("True", "False")
 
 

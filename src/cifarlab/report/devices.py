@@ -164,7 +164,10 @@ def _peak_gap_section(gaps: pd.DataFrame, frame: pd.DataFrame, run_dir: Path) ->
             + '<p class="note">The profiled breakdown above, applied to the unprofiled step time. "Counted FLOPs at '
               'the peak" is the time the flop counter\'s FLOPs would take at the matmul peak (the share of peak); '
               'the convolutions and GEMMs take the next segment beyond that; every other kind of operation adds '
-              'its whole time. <a href="peak_gap.csv">peak_gap.csv</a></p>')
+              'its whole time. Each sentence above gives two ceilings: every conv and GEMM at the peak with the '
+              'rest as measured (what faster conv kernels alone could win), and the convs and GEMMs as measured '
+              'with nothing else in the step (what removing every other operation alone could win). '
+              '<a href="peak_gap.csv">peak_gap.csv</a></p>')
 
 
 def _legend_outside(ax) -> None:
