@@ -204,9 +204,9 @@ def test_convs_that_beat_the_matmul_probe_leave_nothing_above_the_peak():
     assert "no ceiling on this device" in ceiling_sentence(
         {"share_of_peak": 0.9, "matmul_share_of_step": 0.6, "share_if_matmuls_at_peak": 0.9,
          "matmuls_above_peak": True})
-    # As read back from devices.csv (text): both ceilings, the second the share over the convs' share of the step.
-    sentence = ceiling_sentence({"share_of_peak": "0.3", "matmul_share_of_step": "0.6",
-                                 "share_if_matmuls_at_peak": "0.43", "matmuls_above_peak": "False"})
+    # As read back from devices.csv: both ceilings, the second the share over the convs' share of the step.
+    sentence = ceiling_sentence({"share_of_peak": 0.3, "matmul_share_of_step": 0.6,
+                                 "share_if_matmuls_at_peak": 0.43, "matmuls_above_peak": "False"})
     assert "at the peak and the rest as measured: 43%" in sentence
     assert sentence.endswith("with the convs and GEMMs as measured and nothing else: 50%.")
 

@@ -295,7 +295,7 @@ def ceiling_sentence(row: dict) -> str:
     the step (what removing batch norm, pooling, activations and the rest alone can win: the share divided by
     the convs' share of the step). A target above both needs both.
     """
-    share, matmul_share = float(row["share_of_peak"]), float(row["matmul_share_of_step"])
+    share, matmul_share = row["share_of_peak"], row["matmul_share_of_step"]
     if row.get("matmuls_above_peak") in (True, "True"):  # a bool, or its text in a row read back from CSV
         return (f"{share:.0%} of the peak; convs + GEMMs take {matmul_share:.0%} of "
                 f"the step and already run above the matmul probe's peak, which is no ceiling on this device.")
@@ -303,7 +303,7 @@ def ceiling_sentence(row: dict) -> str:
         matmul_share > 0) else ""
     return (f"{share:.0%} of the peak; convs + GEMMs take {matmul_share:.0%} of the "
             f"step. With every conv and GEMM at the peak and the rest as measured: "
-            f"{float(row['share_if_matmuls_at_peak']):.0%}{only_matmuls}.")
+            f"{row['share_if_matmuls_at_peak']:.0%}{only_matmuls}.")
 
 
 def profiling_sentence(rows: list[dict]) -> str:
