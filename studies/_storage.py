@@ -144,7 +144,7 @@ def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
                           "pip install 'cifarlab[postgres]' for PostgreSQL") from None
 
 
-def mark_stale_trials(study) -> list[int]:
+def mark_stale_trials(study, now: float | None = None) -> list[int]:
     """Fail the trials whose worker stopped sending heartbeats, saying why, and enqueue their configurations.
 
     Optuna's ``fail_stale_trials`` does the state change and (through ``RetryFailedTrialCallback``) the
@@ -165,17 +165,18 @@ def mark_stale_trials(study) -> list[int]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    return stale + _fail_trials_without_heartbeat(study, storage, older_than=2 * grace)
+    return stale + _fail_trials_without_heartbeat(study, storage, older_than=2 * grace, now=now)
 
 
-def _fail_trials_without_heartbeat(study, storage, older_than: float) -> list[int]:
+def _fail_trials_without_heartbeat(study, storage, older_than: float, now: float | None) -> list[int]:
+    """``now`` (``time.time()``) is the clock the trials' ages are read on; tests pass one."""
     import datetime
 
     import optuna
     from optuna.trial import TrialState
 
     beating = _trial_ids_with_heartbeat(storage, study._study_id)
-    now = datetime.datetime.now()
+    now = datetime.datetime.fromtimestamp(time.time() if now is None else now)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if trial._trial_id in beating or trial.datetime_start is None:

@@ -120,28 +120,45 @@ def test_a_killed_study_resumes_with_nothing_lost(tmp_path):
         assert retried, f"the configuration of interrupted trial {trial.number} was not tried again"
 
 
+def _finished_or_none(out: Path) -> dict[int, tuple] | None:
+    """The study's finished trials, or None while the study does not exist yet."""
+    if not (out / "studies" / "studies.db").exists():
+        return None
+    try:
+        return finished_trials(load(out))
+    except KeyError:  # the storage exists, the study not yet
+        return None
+
+
 def test_sigkill_at_random_moments_then_rerun_completes(tmp_path):
-    rng = random.Random(20261125)
-    env, argv = quiet_env(), study_argv(tmp_path, 6)
+    rng, trials = random.Random(20261125), 8
+    env, argv = quiet_env(), study_argv(tmp_path, trials)
     seen: dict[int, tuple] = {}
     for _ in range(3):
         proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rng.uniform(3.0, 9.0))  # torch's import takes about 3 s: the kills land in the study
+        # Wait until the study exists and holds a seeded random number of new trials (torch's import alone takes
+        # seconds on a busy machine), then kill it a random moment later, so that every kill lands in a study
+        # that is running and not yet finished.
+        wanted, deadline = len(seen) + rng.randint(0, 1), time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            now = _finished_or_none(tmp_path)
+            if now is not None and len(now) >= wanted:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.5))
+        before = _finished_or_none(tmp_path)
+        assert proc.poll() is None, "the study ended before the kill: the kill would test nothing"
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        db = tmp_path / "studies" / "studies.db"
-        if db.exists():
-            with sqlite3.connect(db) as con:
-                assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-            try:
-                now = finished_trials(load(tmp_path))
-            except KeyError:  # killed before the study was created
-                now = {}
-            assert {n: now[n] for n in seen} == seen
-            seen = now
-    final = run_study(tmp_path, 6)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert before is not None and len(before) < trials, before  # it landed in a study still running
+        with sqlite3.connect(tmp_path / "studies" / "studies.db") as con:
+            assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        now = finished_trials(load(tmp_path))
+        assert {n: now[n] for n in seen} == seen
+        seen = now
+    final = run_study(tmp_path, trials)
     assert final.returncode == 0, final.stderr[-3000:]
-    study = assert_intact(tmp_path, 6)
+    study = assert_intact(tmp_path, trials)
     assert {n: finished_trials(study)[n] for n in seen} == seen
 
 

@@ -136,7 +136,7 @@ BATTERY = [
 CUDA_BATTERY = [(cli, ["--device", "cuda"], "no CUDA device") for cli in ("train", "lrfind", "onecycle", "devices")]
 
 
-def _run_bad(cli: str, argv: list[str], out: Path, paths: dict[str, Path], capsys) -> tuple[int, str]:
+def _run_bad(cli: str, argv: list[str], out: Path, paths: dict[str, Path], capsys) -> tuple[int, str, str]:
     run = next(out.glob("runs/*/model.pt")).parent
     argv = [a.format(out=out, run=run, **{k: str(v) for k, v in paths.items()}) for a in argv]
     base = BASE[cli]
@@ -147,7 +147,7 @@ def _run_bad(cli: str, argv: list[str], out: Path, paths: dict[str, Path], capsy
     code = CLIS[cli]([*base, *argv, *with_out])
     gc.collect()
     captured = capsys.readouterr()
-    return code, captured.err
+    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize(("cli", "argv", "message"), [*BATTERY, *[pytest.param(*c, marks=NO_CUDA)
@@ -156,12 +156,14 @@ def _run_bad(cli: str, argv: list[str], out: Path, paths: dict[str, Path], capsy
 def test_bad_input_is_refused_in_a_line_or_two_and_nothing_stored_changes(cli, argv, message, stored, bad_data,
                                                                           capsys):
     before = snapshot(stored)
-    code, err = _run_bad(cli, argv, stored, bad_data, capsys)
+    code, out, err = _run_bad(cli, argv, stored, bad_data, capsys)
     assert code == 2, err
     assert message in err, err
     lines = err.strip().splitlines()
     assert 1 <= len(lines) <= 2 and "Traceback" not in err, err
-    assert "hunter2secret" not in err
+    assert "hunter2secret" not in out + err
+    if UNREACHABLE_PG in argv:  # the URL is named, its password masked
+        assert "cifar:***@127.0.0.1" in err, err
     after = snapshot(stored)
     assert after.keys() == before.keys(), sorted(after.keys() ^ before.keys())
     assert [k for k in before if before[k] != after[k]] == []
