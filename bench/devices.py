@@ -76,19 +76,15 @@ def _images(text: str, train: int, device_type: str = "cpu") -> int:
 def _main(args) -> int:
     import pandas as pd
     import torch
-    from rich.table import Table
 
-    from cifarlab.bench import Case, ablation_ladder, choice_cases, choice_precisions, time_cases
-    from cifarlab.choices import best_peaks, resolve_speed
     from cifarlab.data import load_splits
     from cifarlab.errors import ConfigError
     from cifarlab.models import create_model
-    from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
-    from cifarlab.timing import configure_device, environment, training_flops_per_image
-    from studies.onecycle import parse_archs
+    from cifarlab.report.records import check_writable
+    from cifarlab.timing import environment, training_flops_per_image
 
     console = _cli.console()
-    archs = parse_archs(args.arch)
+    archs = _cli.parse_archs(args.arch)
     if args.no_compile and not args.ablation:
         raise ConfigError("--no-compile leaves torch.compile out of the --ablation ladder, the only run that compiles; "
                           "add --ablation, or leave --no-compile out")
@@ -105,133 +101,146 @@ def _main(args) -> int:
     bad = [b for b in args.batch_size if b > len(splits.train_labels)]
     if bad:
         raise ConfigError(f"--batch-size {bad[0]} is larger than the training set ({len(splits.train_labels)})")
-
     devices = ["cpu"] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all"):
         devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    rows: list[dict] = []
-    op_rows: list[dict] = []  # the breakdown: seconds per step by kind of operation
-    conv_rows: list[dict] = []  # and convolution by convolution
-    gap_rows: list[dict] = []  # and the step against the matmul peak: where the rest of the peak goes
-    breakdown = not (args.ablation or args.choose or args.no_breakdown)
+    tables = {"rows": [], "ops": [], "convs": [], "gaps": []}  # per measurement, op kind, conv and peak-gap part
     if args.device == "all" and not torch.cuda.is_available():
-        rows.append({"arch": "all", "device": "cuda", "status": "no CUDA device on this machine"})
+        tables["rows"].append({"arch": "all", "device": "cuda", "status": "no CUDA device on this machine"})
     env = environment()
     console.print(f"{env['cpu_model']}, {env['cpu_count']} cores, {torch.get_num_threads()} threads, "
                   f"torch {env['torch']}; data {splits.source}; --images {args.images} x {args.repeats} repeats")
-
     flops = {arch: training_flops_per_image(create_model(arch, splits.num_classes)) for arch in archs}
     for dev in devices:
-        device = torch.device(dev)
-        images = _images(args.images, len(splits.train_labels), device.type)
-        # Before the first probe: on CUDA training lets fp32 matmuls use TF32, so the fp32 peak is TF32's in
-        # both probes (on an H100 51 TFLOP/s without it, 355 with it), never one of each.
-        configure_device(device)
-        peaks = _matmul_peaks(device, args.peak_seconds)
-        console.print(f"{dev}: matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f}")
-        first_row, first_conv = len(rows), len(conv_rows)
-        if args.choose:
-            precisions, left_out = choice_precisions(dev, peaks)
-            if left_out:
-                console.print(f"{dev}: {left_out}", highlight=False)
-        for arch in archs:
-            for bs in args.batch_size:
-                # What training would use: the flags, else a stored measurement, else the rule. The ladder
-                # climbs to it, so a CPU without bf16 units gets a ladder without a bf16 rung.
-                speed = None if args.choose else resolve_speed(arch, device, args.precision, "auto")
-                if args.ablation:
-                    console.print(f"  {arch}: the default path on {dev} is {speed.precision}, "
-                                  f"{'channels_last' if speed.channels_last else 'NCHW'} ({speed.source})",
-                                  highlight=False)
-                    cases = ablation_ladder(arch, dev, bs, precision=speed.precision,
-                                            channels_last=speed.channels_last, with_compile=not args.no_compile)
-                elif args.choose:
-                    cases = choice_cases(arch, dev, bs, precisions)
-                else:
-                    cases = [Case(arch, dev, bs, speed.precision, speed.channels_last, step="default")]
-                timed = []
-                # Cases compared with each other (a ladder, the four choices) take turns, repetition by repetition.
-                results = time_cases(cases, splits, images=images, repeats=args.repeats, warmup_steps=args.warmup,
-                                     profile_steps=2 if breakdown else 0)
-                for case, result in zip(cases, results):
-                    row = result.row(train_images=len(splits.train_labels), val_images=len(splits.val_labels),
-                                     flops=flops[arch], peak_flops=peaks[case.precision])
-                    row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" \
-                        else env["cpu_model"]
-                    if speed is not None:  # why the default path (and the ladder's top) is what it is
-                        row["choice_source"] = speed.source
-                    rows.append(row)
-                    timed.append(row)
-                    if breakdown:
-                        from cifarlab.breakdown import conv_layer_table
-                        from cifarlab.hostmem import retained_memory
+        _time_device(dev, archs, splits, flops, env, tables, args, console)
+    frame = _add_ratios(pd.DataFrame(tables["rows"]))
+    _write(out, frame, env, tables, args, console)
+    return 0
 
-                        ids = {"arch": arch, "device": dev, "batch_size": bs, "precision": case.precision}
-                        op_rows += [{**ids, **r} for r in result.breakdown]
-                        # Each conv alone with freed memory kept as the step keeps it, not in whatever state
-                        # the cases left malloc in: building the 512-channel 4x4 conv's im2col operand took
-                        # 20-27 ms under a fresh process's malloc and 7-8 ms with memory kept (AMX Xeon).
-                        with retained_memory(case.retain_memory and device.type == "cpu"):
-                            conv_rows += [{**ids, **r} for r in conv_layer_table(  # the model just timed
-                                result.model, bs, device, case.precision, case.channels_last,
-                                peak_flops=peaks[case.precision])]
-                    console.print(f"  {arch} {case.step or ''} batch {bs}: {row['images_per_second']:.0f} img/s, "
-                                  f"{row['achieved_tflops']:.2f} TFLOP/s {case.precision}, "
-                                  f"{row['epoch_50k_seconds'] / 60:.1f} min per 50k ({row['epoch_kind']})")
-                if args.choose:
-                    _store_choice(console, arch, device, bs, timed, args)
-        # The peak is probed again after the timings and the higher of the two probes is the peak: on a shared
-        # machine one probe can land in a slow spell (0.9 against 2.1 TFLOP/s bf16 here), which would flatter
-        # every share measured against it.
-        again = _matmul_peaks(device, args.peak_seconds)
-        for key in peaks:
-            peaks[key] = max(peaks[key], again[key])
-        console.print(f"{dev}: matmul peak probed again: fp32 {again['fp32'] / 1e12:.2f} TFLOP/s, bf16 "
-                      f"{again['bf16'] / 1e12:.2f}")
-        # Both probes can land in a slow spell; the best probe stored for this device is then the denominator.
-        peaks, peak_source = best_peaks(device, peaks)
-        console.print(f"{dev}: shares are of fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s ({peak_source['fp32']}), "
-                      f"bf16 {peaks['bf16'] / 1e12:.2f} ({peak_source['bf16']})", highlight=False)
-        if any(r.get("winograd") and r.get("precision") == "fp32" for r in rows[first_row:]):
-            console.print(f"{dev}: FLOPs are a direct convolution's; the fp32 rows with Winograd 3x3 convs do a "
-                          "quarter of those products, so their share can pass 100%", highlight=False)
-        for row in rows[first_row:]:
-            if "achieved_tflops" in row:
-                row["peak_tflops"] = peaks[row["precision"]] / 1e12
-                row["peak_source"] = peak_source[row["precision"]]
-                row["share_of_peak"] = row["achieved_tflops"] / row["peak_tflops"]
-        for row in conv_rows[first_conv:]:
+
+def _time_device(dev: str, archs, splits, flops, env, tables, args, console) -> None:
+    """Probe ``dev``'s matmul peak, time every case on it (a ladder, the choices, or the default path with its
+    breakdown), probe again, and give each row its share of the best peak."""
+    import torch
+
+    from cifarlab.bench import choice_precisions
+    from cifarlab.choices import best_peaks
+    from cifarlab.timing import configure_device
+
+    device = torch.device(dev)
+    images = _images(args.images, len(splits.train_labels), device.type)
+    # Before the first probe: on CUDA training lets fp32 matmuls use TF32, so both probes measure TF32.
+    configure_device(device)
+    peaks = _matmul_peaks(device, args.peak_seconds)
+    console.print(f"{dev}: matmul peak fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s, bf16 {peaks['bf16'] / 1e12:.2f}")
+    rows, first_row, first_conv = tables["rows"], len(tables["rows"]), len(tables["convs"])
+    precisions = None
+    if args.choose:
+        precisions, left_out = choice_precisions(dev, peaks)
+        if left_out:
+            console.print(f"{dev}: {left_out}", highlight=False)
+    for arch in archs:
+        for bs in args.batch_size:
+            _time_cases(dev, device, arch, bs, images, splits, flops, peaks, env, tables, precisions, args, console)
+    # Probed again after the timings, the better probe counts: one can land in a slow spell of a shared machine.
+    again = _matmul_peaks(device, args.peak_seconds)
+    peaks = {key: max(peaks[key], again[key]) for key in peaks}
+    console.print(f"{dev}: matmul peak probed again: fp32 {again['fp32'] / 1e12:.2f} TFLOP/s, bf16 "
+                  f"{again['bf16'] / 1e12:.2f}")
+    peaks, peak_source = best_peaks(device, peaks)  # both probes may be slow: the best stored probe then counts
+    console.print(f"{dev}: shares are of fp32 {peaks['fp32'] / 1e12:.2f} TFLOP/s ({peak_source['fp32']}), "
+                  f"bf16 {peaks['bf16'] / 1e12:.2f} ({peak_source['bf16']})", highlight=False)
+    for row in rows[first_row:]:
+        if "achieved_tflops" in row:
             row["peak_tflops"] = peaks[row["precision"]] / 1e12
-            row["share_of_peak"] = row["total_tflops"] / row["peak_tflops"]
+            row["peak_source"] = peak_source[row["precision"]]
+            row["share_of_peak"] = row["achieved_tflops"] / row["peak_tflops"]
+    for row in tables["convs"][first_conv:]:
+        row["peak_tflops"] = peaks[row["precision"]] / 1e12
+        row["share_of_peak"] = row["total_tflops"] / row["peak_tflops"]
+    if tables["ops"]:
+        tables["gaps"] += _peak_gaps(rows[first_row:], tables["ops"], flops)
+
+
+def _time_cases(dev, device, arch, bs, images, splits, flops, peaks, env, tables, precisions, args, console) -> None:
+    """The cases of one architecture and batch size, timed in turns, as rows (and breakdown rows)."""
+    import torch
+
+    from cifarlab.bench import Case, ablation_ladder, choice_cases, time_cases
+    from cifarlab.choices import resolve_speed
+
+    breakdown = not (args.ablation or args.choose or args.no_breakdown)
+    # What training would use (flags, else a stored measurement, else the rule); a ladder climbs to it.
+    speed = None if args.choose else resolve_speed(arch, device, args.precision, "auto")
+    if args.ablation:
+        console.print(f"  {arch}: the default path on {dev} is {speed.precision}, "
+                      f"{'channels_last' if speed.channels_last else 'NCHW'} ({speed.source})", highlight=False)
+        cases = ablation_ladder(arch, dev, bs, precision=speed.precision, channels_last=speed.channels_last,
+                                with_compile=not args.no_compile)
+    elif args.choose:
+        cases = choice_cases(arch, dev, bs, precisions)
+    else:
+        cases = [Case(arch, dev, bs, speed.precision, speed.channels_last, step="default")]
+    results = time_cases(cases, splits, images=images, repeats=args.repeats, warmup_steps=args.warmup,
+                         profile_steps=2 if breakdown else 0)
+    timed = []
+    for case, result in zip(cases, results):
+        row = result.row(train_images=len(splits.train_labels), val_images=len(splits.val_labels),
+                         flops=flops[arch], peak_flops=peaks[case.precision])
+        row["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else env["cpu_model"]
+        if speed is not None:  # why the default path (and the ladder's top) is what it is
+            row["choice_source"] = speed.source
+        tables["rows"].append(row)
+        timed.append(row)
         if breakdown:
-            gap_rows += _peak_gaps(rows[first_row:], op_rows, flops)
-    frame = pd.DataFrame(rows)
-    frame = _add_ratios(frame)
+            _break_down(case, result, arch, dev, device, bs, peaks, tables)
+        console.print(f"  {arch} {case.step or ''} batch {bs}: {row['images_per_second']:.0f} img/s, "
+                      f"{row['achieved_tflops']:.2f} TFLOP/s {case.precision}, "
+                      f"{row['epoch_50k_seconds'] / 60:.1f} min per 50k ({row['epoch_kind']})")
+    if args.choose:
+        _store_choice(console, arch, device, bs, timed, args)
+
+
+def _break_down(case, result, arch, dev, device, bs, peaks, tables) -> None:
+    from cifarlab import cpu
+    from cifarlab.breakdown import conv_layer_table
+
+    ids = {"arch": arch, "device": dev, "batch_size": bs, "precision": case.precision}
+    tables["ops"] += [{**ids, **r} for r in result.breakdown]
+    # Each conv alone with freed memory kept as the step keeps it, not in whatever state the cases left malloc.
+    with cpu.retained_memory(case.retain_memory and device.type == "cpu"):
+        tables["convs"] += [{**ids, **r} for r in conv_layer_table(
+            result.model, bs, device, case.precision, case.channels_last, peak_flops=peaks[case.precision])]
+
+
+def _write(out, frame, env, tables, args, console) -> None:
+    """devices.csv and devices.json, the breakdown's tables, the terminal tables and the page."""
+    import pandas as pd
+    from rich.table import Table
+
+    from cifarlab.report.devices import devices_page, ladder_bounds
+    from cifarlab.report.records import new_record_dir, write_csv, write_json
+
     run_dir = new_record_dir(out, "devices", "bench")
     write_csv(run_dir / "devices.csv", frame)
     write_json(run_dir / "devices.json", {"kind": "devices", "environment": env, "rows": frame.to_dict("records"),
                                           "args": {k: v for k, v in vars(args).items() if k != "out"}})
     _print_table(console, frame, Table)
     if args.ablation and "status" in frame:
-        from cifarlab.report.devices import ladder_bounds
-
         for line in ladder_bounds(frame[frame["status"] == "ok"]):
             console.print(f"  {line}", highlight=False)
-    ops, convs, gaps = pd.DataFrame(op_rows), pd.DataFrame(conv_rows), pd.DataFrame(gap_rows)
+    ops, convs, gaps = (pd.DataFrame(tables[k]) for k in ("ops", "convs", "gaps"))
     if len(ops):
         write_csv(run_dir / "breakdown.csv", ops)
         write_csv(run_dir / "conv_layers.csv", convs)
         write_csv(run_dir / "peak_gap.csv", gaps)
         _print_breakdown(console, ops, convs, Table)
         _print_peak_gaps(console, frame, gaps, Table)
-    from cifarlab.report.devices import devices_page
-
     devices_page(run_dir, frame, env, ops=ops, convs=convs, gaps=gaps)
     console.print(f"written: {run_dir / 'index.html'}")
     _cli.rebuild_reports(out, console)
     if (out / "machines" / "index.html").is_file():
         console.print(f"machines compared: {out / 'machines' / 'index.html'}")
-    return 0
 
 
 def _ms(ms: float) -> str:

@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from cifarlab.augment import BatchAugmenter, Normalization
+from cifarlab.config import TrainConfig
+from cifarlab.evaluate import evaluate
 from cifarlab.models import create_model
 from cifarlab.models.layers import GhostBatchNorm2d, use_activation, use_ghost_batch_norm
+from cifarlab.step import TrainStep, autocast
 from cifarlab.timing import resolve_precision
-from cifarlab.train import TrainConfig, autocast, build_optimizer, evaluate
 
 BATCH = 256
 CPU = torch.device("cpu")
@@ -20,21 +22,16 @@ def norm(splits):
 
 @pytest.mark.parametrize("arch", ["custom_resnet", "resnet18"])
 def test_train_step(benchmark, splits, norm, arch):
+    """The step fit() trains with (the default recipe's model, optimizer, EMA and schedule)."""
+    from cifarlab.models.recipe import build_model
+
     precision = resolve_precision("auto", CPU)
-    model = create_model(arch).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(TrainConfig(arch=arch), model)
+    config = TrainConfig(arch=arch, batch_size=BATCH)
+    model = build_model(config, splits, norm, CPU, True)
+    step = TrainStep(config, model, CPU, precision, total_steps=100, num_classes=splits.num_classes)
     aug = BatchAugmenter(splits.train_images, splits.train_labels, norm, CPU, channels_last=True)
     x, y = next(aug.epoch(BATCH, torch.Generator().manual_seed(0)))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.2)
-
-    def step():
-        with autocast(CPU, precision):
-            loss = criterion(model(x).float() * 0.125, y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    benchmark.pedantic(step, rounds=5, warmup_rounds=2)
+    benchmark.pedantic(step, args=(x, y), rounds=5, warmup_rounds=2)
     benchmark.extra_info.update({"images": BATCH, "precision": precision})
 
 
@@ -92,19 +89,21 @@ def test_evaluation_batch(benchmark, splits, norm):
 def test_checkpoint_save(benchmark, tmp_path, splits, norm):
     """What a run pays for each checkpoint (default: one a minute): the default recipe's model, SGD momentum and
     EMA, written atomically."""
-    from cifarlab.train import Checkpointing, FitResult, WeightEMA, _save_checkpoint, build_scheduler, recipe_model
+    from cifarlab.augment import AugmentConfig, TrainingBatches
+    from cifarlab.checkpoint import Checkpointing
+    from cifarlab.models.recipe import recipe_model
+    from cifarlab.train import FitResult
 
     config = TrainConfig()
     model = recipe_model(config, 10)
-    optimizer = build_optimizer(config, model)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    optimizer.step()  # the momentum buffers exist from the first step on
-    ema = WeightEMA(model, config.ema)
-    ckpt = Checkpointing(tmp_path / "checkpoint.pt")
+    step = TrainStep(config, model, CPU, "fp32", total_steps=100, num_classes=10)
+    step(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))  # the momentum buffers exist from the first step on
+    gen = torch.Generator()
+    batches = TrainingBatches(splits.train_images[:64], splits.train_labels[:64], norm, CPU, AugmentConfig(), 32,
+                              channels_last=False, generator=gen)
     result = FitResult(config=config, records=[], model=model, device="cpu", precision="fp32", channels_last=True,
                        normalization=norm)
-    kw = {"config": config, "epoch": 1, "model": model, "optimizer": optimizer,
-          "scheduler": build_scheduler(config, optimizer, 100), "ema": ema, "gen": torch.Generator(),
-          "augmenter": None, "result": result, "wall_seconds": 0.0}
-    benchmark.pedantic(_save_checkpoint, args=(ckpt,), kwargs=kw, rounds=5, warmup_rounds=1)
+    ckpt = Checkpointing(tmp_path / "checkpoint.pt")
+    ckpt.bind(config=config, step=step, gen=gen, batches=batches, result=result, steps_per_epoch=2)
+    benchmark.pedantic(ckpt.save, args=(1, 0.0), rounds=5, warmup_rounds=1)
     benchmark.extra_info["megabytes"] = ckpt.path.stat().st_size / 1e6

@@ -220,6 +220,18 @@ def load_data(args: argparse.Namespace, seed: int = 0):
     return splits.with_train_subset(args.train_subset, seed=seed)
 
 
+def parse_archs(text: str) -> list[str]:
+    """``custom_resnet,resnet18`` as a list, each a registered architecture."""
+    from cifarlab.errors import ConfigError
+    from cifarlab.models import list_models
+
+    archs = [a.strip() for a in text.split(",") if a.strip()]
+    bad = [a for a in archs if a not in list_models()]
+    if bad or not archs:
+        raise ConfigError(f"unknown architecture {', '.join(bad) or repr(text)}; valid: {', '.join(list_models())}")
+    return list(dict.fromkeys(archs))
+
+
 def console():
     """A rich console; wide when writing to a file or pipe, so logs keep whole table rows."""
     from rich.console import Console
@@ -231,7 +243,7 @@ def console():
 
 def rebuild_reports(out: Path, console, storage_url: str | None = None) -> None:
     """Redraw ``<out>/index.html`` after a command stored results; a drawing fault never loses those results."""
-    from studies.report import rebuild
+    from studies._reports import rebuild
 
     try:
         index = rebuild(out, storage_url)

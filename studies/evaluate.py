@@ -17,7 +17,7 @@ PROG = "python -m studies.evaluate"
 
 
 def _views(text: str) -> list[str]:
-    from cifarlab.train import TTA_VIEWS
+    from cifarlab.evaluate import TTA_VIEWS
 
     views = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in views if v not in TTA_VIEWS]
@@ -55,12 +55,13 @@ def _main(args) -> int:
     from rich.table import Table
 
     from cifarlab.choices import resolve_speed
+    from cifarlab.cpu import retained_memory
     from cifarlab.data import load_splits
     from cifarlab.errors import ConfigError
-    from cifarlab.hostmem import retained_memory
+    from cifarlab.evaluate import TTA_VIEWS, evaluate
     from cifarlab.report.records import read_json
     from cifarlab.timing import configure_device, resolve_device, synchronize
-    from cifarlab.train import TTA_VIEWS, evaluate, load_weights
+    from cifarlab.weights import load_weights
 
     console = _cli.console()
     path = Path(args.run)

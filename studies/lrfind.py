@@ -15,8 +15,8 @@ PROG = "python -m studies.lrfind"
 
 
 def build_parser():
+    from cifarlab.config import OPTIMIZERS
     from cifarlab.models import list_models
-    from cifarlab.train import OPTIMIZERS
 
     p = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="custom_resnet", choices=list_models(), help="architecture")
@@ -44,21 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     import math
 
-    import pandas as pd
-    import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from cifarlab.augment import BatchAugmenter, Normalization
-    from cifarlab.choices import resolve_speed
+    from cifarlab.config import TrainConfig
     from cifarlab.errors import ConfigError
-    from cifarlab.hostmem import retained_memory
-    from cifarlab.lr_finder import lr_range_test
-    from cifarlab.report.figures import lrfind_figure
-    from cifarlab.report.records import check_writable, new_record_dir, write_csv, write_json
-    from cifarlab.timing import configure_device, environment, resolve_device
-    from cifarlab.train import TrainConfig, autocast, build_model, build_optimizer
+    from cifarlab.lr_finder import run_range_test
+    from cifarlab.report.records import check_writable, write_lrfind_record
+    from cifarlab.timing import environment, resolve_device
 
     console = _cli.console()
     if args.start_lr >= args.end_lr:
@@ -66,69 +60,41 @@ def _main(args) -> int:
     if args.steps < 3:
         raise ConfigError(f"--steps must be at least 3 for a suggestion, got {args.steps}")
     device = resolve_device(args.device)
-    configure_device(device)
     out = check_writable(args.out)
-    config = TrainConfig(arch=args.arch, optimizer=args.optimizer, batch_size=args.batch_size,
+    config = TrainConfig(arch=args.arch, optimizer=args.optimizer, batch_size=args.batch_size, ema=0,
                          weight_decay=args.weight_decay, max_lr=args.start_lr, precision=args.precision,
-                         device=args.device, seed=args.seed, label_smoothing=args.label_smoothing)
+                         device=args.device, seed=args.seed, label_smoothing=args.label_smoothing,
+                         logit_scale=args.logit_scale)
     splits = _cli.load_data(args, seed=args.seed)
-    if args.batch_size > len(splits.train_labels):
-        raise ConfigError(f"--batch-size {args.batch_size} is larger than the training set "
-                          f"({len(splits.train_labels)} images)")
-    speed = resolve_speed(args.arch, device, args.precision, "auto")
-    precision, channels_last = speed.precision, speed.channels_last
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    norm = Normalization.from_images(splits.train_images)
-    model = build_model(config, splits, norm, device, channels_last, generator=gen)
-    optimizer = build_optimizer(config, model)
-    augmenter = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, channels_last=channels_last)
-
-    def batches():
-        while True:
-            yield from augmenter.epoch(args.batch_size, gen)
-
     console.print(f"LR range test: {args.arch}, {args.optimizer}, batch {args.batch_size}, "
-                  f"{args.start_lr:g} to {args.end_lr:g} over {args.steps} steps, {precision}, {device}")
-    # The progress bar goes to stderr, as tqdm's does: `studies.onecycle` runs this with stdout silenced and the
-    # sweep takes minutes on a CPU. It is drawn only on a terminal and erased when done, so logs stay clean.
+                  f"{args.start_lr:g} to {args.end_lr:g} over {args.steps} steps, {device}")
+    # The progress bar goes to stderr, as tqdm's does, drawn only on a terminal and erased when done: the sweep
+    # takes minutes on a CPU, and logs stay clean.
     progress = Progress(TextColumn("LR range test: step"), MofNCompleteColumn(), BarColumn(),
                         TextColumn("LR {task.fields[lr]:.2e}  smoothed loss {task.fields[loss]:.3f}"),
                         TimeRemainingColumn(), console=Console(stderr=True, highlight=False), transient=True)
     task = progress.add_task("sweep", total=args.steps, lr=args.start_lr, loss=float("nan"))
-    with progress, retained_memory(device.type == "cpu"):  # as fit() trains: no page faults for each step's memory
-        result = lr_range_test(
-            model, optimizer, batches(), torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-            start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
-            autocast=lambda: autocast(device, precision), logit_scale=args.logit_scale,
+    with progress:
+        result, precision = run_range_test(
+            config, splits, start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps,
             on_step=lambda step, lr, loss: progress.update(task, completed=step, lr=lr, loss=loss))
-    frame = pd.DataFrame({"step": range(len(result.lrs)), "lr": result.lrs, "loss": result.losses,
-                          "smoothed_loss": result.smoothed})
-    run_dir = new_record_dir(out, "lrfind", args.arch)
-    write_csv(run_dir / "lrfind.csv", frame)
-    suggestions = result.suggestions
     doc = {"kind": "lrfind", "arch": args.arch, "optimizer": args.optimizer, "batch_size": args.batch_size,
            "weight_decay": args.weight_decay, "logit_scale": args.logit_scale, "precision": precision,
-           "data": splits.describe(),
-           "environment": environment(device), **result.to_dict()}
-    write_json(run_dir / "lrfind.json", doc)
-    lrfind_figure(frame, suggestions, run_dir / "lrfind.png",
-                  f"LR range test: {args.arch}, {args.optimizer}, batch {args.batch_size}")
-
+           "data": splits.describe(), "environment": environment(device)}
+    run_dir = write_lrfind_record(out, doc, result)
     table = Table(title="LR suggestions")
-    table.add_column("rule")
-    table.add_column("max LR", justify="right")
-    table.add_column("LRMIN = max / 25 (OneCycleLR start)", justify="right")
-    for name, lr in suggestions.items():
+    for col, justify in (("rule", "left"), ("max LR", "right"), ("LRMIN = max / 25 (OneCycleLR start)", "right")):
+        table.add_column(col, justify=justify)
+    for name, lr in result.suggestions.items():
         table.add_row(name, f"{lr:.3e}", f"{lr / 25:.3e}")
     console.print(table)
-    status = "stopped at divergence" if result.diverged else "ran all steps"
     finite = [s for s in result.smoothed if math.isfinite(s)]
     lowest = f"; lowest smoothed loss {min(finite):.3f}" if finite else ""
-    console.print(f"{status} after {len(result.lrs)} steps{lowest}")
-    if "steepest" in suggestions:
+    console.print(f"{'stopped at divergence' if result.diverged else 'ran all steps'} after {len(result.lrs)} steps"
+                  f"{lowest}")
+    if "steepest" in result.suggestions:
         console.print(f"use it as: python -m studies.train --arch {args.arch} --optimizer {args.optimizer} "
-                      f"--max-lr {suggestions['steepest']:.3g}")
+                      f"--max-lr {result.suggestions['steepest']:.3g}")
     console.print(f"written: {run_dir}")
     _cli.rebuild_reports(out, console)
     return 0

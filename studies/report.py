@@ -25,33 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     return _cli.run(build_parser(), _main, argv)
 
 
-def rebuild(out: Path, storage_url: str | None = None, redrawn: list[Path] | None = None) -> Path:
-    """Write ``out/index.html`` and every page it links; used by every command that stores results.
-
-    Pages missing or older than their records are drawn again; ``redrawn`` collects their folders.
-    """
-    from cifarlab.report.pages import build_index
-
-    studies = []
-    url = storage_url
-    default_db = Path(out) / "studies" / "studies.db"
-    if url is None and default_db.is_file():
-        url = f"sqlite:///{default_db.resolve()}"
-    if url is not None:
-        import optuna
-
-        from studies._storage import open_storage
-
-        storage = open_storage(url)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-            studies.append(optuna.load_study(study_name=summary.study_name, storage=storage))
-    return build_index(Path(out), studies, redrawn)
-
-
 def _main(args) -> int:
     from cifarlab.errors import ConfigError
     from cifarlab.report.records import check_writable
+    from studies._reports import rebuild
     from studies._storage import mask_url, scrub
 
     out = Path(args.out)

@@ -2,7 +2,7 @@
 
 Prints the model's layer table, trains with a progress bar, prints a per-epoch table and the test accuracy
 (plain and with flip test-time augmentation), and writes ``run.json``, ``epochs.csv`` and the tested weights
-(``model.pt``, read back with ``cifarlab.train.load_weights``) under ``<out>/runs/<time>-<arch>/``.
+(``model.pt``, read back with ``cifarlab.weights.load_weights``) under ``<out>/runs/<time>-<arch>/``.
 
 While it trains, the run keeps ``checkpoint.pt`` in that folder (at the end of the first step a minute after the
 last save, within an epoch or at its end; Ctrl-C or SIGTERM saves at the end of the step under way):
@@ -23,7 +23,7 @@ HOLD_OUT = 0.1
 
 
 def build_parser():
-    from cifarlab.train import TrainConfig
+    from cifarlab.config import TrainConfig
 
     parser = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     _cli.add_dataclass_arguments(parser, TrainConfig)
@@ -36,7 +36,7 @@ def build_parser():
                         help="evaluate on the test set after training (plain and flip-TTA)")
     parser.add_argument("--save-model", action=_cli.argparse.BooleanOptionalAction, default=True,
                         help="write the tested weights (the EMA's where kept) to model.pt beside run.json; "
-                             "cifarlab.train.load_weights reads them back")
+                             "cifarlab.weights.load_weights reads them back")
     parser.add_argument("--checkpoint-every", type=_cli.duration_or_zero, default=60.0,
                         help="save the state to resume from at the end of the first step after this long since the "
                              "last save, within an epoch or at its end (90s, 10m; 0: at each epoch's end only) "
@@ -53,21 +53,10 @@ def build_parser():
 RESUME_FLAGS = ("--resume", "--data", "--cache-dir", "--quiet")
 
 
-def resume_point(resume: dict, epochs: int) -> tuple[str, float]:
-    """Where a checkpoint leaves its run, in words ("after epoch 3 of 10", "in epoch 4 of 10, after step 40 of
-    97") and in epochs done (3, 3.412)."""
-    from cifarlab.train import checkpoint_progress
-
-    epoch, step, steps = checkpoint_progress(resume)
-    if not step:
-        return f"after epoch {epoch} of {epochs}", epoch
-    return f"in epoch {epoch + 1} of {epochs}, after step {step} of {steps}", round(epoch + step / max(steps, 1), 3)
-
-
 def _resume_args(args, raw: list[str]):
     """The stopped run's flags, its checkpoint, and its folder; other flags given with --resume are refused."""
+    from cifarlab.checkpoint import load_checkpoint
     from cifarlab.errors import ConfigError
-    from cifarlab.train import load_checkpoint
 
     others = [flag for flag in _cli.flags_given(raw) if flag not in RESUME_FLAGS]
     if others:
@@ -87,45 +76,6 @@ def _resume_args(args, raw: list[str]):
     return _cli.argparse.Namespace(**stored), doc, path.parent
 
 
-def run_record(result, splits, *, status: str, train_subset, wall_seconds: float) -> dict:
-    """The JSON document of one run: everything its report page needs."""
-    import numpy as np
-
-    from cifarlab.timing import environment, resolve_device
-
-    doc: dict = {
-        "kind": "run",
-        "status": status,
-        "config": result.config.to_dict(),
-        "resolved": {"device": result.device, "precision": result.precision,
-                     "channels_last": result.channels_last, "speed_choice": result.speed_source,
-                     "compile_seconds": result.compile_seconds},
-        "environment": environment(resolve_device(result.config.device)),
-        "data": {**splits.describe(), "train_subset": train_subset},
-        "normalization": {"mean": list(result.normalization.mean), "std": list(result.normalization.std)},
-        "epochs": [r.to_dict() for r in result.records],
-        "wall_seconds": wall_seconds,
-        "test": None,
-    }
-    if result.test is not None or result.test_tta is not None:
-        test: dict = {}
-        for key, ev in (("plain", result.test), ("flip_tta", result.test_tta)):
-            if ev is None:
-                continue
-            labels = splits.test_labels
-            k = splits.num_classes
-            confusion = np.bincount(labels * k + ev.predictions, minlength=k * k).reshape(k, k)
-            test[key] = {
-                "accuracy": ev.accuracy,
-                "loss": ev.loss,
-                "per_class_accuracy": (confusion.diagonal() / np.maximum(confusion.sum(1), 1)).tolist(),
-                "confusion": confusion.tolist(),
-                "predictions": ev.predictions.tolist(),
-            }
-        doc["test"] = test
-    return doc
-
-
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     return _cli.run(build_parser(), lambda args: _main(args, raw), argv)
@@ -141,15 +91,16 @@ def _main(args, raw: list[str]) -> int:
 def _train(args, raw: list[str], held) -> int:
     import time
 
-    import pandas as pd
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
 
+    from cifarlab.checkpoint import resume_point
+    from cifarlab.config import TrainConfig
     from cifarlab.errors import CifarlabError, ConfigError
     from cifarlab.models import model_summary
-    from cifarlab.report.records import check_writable, holding, new_record_dir, write_csv, write_json
+    from cifarlab.models.recipe import recipe_model
+    from cifarlab.report.records import check_writable
     from cifarlab.timing import resolve_device
-    from cifarlab.train import Checkpointing, TrainConfig, fit, recipe_model, save_weights
+    from cifarlab.train import fit
 
     console = _cli.console()
     given = _cli.flags_given(raw)
@@ -162,52 +113,17 @@ def _train(args, raw: list[str], held) -> int:
     resume, run_dir = None, None
     if args.resume is not None:
         args, resume, run_dir = _resume_args(args, raw)
-        held.enter_context(holding(run_dir))  # not while another process trains it
+        held.enter_context(_holding(run_dir))  # not while another process trains it
     if args.val_size is None:  # resolved here, so that a checkpoint stores the hold-out it trained with
         args.val_size = 0 if args.test else HOLD_OUT
     config = _cli.dataclass_from_args(TrainConfig, args)
     resolve_device(config.device)  # fail on --device cuda without CUDA before loading data
     out = check_writable(args.out)
     t0 = time.perf_counter()
-    splits = _cli.load_data(args, seed=config.seed)
-    load_seconds = time.perf_counter() - t0
-    if len(splits.train_labels) < 2:
-        raise ConfigError("the training set has fewer than 2 images; pass a larger --train-subset")
-    if config.batch_size > len(splits.train_labels):
-        raise ConfigError(
-            f"--batch-size {config.batch_size} is larger than the training set ({len(splits.train_labels)} images)")
-    console.print(f"data: {splits.source}: {len(splits.train_labels)} train / {len(splits.val_labels)} val / "
-                  f"{len(splits.test_labels)} test, {splits.num_classes} classes "
-                  f"({'cache' if splits.from_cache else 'decoded'} in {load_seconds:.1f} s)")
-    if splits.resized:
-        console.print(f"[yellow]note:[/] {splits.resized} images were not 32x32 and were resized on load")
-    data = {k: v for k, v in splits.describe().items() if k in ("classes", "train", "val", "test")}
-    if resume is not None and resume["extra"]["data"] != data:
-        raise ConfigError(f"the data differ from those the run trained on ({splits.source}); pass --data with the "
-                          "run's data")
+    splits = _load(args, config, console, resume)
     if not args.quiet:
         console.print(model_summary(recipe_model(config, splits.num_classes)), highlight=False)
-    from cifarlab.report.devices import machine_of
-    from cifarlab.timing import environment
-
-    machine = machine_of(environment(resolve_device(config.device)))  # a resumed run may go on elsewhere
-    checkpoint = None
-    if resume is not None:
-        where, done = resume_point(resume, config.epochs)
-        console.print(f"resuming {run_dir} {where}", soft_wrap=True)
-        resumed_after = [*resume["extra"].get("resumed_after", []), done]
-        extra = {**resume["extra"], "resumed_after": resumed_after}
-        if "machines" in extra:  # (a checkpoint saved before they were kept does not say where it trained)
-            extra["machines"] = [*extra["machines"], machine]
-        checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every, resume=resume, extra=extra)
-    elif not args.no_checkpoint:
-        run_dir = new_record_dir(out, "runs", config.arch)
-        held.enter_context(holding(run_dir))
-        stored = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-        checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every,
-                                   extra={"args": stored, "data": data, "resumed_after": [], "machines": [machine]})
-        console.print(f"checkpoint: {checkpoint.path} (if the run stops: {PROG} --resume {run_dir})", soft_wrap=True)
-
+    checkpoint, run_dir = _checkpointing(args, config, splits, out, resume, run_dir, held, console)
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]} batch {task.fields[batch]}"), BarColumn(),
         TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.1%}"), TimeRemainingColumn(),
@@ -245,44 +161,120 @@ def _train(args, raw: list[str], held) -> int:
         raise
     # On --resume, the wall time of the sessions before this one (fit's, less their data loading) is added.
     wall = time.perf_counter() - t0 + (float(resume["wall_seconds"]) if resume is not None else 0.0)
+    _report(console, result, splits, wall)
+    _store(args, result, splits, wall, out, run_dir, checkpoint, console)
+    return 0
 
-    epochs = pd.DataFrame([r.to_dict() for r in result.records])
+
+def _holding(run_dir):
+    from cifarlab.report.records import holding
+
+    return holding(run_dir)
+
+
+def _load(args, config, console, resume):
+    """The run's data, checked against the flags and, on --resume, against the data the run trained on."""
+    import time
+
+    from cifarlab.errors import ConfigError
+
+    t0 = time.perf_counter()
+    splits = _cli.load_data(args, seed=config.seed)
+    if len(splits.train_labels) < 2:
+        raise ConfigError("the training set has fewer than 2 images; pass a larger --train-subset")
+    if config.batch_size > len(splits.train_labels):
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is larger than the training set ({len(splits.train_labels)} images)")
+    console.print(f"data: {splits.source}: {len(splits.train_labels)} train / {len(splits.val_labels)} val / "
+                  f"{len(splits.test_labels)} test, {splits.num_classes} classes "
+                  f"({'cache' if splits.from_cache else 'decoded'} in {time.perf_counter() - t0:.1f} s)")
+    if splits.resized:
+        console.print(f"[yellow]note:[/] {splits.resized} images were not 32x32 and were resized on load")
+    if resume is not None and resume["extra"]["data"] != _data_key(splits):
+        raise ConfigError(f"the data differ from those the run trained on ({splits.source}); pass --data with the "
+                          "run's data")
+    return splits
+
+
+def _data_key(splits) -> dict:
+    return {k: v for k, v in splits.describe().items() if k in ("classes", "train", "val", "test")}
+
+
+def _checkpointing(args, config, splits, out, resume, run_dir, held, console):
+    """The run's checkpoint (continued on --resume, else new unless --no-checkpoint) and its folder."""
+    from cifarlab.checkpoint import Checkpointing, resume_point
+    from cifarlab.report.devices import machine_of
+    from cifarlab.report.records import new_record_dir
+    from cifarlab.timing import environment, resolve_device
+
+    machine = machine_of(environment(resolve_device(config.device)))  # a resumed run may go on elsewhere
+    if resume is not None:
+        console.print(f"resuming {run_dir} {resume_point(resume, config.epochs)[0]}", soft_wrap=True)
+        extra = {**resume["extra"], "resumed_after": [*resume["extra"]["resumed_after"],
+                                                      resume_point(resume, config.epochs)[1]],
+                 "machines": [*resume["extra"]["machines"], machine]}
+        return Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every, resume=resume,
+                             extra=extra), run_dir
+    if args.no_checkpoint:
+        return None, None
+    run_dir = new_record_dir(out, "runs", config.arch)
+    held.enter_context(_holding(run_dir))
+    stored = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=args.checkpoint_every,
+                               extra={"args": stored, "data": _data_key(splits), "resumed_after": [],
+                                      "machines": [machine]})
+    console.print(f"checkpoint: {checkpoint.path} (if the run stops: {PROG} --resume {run_dir})", soft_wrap=True)
+    return checkpoint, run_dir
+
+
+def _report(console, result, splits, wall: float) -> None:
+    """The per-epoch table and the run's summary lines."""
+    import statistics
+
+    from rich.table import Table
+
+    config, records = result.config, result.records
     table = Table(title=f"{config.arch}: {config.optimizer}, max LR {config.max_lr:g}, batch {config.batch_size}, "
                         f"{result.precision}, channels_last {'on' if result.channels_last else 'off'}, {result.device}")
     for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "LR", "epoch s", "img/s", "augment s"):
         table.add_column(col, justify="right")
-    for r in result.records:
-        has_val = len(splits.val_labels) > 0  # none held out (--val-size 0): a dash, not "nan%"
+    has_val = len(splits.val_labels) > 0  # none held out (--val-size 0): a dash, not "nan%"
+    for r in records:
         table.add_row(str(r.epoch), f"{r.train_loss:.3f}", f"{r.train_accuracy:.2%}",
                       f"{r.val_loss:.3f}" if has_val else "—", f"{r.val_accuracy:.2%}" if has_val else "—",
-                      f"{r.lr:.2e}", f"{r.epoch_seconds:.1f}", f"{r.images_per_second:.0f}",
-                      f"{r.data_seconds:.2f}")
+                      f"{r.lr:.2e}", f"{r.epoch_seconds:.1f}", f"{r.images_per_second:.0f}", f"{r.data_seconds:.2f}")
     console.print(table)
     console.print(f"precision {result.precision}, channels_last {'on' if result.channels_last else 'off'}: "
                   f"{result.speed_source}", highlight=False)
-    train_s = epochs["train_seconds"].sum()
-    console.print(f"augmentation and batching: {epochs['data_seconds'].mean():.2f} s per epoch "
-                  f"({epochs['data_seconds'].sum() / train_s:.1%} of training time, {config.augment} path)")
+    train_s = sum(r.train_seconds for r in records)
+    console.print(f"augmentation and batching: {sum(r.data_seconds for r in records) / len(records):.2f} s per epoch "
+                  f"({sum(r.data_seconds for r in records) / train_s:.1%} of training time, {config.augment} path)")
     if result.test is not None and result.test_tta is not None:
         console.print(f"test accuracy: {result.test.accuracy:.2%} (with flip TTA: {result.test_tta.accuracy:.2%})")
-    console.print(f"wall time {wall / 60:.1f} min (training {train_s / 60:.1f} min), "
-                  f"{epochs['images_per_second'].median():.0f} img/s median")
+    median = statistics.median(r.images_per_second for r in records)
+    console.print(f"wall time {wall / 60:.1f} min (training {train_s / 60:.1f} min), {median:.0f} img/s median")
 
-    run_dir = run_dir or new_record_dir(out, "runs", config.arch)
+
+def _store(args, result, splits, wall: float, out, run_dir, checkpoint, console) -> None:
+    """``run.json``, ``epochs.csv`` and ``model.pt`` in the run's folder; the checkpoint goes."""
+    import pandas as pd
+
+    from cifarlab.report.records import new_record_dir, run_record, write_csv, write_json
+    from cifarlab.weights import save_weights
+
+    run_dir = run_dir or new_record_dir(out, "runs", result.config.arch)
     doc = run_record(result, splits, status="completed", train_subset=args.train_subset, wall_seconds=wall)
     if checkpoint is not None and checkpoint.extra["resumed_after"]:
         doc["resumed_after_epochs"] = checkpoint.extra["resumed_after"]
-        if "machines" in checkpoint.extra:
-            doc["machines"] = checkpoint.extra["machines"]  # the machine of each session, in turn
+        doc["machines"] = checkpoint.extra["machines"]  # the machine of each session, in turn
     write_json(run_dir / "run.json", doc)
-    write_csv(run_dir / "epochs.csv", epochs)
+    write_csv(run_dir / "epochs.csv", pd.DataFrame([r.to_dict() for r in result.records]))
     console.print(f"run record: {Path(run_dir) / 'run.json'}")
     if args.save_model:
         console.print(f"weights: {save_weights(result, run_dir / 'model.pt', splits.classes)}")
     if checkpoint is not None:
         checkpoint.path.unlink(missing_ok=True)  # the run is done: run.json and model.pt hold what it gives
     _cli.rebuild_reports(out, console)
-    return 0
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ def pytest_configure(config):
 # out last ran alone for minutes at the end; longest first, the last files are short. Files not named here run
 # after these, in the usual order.
 FILE_COST = {"test_faults.py": 250, "test_train.py": 210, "test_onecycle.py": 150, "test_bench.py": 85,
-             "test_hardening.py": 80, "test_cli.py": 70, "test_reports.py": 68, "test_whitening.py": 35,
-             "test_choices.py": 32, "test_lr_finder.py": 14, "test_layers.py": 12}
+             "test_hardening.py": 80, "test_cli.py": 70, "test_reports.py": 68, "test_micro_bench.py": 40,
+             "test_whitening.py": 35, "test_choices.py": 32, "test_lr_finder.py": 14, "test_layers.py": 12}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -137,13 +137,13 @@ def load_study_at(out: Path, arch: str = "custom_resnet", url: str | None = None
 
 @pytest.fixture(autouse=True)
 def _malloc_setting_is_left_as_found():
-    """cifarlab.hostmem's setting is process-wide: a test (or the code under it) that changes it and does not put
-    it back would change what later tests in the same worker measure."""
-    from cifarlab import hostmem
+    """cifarlab.cpu's freed-memory setting is process-wide: a test (or the code under it) that changes it and does
+    not put it back would change what later tests in the same worker measure."""
+    from cifarlab import cpu
 
-    before = hostmem.freed_memory_retained()
+    before = cpu.freed_memory_retained()
     yield
-    assert hostmem.freed_memory_retained() == before, "glibc's malloc setting was left changed"
+    assert cpu.freed_memory_retained() == before, "glibc's malloc setting was left changed"
 
 
 @pytest.fixture(autouse=True)

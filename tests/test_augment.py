@@ -145,8 +145,9 @@ def test_channels_last_output(images):
 
 def _seed_loader_batches(seed: int, n_batches: int = 4) -> list[torch.Tensor]:
     """Batches of the seed-style DataLoader path (2 workers) over 64 copies of one image."""
+    from cifarlab.config import TrainConfig
     from cifarlab.data import DataSplits
-    from cifarlab.train import TrainConfig, _train_batches
+    from cifarlab.train import training_batches
 
     r = np.arange(32, dtype=np.uint8)
     img = np.stack([np.broadcast_to(r[:, None] * 7, (32, 32)), np.broadcast_to(r[None, :] * 7, (32, 32)),
@@ -156,9 +157,9 @@ def _seed_loader_batches(seed: int, n_batches: int = 4) -> list[torch.Tensor]:
     empty = np.zeros((0, 32, 32, 3), np.uint8)
     splits = DataSplits(imgs, labels, empty, np.zeros(0, np.int64), imgs[:2], labels[:2], tuple("abcdefghij"), "x")
     cfg = TrainConfig(augment="dataloader", batch_size=16, loader_workers=2, precision="fp32", channels_last="off")
-    _, epoch, _ = _train_batches(cfg, splits, Normalization.from_images(imgs), torch.device("cpu"), False,
-                              torch.Generator().manual_seed(seed))
-    return [x for x, _ in epoch()][:n_batches]
+    batches = training_batches(cfg, splits, Normalization.from_images(imgs), torch.device("cpu"), False,
+                               torch.Generator().manual_seed(seed))
+    return [x for x, _ in batches.epoch()][:n_batches]
 
 
 def test_dataloader_workers_draw_independent_augmentations():

@@ -99,7 +99,7 @@ BENCH = ["--data", "synthetic:200:40", "--val-size", "40", "--arch", "custom_res
 
 def test_devices_writes_csv_html_and_the_no_cuda_row(tmp_path, capfd, monkeypatch):
     import cifarlab.breakdown
-    from cifarlab.hostmem import freed_memory_retained
+    from cifarlab.cpu import freed_memory_retained
 
     # Each conv alone is timed with freed memory kept, as the training step it stands for keeps it.
     table, kept = cifarlab.breakdown.conv_layer_table, []
@@ -176,22 +176,19 @@ def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path, capsys):
     rows = [r for r in read_rows(run_dir / "devices.csv") if r["device"] == "cpu"]
     assert [r["step"] for r in rows] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
                                          "+ channels_last", "+ batched in-memory data", "+ fused optimizer",
-                                         "+ freed memory kept", "+ 4x4 convs as GEMMs", "+ Winograd 3x3 convs",
-                                         "+ the recipe's layers"]
-    assert [r["fused_optimizer"] for r in rows] == ["False"] * 3 + ["True"] * 5
-    assert [r["retain_memory"] for r in rows] == ["False"] * 4 + ["True"] * 4
-    assert [r["matmul_convs"] for r in rows] == ["False"] * 5 + ["True"] * 3
-    assert [r["winograd"] for r in rows] == ["False"] * 6 + ["True"] * 2
-    # Every rung but the last trains the seed's layers; the last adds the default recipe's (whitening, frozen
-    # BN scales, CELU, ghost batches), so the ladder shows their cost apart from the speed techniques.
-    assert [r["seed_layers"] for r in rows] == ["True"] * 7 + ["False"]
-    assert {r["precision"] for r in rows} == {"fp32"} and [r["channels_last"] for r in rows] == ["False"] + ["True"] * 7
+                                         "+ freed memory kept", "+ 4x4 convs as GEMMs", "+ the recipe's layers"]
+    assert [r["fused_optimizer"] for r in rows] == ["False"] * 3 + ["True"] * 4
+    assert [r["retain_memory"] for r in rows] == ["False"] * 4 + ["True"] * 3
+    assert [r["matmul_convs"] for r in rows] == ["False"] * 5 + ["True"] * 2
+    # Every rung but the last trains the seed's recipe; the last adds the default recipe's (whitening, frozen BN
+    # scales, CELU, ghost batches, EMA, its crop), so the ladder shows their cost apart from the speed techniques.
+    assert [r["seed_layers"] for r in rows] == ["True"] * 6 + ["False"]
+    assert {r["precision"] for r in rows} == {"fp32"} and [r["channels_last"] for r in rows] == ["False"] + ["True"] * 6
     assert rows[-1]["choice_source"].startswith("rule")  # no --choose measurement stored
     assert float(rows[0]["speedup_vs_baseline"]) == 1.0
     assert rows[0]["data_path"] == "dataloader" and rows[-1]["data_path"] == "batched"
     assert (run_dir / "ablation.png").is_file()
     page = (run_dir / "index.html").read_text()
-    assert "compute a quarter of those products, so their share can pass 100%" in page
     # How far the device's peaks let a path go above the baseline: in the terminal and on the page.
     assert "custom_resnet on cpu, batch 16: the seed baseline trains at" in page
     assert "custom_resnet on cpu, batch 16: the seed baseline trains at" in capsys.readouterr().out
@@ -227,10 +224,8 @@ def test_a_ladder_has_only_the_rungs_of_the_path_training_takes():
     rungs = ablation_ladder("custom_resnet", "cpu", 32, precision="fp32", channels_last=False, with_compile=True)
     assert [r.step for r in rungs] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
                                        "+ batched in-memory data", "+ fused optimizer", "+ freed memory kept",
-                                       "+ 4x4 convs as GEMMs", "+ Winograd 3x3 convs", "+ the recipe's layers",
-                                       "+ torch.compile"]
+                                       "+ 4x4 convs as GEMMs", "+ the recipe's layers", "+ torch.compile"]
     assert {(r.precision, r.channels_last) for r in rungs} == {("fp32", False)}
-    assert [r.winograd for r in rungs] == [False] * 5 + [True] * 3  # fp32's own rung; bf16 has none (below)
     bf16 = ablation_ladder("custom_resnet", "cpu", 32, precision="bf16", channels_last=True, with_compile=False)
     assert [r.step for r in bf16] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)", "+ bf16 autocast",
                                       "+ channels_last", "+ batched in-memory data", "+ fused optimizer",
@@ -276,12 +271,13 @@ def test_settle_waits_until_every_prefetched_batch_is_ready():
         polls.append(1)
         return next(ready)
 
-    batches = bench._Batches.__new__(bench._Batches)
-    batches._iter = SimpleNamespace(_num_workers=2, _tasks_outstanding=4, _data_queue=SimpleNamespace(qsize=qsize))
+    source = SimpleNamespace(loader_iter=SimpleNamespace(_num_workers=2, _tasks_outstanding=4,
+                                                         _data_queue=SimpleNamespace(qsize=qsize)))
+    batches = bench._Batches(source)
     batches.settle()
     assert len(polls) == 4  # returned at the first poll that found all four batches ready
-    batches._iter = SimpleNamespace(_num_workers=2, _tasks_outstanding=4,
-                                    _data_queue=SimpleNamespace(qsize=lambda: 0))
+    source.loader_iter = SimpleNamespace(_num_workers=2, _tasks_outstanding=4,
+                                         _data_queue=SimpleNamespace(qsize=lambda: 0))
     batches.settle(timeout=0.05)  # a worker that never delivers does not hang the benchmark
 
 
@@ -294,13 +290,13 @@ def test_a_dataloader_repetition_ends_with_its_workers_prefetch_done():
     splits = load_splits("synthetic:256:32", val_size=16)
     case = bench.Case("custom_resnet", "cpu", 16, "fp32", False, data_path="dataloader", fused_optimizer=False,
                       matmul_convs=False, seed_layers=True)
-    from cifarlab import hostmem
+    from cifarlab import cpu as hostmem
 
     retained = hostmem.freed_memory_retained()
     run = bench.CaseRun(case, splits, images=32, warmup_steps=1)
     try:
         run.repeat()
-        it = run.batches._iter
+        it = run.batches.source.loader_iter
         # Every batch asked of the workers and not yet received is ready in their result queue: none is in work.
         assert it._num_workers == 2 and it._tasks_outstanding > 0
         assert it._data_queue.qsize() >= it._tasks_outstanding

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from cifarlab.data import load_splits
-from cifarlab.train import evaluate, load_weights
+from cifarlab.evaluate import evaluate
+from cifarlab.weights import load_weights
 from studies import lrfind as lrfind_cli
 from studies import train as train_cli
 
@@ -133,10 +134,13 @@ def test_train_cli_writes_a_run_record(tmp_path, capsys):
     rows = {cells[0]: cells for cells in ([c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines()
                                           if line.startswith("│"))}
     assert code == 0 and set(rows) == {"none", "flip"}
+    # fp32 agrees to the digit; bf16 kernels may round a prediction the other way, so there the re-evaluation may
+    # differ by at most 2 of the 40 test images and its loss by 2%.
+    images, loss_tol = (0, 0.0) if precision == "fp32" else (2, 0.02)
     for views, key in (("none", "plain"), ("flip", "flip_tta")):
-        if precision == "fp32":  # bf16 kernels may round a prediction the other way
-            assert rows[views][2] == rows[views][6] == f"{test[key]['accuracy']:.2%}"
-            assert rows[views][3] == f"{test[key]['loss']:.4f}"
+        assert rows[views][6] == f"{test[key]['accuracy']:.2%}"  # the run's own figure, shown beside
+        assert abs(float(rows[views][2].rstrip("%")) / 100 - test[key]["accuracy"]) <= images / 40 + 1e-9
+        assert float(rows[views][3]) == pytest.approx(test[key]["loss"], rel=loss_tol, abs=5e-5)
 
 
 @pytest.fixture
@@ -162,7 +166,7 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monke
     assert sorted(p.name for p in stopped.iterdir()) == ["checkpoint.pt"]  # no record of an unfinished run
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before once it is out
     # the reports list it as unfinished, with where it stands and the command that continues it
-    from studies.report import rebuild
+    from studies._reports import rebuild
 
     junk = tmp_path / "stopped" / "runs" / "20260101-000000-custom_resnet"
     junk.mkdir()
@@ -201,7 +205,7 @@ def test_a_stopped_train_run_resumes_from_its_checkpoint(tmp_path, capsys, monke
 
 
 def test_a_second_ctrl_c_stops_at_once(ctrl_c_reaches_us):
-    from cifarlab.train import Checkpointing
+    from cifarlab.checkpoint import Checkpointing
     from studies import _cli
 
     ckpt = Checkpointing(Path("unused.pt"))
@@ -242,13 +246,13 @@ def test_train_cli_prints_the_layer_table_of_the_model_it_trains(tmp_path, capsy
 
 
 def test_lrfind_cli_writes_csv_plot_and_suggestions(tmp_path, capsys, monkeypatch):
-    from cifarlab import hostmem, lr_finder
+    from cifarlab import cpu, lr_finder
 
     retained = []
     sweep = lr_finder.lr_range_test
 
     def recorded(*args, **kw):
-        retained.append(hostmem.freed_memory_retained())
+        retained.append(cpu.freed_memory_retained())
         return sweep(*args, **kw)
 
     monkeypatch.setattr(lr_finder, "lr_range_test", recorded)
@@ -257,7 +261,7 @@ def test_lrfind_cli_writes_csv_plot_and_suggestions(tmp_path, capsys, monkeypatc
     code, out, _ = run_main(lrfind_cli.main, argv, capsys)
     assert code == 0 and "steepest" in out and "min_div_10" in out
     # the sweep trains as fit() does on the CPU, keeping freed memory (glibc), and lets it go after
-    assert retained == [hostmem._glibc() is not None] and not hostmem.freed_memory_retained()
+    assert retained == [cpu.memory._glibc() is not None] and not cpu.freed_memory_retained()
     (run_dir,) = (tmp_path / "lrfind").iterdir()
     csv = (run_dir / "lrfind.csv").read_text().splitlines()
     assert csv[0] == "step,lr,loss,smoothed_loss" and len(csv) >= 4
@@ -303,9 +307,9 @@ def test_a_tested_run_trains_on_every_training_image_by_default(tmp_path, capsys
 
 
 def test_an_untested_run_holds_a_tenth_out_and_resumes_with_it(tmp_path, capsys, monkeypatch, ctrl_c_reaches_us):
-    from cifarlab.train import load_checkpoint
+    from cifarlab.checkpoint import load_checkpoint
 
-    argv = ["--data", "synthetic:200:40", *FAST, "--epochs", "1", "--no-winograd", "--no-test", "--out", str(tmp_path)]
+    argv = ["--data", "synthetic:200:40", *FAST, "--epochs", "1", "--no-test", "--out", str(tmp_path)]
     monkeypatch.setenv("CIFARLAB_FAULT", "step:2:INT")  # stopped after step 2 of 6
     code, out, _ = run_main(train_cli.main, argv, capsys)
     monkeypatch.delenv("CIFARLAB_FAULT")
@@ -318,7 +322,7 @@ def test_an_untested_run_holds_a_tenth_out_and_resumes_with_it(tmp_path, capsys,
 
 
 def test_a_stored_config_becomes_the_train_command_that_rebuilds_it():
-    from cifarlab.train import TrainConfig, train_argv
+    from cifarlab.config import TrainConfig, train_argv
     from studies._cli import dataclass_from_args
 
     config = TrainConfig(epochs=3, optimizer="adam", max_lr=0.00123456, batch_size=128, whiten=False, seed=7,
@@ -328,9 +332,6 @@ def test_a_stored_config_becomes_the_train_command_that_rebuilds_it():
     assert "--seed" not in argv and "--arch" not in argv  # the default architecture needs no flag
     rebuilt = dataclass_from_args(TrainConfig, train_cli.build_parser().parse_args(argv))
     assert rebuilt.to_dict() == {**config, "seed": 0}
-    # A config stored before a recipe setting existed ran with its former value, not today's default.
-    older = {k: v for k, v in config.items() if k != "activation"}
-    assert dataclass_from_args(TrainConfig, train_cli.build_parser().parse_args(train_argv(older))).activation == "relu"
     # An Adam config stored with another bias LR scale (it has no effect there) gives a command train accepts.
     assert "--bias-lr-scale" not in train_argv({**config, "bias_lr_scale": 1.0})
     assert "--bias-lr-scale" in train_argv({**config, "optimizer": "sgd", "bias_lr_scale": 1.0})

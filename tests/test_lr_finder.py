@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from cifarlab.config import TrainConfig
 from cifarlab.lr_finder import lr_range_test, suggest
 from cifarlab.models import create_model
+from cifarlab.step import TrainStep
 
 
 def _batches(n=32):
@@ -12,18 +14,20 @@ def _batches(n=32):
         yield torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
+def _step(model, lr):
+    """The training step as the range test takes it: the LR left to the sweep, no EMA, no schedule."""
+    config = TrainConfig(optimizer="sgd", max_lr=lr, ema=0, bias_lr_scale=1, label_smoothing=0, logit_scale=1)
+    return TrainStep(config, model, torch.device("cpu"), "fp32", total_steps=100, num_classes=10, schedule=False)
+
+
 def test_state_is_restored_after_the_sweep():
     torch.manual_seed(0)
-    model = create_model("custom_resnet")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.123, momentum=0.9)
-    # one real step so the optimizer has momentum buffers to restore
-    x, y = next(_batches())
-    torch.nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
+    step = _step(create_model("custom_resnet"), 0.123)
+    model, optimizer = step.model, step.optimizer
+    step(*next(_batches()))  # one real step so the optimizer has momentum buffers to restore
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt_before = {k: v["momentum_buffer"].clone() for k, v in optimizer.state_dict()["state"].items()}
-    result = lr_range_test(model, optimizer, _batches(), torch.nn.CrossEntropyLoss(), num_steps=8,
-                           start_lr=1e-4, end_lr=1.0)
+    result = lr_range_test(step, _batches(), num_steps=8, start_lr=1e-4, end_lr=1.0)
     assert len(result.lrs) >= 3
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -34,11 +38,10 @@ def test_state_is_restored_after_the_sweep():
 
 
 def test_sweep_is_exponential_and_stops_on_divergence():
-    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = _step(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)), 0.1)
     calls = []
-    result = lr_range_test(model, optimizer, _batches(), torch.nn.CrossEntropyLoss(), num_steps=60,
-                           start_lr=1e-5, end_lr=1e4, on_step=lambda *call: calls.append(call))
+    result = lr_range_test(step, _batches(), num_steps=60, start_lr=1e-5, end_lr=1e4,
+                           on_step=lambda *call: calls.append(call))
     ratios = np.diff(np.log(result.lrs))
     np.testing.assert_allclose(ratios, ratios[0])
     assert result.diverged and len(result.lrs) < 60

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from bench import devices
-from studies import lrfind, onecycle, report, train
+from studies import _reports, lrfind, onecycle, report, train
 
 EVIL = 'x<script>alert("pwn")</script>&"'
 SYNTH = ["--data", "synthetic:200:40", "--val-size", "40"]
@@ -108,7 +108,7 @@ def test_study_page_has_the_tables_and_figures(out):
 
 
 def test_steps_per_trial_by_batch_size():
-    from cifarlab.report.pages import steps_by_batch
+    from cifarlab.report.study import steps_by_batch
 
     # the quick budget: 3 epochs of 2,048 images; a pruned trial's fewer epochs do not lower the figure
     done = pd.DataFrame({"batch_size": [128, 1024, 512, 256, 128], "train_images": [2048] * 5,
@@ -120,7 +120,7 @@ def test_steps_per_trial_by_batch_size():
 
 
 def test_the_time_front_keeps_each_trial_no_faster_one_beats():
-    from cifarlab.report.pages import pareto_front
+    from cifarlab.report.study import pareto_front
 
     frame = pd.DataFrame({"trial": [0, 1, 2, 3, 4, 5], "seconds": [50.0, 20.0, 20.0, 90.0, 60.0, 30.0],
                           "val_accuracy": [0.70, 0.60, 0.65, 0.80, 0.75, 0.65]})
@@ -212,10 +212,10 @@ def test_a_study_page_is_redrawn_only_when_its_study_or_a_file_of_it_changed(out
     figure = study_dir / "history.png"
     drawn_at = figure.stat().st_mtime_ns
     redrawn = []
-    report.rebuild(copy, redrawn=redrawn)
+    _reports.rebuild(copy, redrawn=redrawn)
     assert study_dir not in redrawn and figure.stat().st_mtime_ns == drawn_at  # nothing changed: kept
     figure.unlink()
-    report.rebuild(copy, redrawn=redrawn)
+    _reports.rebuild(copy, redrawn=redrawn)
     assert redrawn == [study_dir] and figure.is_file()  # a file of it gone: drawn again
     study = optuna.load_study(study_name=f"{EVIL}-custom_resnet",
                               storage=f"sqlite:///{copy / 'studies' / 'studies.db'}")
@@ -223,7 +223,7 @@ def test_a_study_page_is_redrawn_only_when_its_study_or_a_file_of_it_changed(out
         params={"optimizer": "sgd", "max_lr": 0.01, "batch_size": 128}, distributions=study.trials[0].distributions,
         value=0.5))
     redrawn.clear()
-    report.rebuild(copy, redrawn=redrawn)
+    _reports.rebuild(copy, redrawn=redrawn)
     assert redrawn == [study_dir] and "4 trials" in (study_dir / "index.html").read_text()  # the study changed
 
 

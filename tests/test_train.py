@@ -7,10 +7,15 @@ import torch
 from conftest import denormalize
 
 from cifarlab import train
+from cifarlab.checkpoint import Checkpointing, load_checkpoint
+from cifarlab.config import TrainConfig
 from cifarlab.data import load_splits
 from cifarlab.errors import ConfigError, TrainingDiverged
+from cifarlab.evaluate import evaluate
+from cifarlab.step import build_optimizer
 from cifarlab.timing import resolve_precision
-from cifarlab.train import Checkpointing, TrainConfig, evaluate, fit, load_checkpoint, load_weights, save_weights
+from cifarlab.train import fit
+from cifarlab.weights import load_weights, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +156,6 @@ def test_a_setting_that_changes_no_result_may_differ_on_resume(small, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(quick(), small, on_epoch=lambda rec: ckpt.request_stop(), checkpoint=ckpt)
     doc = load_checkpoint(ckpt.path)
-    del doc["config"]["retain_memory"]  # a checkpoint written before the setting existed
     resumed = fit(quick(retain_memory=False), small, checkpoint=Checkpointing(ckpt.path, resume=doc))
     assert [r.epoch for r in resumed.records] == [1, 2]
 
@@ -175,8 +179,7 @@ def test_compile_time_of_each_session_is_reported_apart_from_the_epochs_speed(sm
     # the speed of the epoch it fell in, whether the session began at epoch 1, within it, or at a later epoch.
     monkeypatch.setattr(train.torch, "compile", _slow_first_call_compile(0.3))
     small = small.with_train_subset(16, seed=0)
-    # 2 steps of 8 an epoch, 2 of the 4 warming up; oneDNN's convs, cheaper than Winograd's at 8 images
-    config = quick(batch_size=8, compile=True, pct_start=0.5, winograd=False)
+    config = quick(batch_size=8, compile=True, pct_start=0.5)  # 2 steps of 8 an epoch, 2 of the 4 warming up
     path = tmp_path / "checkpoint.pt"
 
     def compiling(rec):  # the epoch's training seconds that are not counted in its images per second
@@ -207,10 +210,7 @@ def test_compile_time_of_each_session_is_reported_apart_from_the_epochs_speed(sm
     assert within.compile_seconds >= doc["compile_seconds"] + 0.3
     assert compiling(within.records[0]) == pytest.approx(within.compile_seconds)
     assert compiling(within.records[1]) == pytest.approx(0, abs=1e-9)
-    # a checkpoint written before the field existed: its first session's compilation was in epoch 1 too
-    del doc["within"]["compile_seconds"]
-    old = fit(config, small, checkpoint=Checkpointing(path, every=0, resume=doc))
-    assert compiling(old.records[0]) == pytest.approx(old.compile_seconds)
+
 
 
 def test_record_fields_and_one_cycle_shape(small):
@@ -234,13 +234,13 @@ def test_callback_can_stop_the_run(small):
 
 @pytest.mark.parametrize("retain", [True, False])
 def test_cpu_training_keeps_freed_memory_while_it_runs_unless_told_not_to(small, retain):
-    from cifarlab import hostmem
+    from cifarlab import cpu
 
     seen = []
     fit(quick(epochs=1, device="cpu", retain_memory=retain), small.with_train_subset(32, seed=0),
-        on_step=lambda *_: seen.append(hostmem.freed_memory_retained()))
-    assert seen and set(seen) == {retain and hostmem._glibc() is not None}
-    assert not hostmem.freed_memory_retained()  # as before the run
+        on_step=lambda *_: seen.append(cpu.freed_memory_retained()))
+    assert seen and set(seen) == {retain and cpu.memory._glibc() is not None}
+    assert not cpu.freed_memory_retained()  # as before the run
 
 
 def test_test_set_only_when_asked(small):
@@ -253,7 +253,7 @@ def test_test_set_only_when_asked(small):
 
 def test_tta_weighs_its_views_as_airbench_does():
     from cifarlab.augment import Normalization
-    from cifarlab.train import _shifted
+    from cifarlab.evaluate import _shifted
 
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
     down, up = _shifted(x, 1, 1, False), _shifted(x, -1, -1, True)
@@ -289,7 +289,12 @@ def test_diverging_loss_raises_with_its_reason(small):
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_each_optimizer_trains(small, optimizer):
     one_step = small.with_train_subset(32, seed=0)  # the optimizer's step is what is tested
-    result = fit(quick(epochs=1, optimizer=optimizer, max_lr=0.01 if optimizer != "sgd" else 0.05), one_step)
+    config = quick(epochs=1, optimizer=optimizer, max_lr=0.01 if optimizer != "sgd" else 0.05)
+    built = build_optimizer(config, torch.nn.Linear(4, 2))
+    expected = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optimizer]
+    assert type(built) is expected and built.defaults["fused"]
+    assert built.defaults.get("nesterov", optimizer == "sgd") == (optimizer == "sgd")
+    result = fit(config, one_step)
     assert result.precision == resolve_precision("auto", torch.device("cpu"))
     assert np.isfinite(result.records[0].train_loss)
 
@@ -433,7 +438,7 @@ def test_ema_out_of_range_is_a_config_error(value):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_weight_ema_updates_without_a_host_synchronisation():
     from cifarlab.models import create_model
-    from cifarlab.train import WeightEMA
+    from cifarlab.step import WeightEMA
 
     model = create_model("custom_resnet").cuda()
     ema = WeightEMA(model, 0.9)
@@ -450,7 +455,7 @@ def test_cuda_weight_ema_updates_without_a_host_synchronisation():
 def test_weight_ema_follows_the_model_by_its_decay():
     from torch import nn
 
-    from cifarlab.train import WeightEMA
+    from cifarlab.step import WeightEMA
 
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     ema = WeightEMA(model, 0.75)
@@ -479,7 +484,7 @@ def test_frozen_bn_scales_stay_at_one_and_the_parameter_count_stays(small):
 
 def test_bias_lr_scale_gives_biases_their_own_lr_and_weight_decay():
     from cifarlab.models import create_model
-    from cifarlab.train import build_optimizer, build_scheduler
+    from cifarlab.step import build_optimizer, build_scheduler
 
     model = create_model("custom_resnet")
     config = TrainConfig(max_lr=0.4, weight_decay=5e-4, bias_lr_scale=64.0)
@@ -504,12 +509,12 @@ def test_crop_pad_bounds_each_training_image_shift(tiny, pad):
     # --crop-pad reaches the augmenter: every training image is a window of its source padded by `pad` (with
     # 0, the image or its mirror), and with a pad some images do move.
     from cifarlab.augment import Normalization
-    from cifarlab.train import _train_batches
+    from cifarlab.train import training_batches
 
     norm = Normalization.from_images(tiny.train_images)
     config = quick(crop_pad=pad, batch_size=256)
-    _, epoch, _ = _train_batches(config, tiny, norm, torch.device("cpu"), False, torch.Generator().manual_seed(0))
-    (x, y), = list(epoch())
+    batches = training_batches(config, tiny, norm, torch.device("cpu"), False, torch.Generator().manual_seed(0))
+    (x, y), = list(batches.epoch())
     out = denormalize(x, norm).numpy().astype(np.int64)
     src = np.pad(tiny.train_images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect").transpose(0, 3, 1, 2)
     moved = 0
@@ -525,12 +530,12 @@ def test_crop_pad_bounds_each_training_image_shift(tiny, pad):
 
 def conv_paths(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """The kernel each conv of ``model`` takes in a forward pass of ``x``, in call order ("onednn" for none)."""
-    from cifarlab.matmul_conv import MatmulConv2d
+    from cifarlab import cpu
 
     seen: list[str] = []
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    hooks = [m.register_forward_pre_hook(lambda mod, inp: seen.append(
-        (mod.gemm_path(inp[0]) if isinstance(mod, MatmulConv2d) else None) or "onednn")) for m in convs]
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: seen.append(cpu.conv_kernel(mod, inp[0]) or "onednn"))
+             for m in convs]
     try:
         with torch.no_grad():  # not inference_mode: a parametrised weight is computed from trainable tensors
             model.eval()(x)
@@ -551,11 +556,11 @@ def test_saved_weights_give_back_the_model_that_was_tested(small, tmp_path):
                      logit_scale=result.config.logit_scale)
     assert again.loss == pytest.approx(result.test.loss, rel=1e-4)
     assert np.array_equal(again.predictions, result.test.predictions)
-    # It runs each conv with the kernel the run tested with (in fp32 Winograd for every 3x3 conv but the first): a
-    # stored model evaluates at the speed of the run's own evaluation, not on oneDNN's direct convs. And saving
-    # left the run's own model whole: it still runs (its whitened conv once lost its weight to the save).
+    # It runs each conv with the kernel the run tested with (the 4x4 convs as GEMMs on the CPU): a stored model
+    # evaluates at the speed of the run's own evaluation. And saving left the run's own model whole: it still runs
+    # (its whitened conv once lost its weight to the save).
     paths = [conv_paths(m, torch.zeros(2, 3, 32, 32)) for m in (result.model, model)]
-    assert paths[0] == paths[1] and paths[1][0] == "onednn" and set(paths[1][1:]) == {"winograd"}, paths
+    assert paths[0] == paths[1] and paths[1].count("gemm") == 2 and paths[1][0] == "onednn", paths
     (tmp_path / "notes.pt").write_text("not weights")
     with pytest.raises(ConfigError, match=r"cannot read weights from .*notes\.pt: not a torch file"):
         load_weights(tmp_path / "notes.pt")

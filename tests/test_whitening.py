@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from cifarlab.augment import Normalization
+from cifarlab.config import TrainConfig
 from cifarlab.data import load_splits
 from cifarlab.models import create_model, list_models
-from cifarlab.train import TrainConfig, fit
+from cifarlab.train import fit
 from cifarlab.whitening import PatchWhitening, first_conv, patch_whitening_basis, whiten_first_conv
 
 

@@ -12,6 +12,7 @@ Two implementations of the same distribution:
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -277,3 +278,63 @@ class EvalBatches:
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[start : start + batch_size]
+
+
+class TrainingBatches:
+    """Training batches an epoch at a time, by the run's data path: ``batched`` (``BatchAugmenter``, in memory on
+    the device) or ``dataloader`` (the seed's albumentations per sample behind a DataLoader)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, norm: Normalization, device: torch.device,
+                 cfg: AugmentConfig, batch_size: int, *, channels_last: bool, generator: torch.Generator,
+                 path: str = "batched", loader_workers: int = 2) -> None:
+        self.device, self.batch_size, self.channels_last, self.generator = device, batch_size, channels_last, generator
+        self.augmenter = self.loader = self.loader_iter = None
+        if path == "batched":
+            self.augmenter = BatchAugmenter(images, labels, norm, device, cfg, channels_last)
+            self.steps = self.augmenter.num_batches(batch_size)
+            return
+        dataset = AlbumentationsDataset(images, labels, seed_pipeline(norm, cfg))
+        self._sampler = _SkippingSampler(torch.utils.data.RandomSampler(dataset, generator=generator))
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=self._sampler, drop_last=len(labels) >= batch_size,
+            num_workers=loader_workers, generator=generator, pin_memory=device.type == "cuda",
+            persistent_workers=loader_workers > 0, worker_init_fn=reseed_worker)
+        self.steps = len(self.loader)
+
+    def epoch(self, skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch's batches less the first ``skip``, drawn from the same random numbers as a whole epoch."""
+        if self.augmenter is not None:
+            yield from self.augmenter.epoch(self.batch_size, self.generator, skip=skip)
+            return
+        self._sampler.skip = skip * self.batch_size
+        self.loader_iter = iter(self.loader)  # a benchmark waits on its workers' prefetch between repetitions
+        try:
+            for x, y in self.loader_iter:
+                x = x.to(self.device, non_blocking=True)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y.to(self.device, non_blocking=True)
+        finally:
+            self._sampler.skip = 0
+
+    @property
+    def flip_now(self) -> torch.Tensor | None:
+        return None if self.augmenter is None else self.augmenter.flip_now
+
+    def load_flip_state(self, state: torch.Tensor | None) -> None:
+        if self.augmenter is not None:
+            self.augmenter.load_flip_state(state)
+
+
+class _SkippingSampler(torch.utils.data.Sampler[int]):
+    """``inner``'s order less its first ``skip`` indices: a run resumed within an epoch draws the epoch's shuffle
+    as before and loads only the batches it has not trained on."""
+
+    def __init__(self, inner: torch.utils.data.Sampler[int]) -> None:
+        self.inner, self.skip = inner, 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(iter(self.inner), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip

@@ -1,15 +1,15 @@
-"""Epoch timing the way ``fit()`` trains: warm-up excluded, device synchronised at every clock read.
+"""Epoch timing of exactly the step ``fit()`` trains with (``TrainStep``), warm-up excluded, the device
+synchronised at every clock read.
 
-Each case trains ``images`` images (``images // batch_size`` steps) ``repeats`` times after ``warmup_steps``
-untimed steps; the median and spread of those repetitions are reported. Cases that are compared with each other
-take turns, one repetition each (``time_cases``), so that a slow spell of the machine falls on all of them. One
-further repetition synchronises the device around every step to split the time into data/augmentation and
-forward+backward+step (per-step synchronisation removes CPU/GPU overlap, so that repetition is not used for the
-throughput). Evaluation is timed on the validation split at inference speed.
+Each case trains ``images`` images ``repeats`` times after ``warmup_steps`` untimed steps; the median and
+spread of the repetitions are reported. Cases compared with each other take turns, one repetition each
+(``time_cases``), so that a slow spell of the machine falls on all of them. One further repetition synchronises
+around every step to split data from compute (that removes CPU/GPU overlap, so it is not used for throughput).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import statistics
 import time
@@ -18,18 +18,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from cifarlab.augment import (
-    AlbumentationsDataset,
-    AugmentConfig,
-    BatchAugmenter,
-    Normalization,
-    reseed_worker,
-    seed_pipeline,
-)
+from cifarlab import cpu
+from cifarlab.augment import Normalization
+from cifarlab.config import TrainConfig
 from cifarlab.data import DataSplits
-from cifarlab.hostmem import freed_memory_retained, retain_freed_memory
-from cifarlab.timing import Timer, configure_device, synchronize
-from cifarlab.train import TrainConfig, autocast, build_model, build_optimizer, evaluate
+from cifarlab.evaluate import evaluate
+from cifarlab.models.recipe import build_model
+from cifarlab.step import TrainStep
+from cifarlab.timing import Timer, configure_device
+from cifarlab.train import training_batches
 
 EPOCH_IMAGES = 50_000  # the seeds' "epoch" is the whole CIFAR-10 training set
 
@@ -45,10 +42,9 @@ class Case:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays CUDA graphs
     fused_optimizer: bool = True  # the seed's optimizer loops over its tensors; torch's fused kernel does not
-    matmul_convs: bool = True  # CPU: 3x3 convs on <= 4x4 maps as GEMMs (cifarlab.matmul_conv)
-    winograd: bool = True  # CPU in fp32: 3x3 convs of >= 64 channels by Winograd F(4x4, 3x3) (cifarlab.winograd)
-    retain_memory: bool = True  # CPU: freed memory stays in the process (cifarlab.hostmem), as fit() keeps it
-    seed_layers: bool = False  # the seed's layers (ReLU, plain BN, unwhitened) instead of the default recipe's
+    matmul_convs: bool = True  # CPU: convs into <= 4x4 maps as GEMMs (cifarlab.cpu)
+    retain_memory: bool = True  # CPU: freed memory stays in the process (cifarlab.cpu), as fit() keeps it
+    seed_layers: bool = False  # the seed's recipe (SEED_RECIPE) instead of the default one
     step: str = ""  # the ablation step's name, when part of a ladder
     loader_workers: int = 2
 
@@ -118,51 +114,23 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class _Batches:
-    """An endless stream of training batches by the case's data path.
+    """An endless stream of the case's training batches. ``settle()`` waits until a DataLoader's workers have
+    every batch they were asked to prefetch, so that a repetition is charged with the augmentation its own steps
+    set off rather than leaving it to run while the next case is timed."""
 
-    ``settle()`` waits until a DataLoader's workers have every batch they were asked to prefetch ready. Called at
-    the end of each timed repetition, inside it, it charges the repetition with the augmentation work its own
-    steps set off, instead of leaving that work to run during whatever is timed next: the next repetition of
-    the same case in steady state (no difference), or another case when cases take turns (``time_cases``).
-    """
+    def __init__(self, batches) -> None:
+        self.source = batches
+        self._stream = self._forever()
 
-    def __init__(self, case: Case, splits: DataSplits, norm: Normalization, device: torch.device,
-                 gen: torch.Generator) -> None:
-        self.case, self.device, self._iter = case, device, None
-        if case.data_path == "batched":
-            aug = BatchAugmenter(splits.train_images, splits.train_labels, norm, device, AugmentConfig(),
-                                 case.channels_last)
-            self._loader = None
-            self._stream = self._from_augmenter(aug, gen)
-            return
-        dataset = AlbumentationsDataset(splits.train_images, splits.train_labels, seed_pipeline(norm))
-        self._loader = torch.utils.data.DataLoader(
-            dataset, batch_size=case.batch_size, shuffle=True, drop_last=True, num_workers=case.loader_workers,
-            generator=gen, pin_memory=device.type == "cuda", persistent_workers=case.loader_workers > 0,
-            worker_init_fn=reseed_worker)
-        self._stream = self._from_loader()
-
-    def _from_augmenter(self, aug: BatchAugmenter, gen: torch.Generator):
+    def _forever(self):
         while True:
-            yield from aug.epoch(self.case.batch_size, gen)
-
-    def _from_loader(self):
-        while True:
-            self._iter = iter(self._loader)
-            for x, y in self._iter:
-                x = x.to(self.device, non_blocking=True)
-                if self.case.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                yield x, y.to(self.device, non_blocking=True)
-
-    def __iter__(self):
-        return self
+            yield from self.source.epoch()
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return next(self._stream)
 
     def settle(self, timeout: float = 60.0) -> None:
-        it = self._iter
+        it = self.source.loader_iter
         if it is None or not getattr(it, "_num_workers", 0):
             return
         deadline = time.perf_counter() + timeout
@@ -174,7 +142,6 @@ class _Batches:
 
     def close(self) -> None:
         self._stream.close()  # stops the DataLoader workers of the seed-style path
-        self._iter = self._loader = None
 
 
 class CaseRun:
@@ -184,51 +151,34 @@ class CaseRun:
         self.case, self.splits = case, splits
         self.device = device = torch.device(case.device)
         configure_device(device)  # as fit() does: cuDNN's autotuner on CUDA
-        self._retained_before = freed_memory_retained()  # put back by close()
+        self._retained_before = cpu.freed_memory_retained()  # put back by close()
         self._memory()
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
         self.norm = norm = Normalization.from_images(splits.train_images)
-        config = TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision,
-                             device=case.device, **(SEED_LAYERS if case.seed_layers else {}))
-        # The model training builds (its recipe's whitening and frozen BN scales), with this case's kernels.
-        self.model = model = build_model(config, splits, norm, device, case.channels_last, generator=gen,
-                                         matmul_convs=case.matmul_convs, winograd=case.winograd)
-        step_model: nn.Module = torch.compile(model, mode=case.compile_mode) if case.compile else model
-        optimizer = build_optimizer(config, model, fused=case.fused_optimizer)
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        self.batches = _Batches(case, splits, norm, device, gen)
+        self.config = config = case_config(case)
+        self.model = build_model(config, splits, norm, device, case.channels_last, generator=gen)
+        self.batches = _Batches(training_batches(config, splits, norm, device, case.channels_last, gen))
         self.steps = max(1, images // case.batch_size)
+        # the schedule of a whole run, as fit() sets it up (a step past its end keeps the last LR)
+        self.train_step = TrainStep(config, self.model, device, case.precision, total_steps=self.steps * 10,
+                                    num_classes=splits.num_classes, fused=case.fused_optimizer)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-
-        def train_step(x: torch.Tensor, y: torch.Tensor) -> None:
-            with autocast(device, case.precision):
-                loss = criterion(step_model(x).float() * config.logit_scale, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        self.train_step = train_step
-        self.compile_seconds = None
         self.seconds: list[float] = []
-        model.train()
-        for i in range(warmup_steps):  # oneDNN / cuDNN build their kernels on first use; compile happens here too
-            t0 = time.perf_counter()
-            train_step(*next(self.batches))
-            if i == 0 and case.compile:
-                synchronize(device)
-                self.compile_seconds = time.perf_counter() - t0
+        for _ in range(warmup_steps):  # oneDNN / cuDNN build their kernels on first use; compile happens here too
+            self.train_step(*next(self.batches))
+        self.compile_seconds = self.train_step.compile_seconds if case.compile else None
         self.batches.settle()
 
     def close(self) -> None:
         """Close the case's data stream, and leave freed memory as it was before the case was built."""
         self.batches.close()
-        retain_freed_memory(self._retained_before)
+        cpu.retain_freed_memory(self._retained_before)
 
     def _memory(self) -> None:
         """This case's way with freed memory (process-wide, so set again whenever the case's turn comes)."""
-        retain_freed_memory(self.case.retain_memory and self.device.type == "cpu")
+        cpu.retain_freed_memory(self.case.retain_memory and self.device.type == "cpu")
 
     def repeat(self) -> float:
         """Time one repetition: ``steps`` training steps, and the augmentation they leave the workers to do."""
@@ -245,7 +195,7 @@ class CaseRun:
         device, batches, train_step = self.device, self.batches, self.train_step
         self._memory()
         data_s = compute_s = 0.0
-        for _ in range(self.steps):  # the breakdown: a synchronised clock read around each part of each step
+        for _ in range(self.steps):  # the split: a synchronised clock read around each part of each step
             with Timer(device) as td:
                 x, y = next(batches)
             with Timer(device) as tc:
@@ -262,19 +212,34 @@ class CaseRun:
                 train_step(x, y)
 
             breakdown = op_breakdown(profiled_step, device, steps=profile_steps)
-        splits, model = self.splits, self.model
+        splits = self.splits
         n_eval = min(eval_images, len(splits.val_labels))
+        images, labels = splits.val_images[:n_eval], splits.val_labels[:n_eval]
         eval_kw = {"device": device, "precision": self.case.precision, "channels_last": self.case.channels_last,
-                   "batch_size": 1024}
-        evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], self.norm, **eval_kw)  # warm-up
+                   "batch_size": self.config.eval_batch_size}
+        evaluate(train_step.eval_model, images, labels, self.norm, **eval_kw)  # warm-up
         with Timer(device) as te:
-            evaluate(model, splits.val_images[:n_eval], splits.val_labels[:n_eval], self.norm, **eval_kw)
+            evaluate(train_step.eval_model, images, labels, self.norm, **eval_kw)
         self.close()
         return CaseResult(case=self.case, images_timed=self.steps * self.case.batch_size,
                           repeats=len(self.seconds), seconds=list(self.seconds), data_seconds=data_s,
                           compute_seconds=compute_s, eval_seconds_per_image=te.seconds / n_eval,
                           peak_memory_mb=peak_memory_mb(device), compile_seconds=self.compile_seconds,
-                          breakdown=breakdown, model=model)
+                          breakdown=breakdown, model=self.model)
+
+
+# The seed projects' recipe where the default one differs: their layers, augmentation and no EMA. Ladder rungs
+# before "+ the recipe's layers" train it.
+SEED_RECIPE = {"activation": "relu", "ghost_batch": 0, "bn_scale": "learned", "whiten": False, "ema": 0.0,
+               "crop_pad": 4, "cutout": 8}
+
+
+def case_config(case: Case) -> TrainConfig:
+    """The training config whose step a case times: the default recipe, or the seed's, on the case's path."""
+    return TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision, device=case.device,
+                       augment=case.data_path, loader_workers=case.loader_workers, compile=case.compile,
+                       compile_mode=case.compile_mode, matmul_convs=case.matmul_convs,
+                       retain_memory=case.retain_memory, **(SEED_RECIPE if case.seed_layers else {}))
 
 
 def time_cases(cases: list[Case], splits: DataSplits, *, images: int, repeats: int = 3, warmup_steps: int = 5,
@@ -286,7 +251,7 @@ def time_cases(cases: list[Case], splits: DataSplits, *, images: int, repeats: i
     the machine's; taking turns puts every case's repetitions in the same stretches of time, so their medians
     compare. All cases are built and warmed up first (their models and data stay in memory together).
     """
-    retained = freed_memory_retained()
+    retained = cpu.freed_memory_retained()
     try:
         runs = [CaseRun(case, splits, images=images, warmup_steps=warmup_steps) for case in cases]
         for _ in range(repeats):
@@ -294,7 +259,7 @@ def time_cases(cases: list[Case], splits: DataSplits, *, images: int, repeats: i
                 run.repeat()
         return [run.finish(eval_images=eval_images, profile_steps=profile_steps) for run in runs]
     finally:
-        retain_freed_memory(retained)
+        cpu.retain_freed_memory(retained)
 
 
 CHOICE_STEP = "{precision} · {layout}"
@@ -323,13 +288,9 @@ def choice_cases(arch: str, device: str, batch_size: int, precisions: list[str] 
             for precision in precisions or ["fp32", "bf16"] for cl in (False, True)]
 
 
-# The seed's layers, where the default recipe swaps them for Page's (CELU, ghost BN, frozen scales, whitening).
-SEED_LAYERS = {"activation": "relu", "ghost_batch": 0, "bn_scale": "learned", "whiten": False}
-
-
 def recipe_layers_differ() -> bool:
     defaults = TrainConfig()
-    return any(getattr(defaults, k) != v for k, v in SEED_LAYERS.items())
+    return any(getattr(defaults, k) != v for k, v in SEED_RECIPE.items())
 
 
 def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str = "bf16", channels_last: bool = True,
@@ -337,39 +298,25 @@ def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str =
     """The seed-style baseline, then each speed technique of the default path added in turn.
 
     ``precision`` and ``channels_last`` are the default path's on this device (``resolve_speed``): a CPU without
-    bf16 units trains in fp32, so its ladder has no bf16 rung, and one that trains NCHW has no channels_last rung.
+    bf16 units trains in fp32, so its ladder has no bf16 rung, and one that trains NCHW no channels_last rung.
     The last rung before ``torch.compile`` is what ``studies.train`` runs.
     """
-    base = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
-                fused_optimizer=False, matmul_convs=False, winograd=False, retain_memory=False, seed_layers=True,
+    on_cpu = torch.device(device).type == "cpu"
+    rung = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
+                fused_optimizer=False, matmul_convs=False, retain_memory=False, seed_layers=True,
                 step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
-    seed_kernels = {"fused_optimizer": False, "matmul_convs": False, "winograd": False, "retain_memory": False,
-                    "seed_layers": True}
-    p, cl = precision, channels_last
-    steps = [base]
-    if p == "bf16":
-        steps.append(Case(arch, device, batch_size, "bf16", False, "dataloader", **seed_kernels,
-                          step="+ bf16 autocast"))
-    if cl:
-        steps.append(Case(arch, device, batch_size, p, True, "dataloader", **seed_kernels, step="+ channels_last"))
-    steps += [
-        Case(arch, device, batch_size, p, cl, "batched", **seed_kernels, step="+ batched in-memory data"),
-        Case(arch, device, batch_size, p, cl, "batched", matmul_convs=False, winograd=False, retain_memory=False,
-             seed_layers=True, step="+ fused optimizer"),
-    ]
-    if torch.device(device).type == "cpu":
-        steps.append(Case(arch, device, batch_size, p, cl, "batched", matmul_convs=False, winograd=False,
-                          seed_layers=True, step="+ freed memory kept"))
-        steps.append(Case(arch, device, batch_size, p, cl, "batched", winograd=False, seed_layers=True,
-                          step="+ 4x4 convs as GEMMs"))
-        if p == "fp32":  # Winograd takes fp32 convs only: a CPU without bf16 units
-            steps.append(Case(arch, device, batch_size, p, cl, "batched", seed_layers=True,
-                              step="+ Winograd 3x3 convs"))
-    if recipe_layers_differ():  # what the default recipe's layers cost or save
-        steps.append(Case(arch, device, batch_size, p, cl, "batched", step="+ the recipe's layers"))
-    if with_compile:
-        steps.append(Case(arch, device, batch_size, p, cl, "batched", compile=True, step="+ torch.compile"))
-        if torch.device(device).type == "cuda":  # a GPU that waits on the host: one launch per graph
-            steps.append(Case(arch, device, batch_size, p, cl, "batched", compile=True,
-                              compile_mode="reduce-overhead", step="+ torch.compile, CUDA graphs"))
-    return steps
+    ladder = [rung]
+    changes = [(precision == "bf16", {"precision": "bf16"}, "+ bf16 autocast"),
+               (channels_last, {"channels_last": True}, "+ channels_last"),
+               (True, {"data_path": "batched"}, "+ batched in-memory data"),
+               (True, {"fused_optimizer": True}, "+ fused optimizer"),
+               (on_cpu, {"retain_memory": True}, "+ freed memory kept"),
+               (on_cpu, {"matmul_convs": True}, "+ 4x4 convs as GEMMs"),
+               (recipe_layers_differ(), {"seed_layers": False}, "+ the recipe's layers"),
+               (with_compile, {"compile": True}, "+ torch.compile"),
+               (with_compile and not on_cpu, {"compile_mode": "reduce-overhead"}, "+ torch.compile, CUDA graphs")]
+    for wanted, change, name in changes:
+        if wanted:
+            rung = dataclasses.replace(rung, **change, step=name)
+            ladder.append(rung)
+    return ladder

@@ -23,16 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab import winograd
-from cifarlab.matmul_conv import MatmulConv2d
+from cifarlab import cpu
 from cifarlab.timing import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION, synchronize
 
 CATEGORIES = ("conv forward", "conv backward", "batch norm", "pooling", "activation", "linear + loss", "optimizer",
               "data + augmentation", "casts + copies", "zero fill", "other")
 # Annotations (torch.profiler.record_function) whose operators count as one category whatever they are.
 DATA_ANNOTATION = "cifarlab.data"
-WINOGRAD_KERNEL = "Winograd F(4x4,3x3)"
-WINOGRAD_BACKWARD_KERNEL = "oneDNN forward, Winograd ∂"  # below winograd.FORWARD_MIN_CHANNELS input channels
 _ANNOTATED = (("Optimizer.step", "optimizer"), (DATA_ANNOTATION, "data + augmentation"),
               (CONV_FORWARD_ANNOTATION, "conv forward"), (CONV_BACKWARD_ANNOTATION, "conv backward"))
 
@@ -76,24 +73,12 @@ def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2)
     """Seconds per step by category over ``steps`` profiled calls of ``step`` (warm it up first).
 
     Wrap the batch's production in ``torch.profiler.record_function(DATA_ANNOTATION)`` to count it as data.
-
-    Each operator's *self* time is counted once. The rows add up to an *unprofiled* step, timed over as many
-    steps right after the profiled ones, because profiling slows a step: it records every operator, at a cost
-    per operator on the host, and the Winograd path's ~30,000 small operators per step took 11.0 s profiled
-    against 6.65 s unprofiled (EPYC, 2026-11-28). Most of that cost falls between operators, so the
-    old rest (profiled wall minus the operators' time) read as 38% "python + dispatch" and was mostly the
-    profiler's. On the CPU, "python + dispatch" is therefore the unprofiled step less the operators' time, but
-    never more than the profiled steps themselves left between their operators (profiling adds time there, it
-    takes none away), in proportion to the unprofiled step. The cap matters on a machine whose pace moves from
-    step to step: on the 2-core AMX Xeon (2026-12-06) ResNet-18's steps ran at 2.2-2.9 s one after another,
-    with 37-44 ms between operators in each profiled one, and an unprofiled pair 0.6 s slower than the profiled
-    pair's operators read as 19% "python + dispatch". The operators' times are then scaled, all by one factor,
-    to fill the unprofiled step: down where profiling inflated them, up where the machine slowed. On CUDA
-    the kernel times are the device's own, which profiling leaves alone, but the profiler slows the host that
-    launches them (on an H200 machine, 2026-11-27, a profiled step took 580 ms against 18 ms unprofiled), and
-    the rest is time the device sat idle. Every row carries ``profiled_step_seconds`` (timed inside the
-    profiler, its stop and the reading of its events left out) and ``scale`` (the factor applied to the
-    operators' times, 1 on CUDA), so the report can say how far profiling slowed the step.
+    Each operator's self time counts once, and the rows add up to an *unprofiled* step timed right after: the
+    profiler's own cost per operator is no Python. On the CPU "python + dispatch" is what the unprofiled step
+    leaves after the operators, capped at what the profiled steps left between them (a machine whose pace moves
+    between the two stretches would otherwise read as Python); the operators are scaled, by one factor, to fill
+    the rest. On CUDA kernel times are the device's own and the rest is time the device sat idle. Each row
+    carries ``profiled_step_seconds`` and ``scale`` so the report can say how far profiling slowed the step.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -153,10 +138,13 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(samples)
 
 
-def _time_gemm_conv(conv: MatmulConv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+def _time_gemm_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
                     device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """The three passes of a ``MatmulConv2d``'s GEMM path, each alone: a graph kept per gradient, replayed."""
-    run = conv.gemm_conv
+    """The three passes of a conv's CPU GEMM path, each alone: a graph kept per gradient, replayed."""
+
+    def run(x_, w_):
+        return cpu.gemm_conv(conv, x_, w_)
+
     x, weight = x.detach(), weight.detach()
     xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
     y_x, y_w = run(xg, weight), run(x, wg)  # needs_input_grad: x only, weight only
@@ -168,7 +156,7 @@ def _time_gemm_conv(conv: MatmulConv2d, x: torch.Tensor, weight: torch.Tensor, g
 def _time_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, device: torch.device,
                repeats: int) -> tuple[float, float, float]:
     """Median seconds of the forward pass, the input gradient and the weight gradient of ``conv``'s shape."""
-    if isinstance(conv, MatmulConv2d) and conv.gemm_path(x) is not None:
+    if cpu.conv_kernel(conv, x) is not None:
         return _time_gemm_conv(conv, x, weight, grad, device, repeats)
     stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
 
@@ -221,11 +209,8 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
         weight = conv.weight.detach().to(device=device, dtype=dtype).contiguous(memory_format=fmt)
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         y = F.conv2d(x, weight, None, *args)
-        path = conv.gemm_path(x) if isinstance(conv, MatmulConv2d) else None
-        kernel = {"winograd": WINOGRAD_KERNEL, "gemm": "GEMM", "weight-gemm": "oneDNN, ∂weight GEMM"}.get(
-            path or "", "cuDNN" if device.type == "cuda" else "oneDNN")
-        if path == "winograd" and winograd.forward_is_direct(c_in):
-            kernel = WINOGRAD_BACKWARD_KERNEL
+        kernel = {"gemm": "GEMM", "weight-gemm": "oneDNN, ∂weight GEMM"}.get(
+            cpu.conv_kernel(conv, x) or "", "cuDNN" if device.type == "cuda" else "oneDNN")
         key = (tuple(x.shape), tuple(weight.shape), args, str(dtype), channels_last, kernel)
         if key not in timed:
             timed[key] = _time_conv(conv, x, weight, torch.randn_like(y).contiguous(memory_format=fmt), device,
@@ -254,19 +239,13 @@ MATMUL_CATEGORIES = ("conv forward", "conv backward", "linear + loss")
 
 
 def peak_gap(ops: list[dict], step_seconds: float, step_flops: float, peak_flops: float) -> dict:
-    """Where a step's time goes against the matmul peak: the rest of the peak that a share of peak leaves out.
+    """Where a step's time goes against the matmul peak.
 
-    ``ops`` are one step's ``op_breakdown`` rows; their shares (of the few steps timed beside the profile) are
-    applied to ``step_seconds``, the step as the benchmark timed it over all its repetitions. ``parts``: the
-    step's counted FLOPs at ``peak_flops`` (their share of the step is ``share``, the share of peak), the time
-    the convolutions and GEMMs take beyond that, and each other kind of operation's whole time. ``ceiling`` is
-    the share of peak the step would reach with every convolution and GEMM at the peak and everything else as
-    measured: what kernel work alone can win.
-
-    Convolutions can beat the matmul probe (fp32 on an AVX2-only EPYC: a whole step's counted FLOPs ran at 0.89
-    of a 2048 x 2048 product's rate at batch 32, the convs doing them in part of the step): then the probe is no
-    ceiling, the convs' part is their measured time, nothing is "above the peak", ``ceiling`` equals ``share``
-    and ``above_peak`` is True.
+    ``ops`` are one step's ``op_breakdown`` rows, their shares applied to ``step_seconds`` (the step as the
+    benchmark timed it). ``parts``: the counted FLOPs at ``peak_flops``, the time the convolutions and GEMMs take
+    beyond that, and each other kind of operation's time. ``ceiling``: the share of peak with every conv and GEMM
+    at the peak and the rest as measured. Where the convs beat the matmul probe, the probe is no ceiling:
+    ``ceiling`` equals ``share`` and ``above_peak`` is True.
     """
     profiled = sum(r["seconds_per_step"] for r in ops)
     if profiled <= 0 or step_seconds <= 0 or peak_flops <= 0:
@@ -307,13 +286,8 @@ def ceiling_sentence(row: dict) -> str:
 
 
 def profiling_sentence(rows: list[dict]) -> str:
-    """One line on one step's ``op_breakdown`` rows: how far profiling slowed it, and what the rows add up to.
-
-    Rows read back from a ``breakdown.csv`` written before the unprofiled step was timed lack the two columns;
-    they get an empty line.
-    """
-    if not rows or "profiled_step_seconds" not in rows[0] or rows[0]["profiled_step_seconds"] != rows[0][
-            "profiled_step_seconds"]:  # missing, or NaN in a table that mixes old and new rows
+    """One line on one step's ``op_breakdown`` rows: how far profiling slowed it, and what the rows add up to."""
+    if not rows:
         return ""
     step = sum(r["seconds_per_step"] for r in rows)
     profiled, scale = rows[0]["profiled_step_seconds"], rows[0]["scale"]

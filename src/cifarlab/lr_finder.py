@@ -15,9 +15,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch import nn
 
+from cifarlab.config import TrainConfig
 from cifarlab.errors import ConfigError
+from cifarlab.step import TrainStep
 
 
 @dataclass
@@ -55,29 +56,24 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray, skip_start: int = 10, skip_en
 
 
 def lr_range_test(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    step: TrainStep,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    criterion: nn.Module,
     *,
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     num_steps: int = 100,
     smoothing: float = 0.98,
     diverge_factor: float = 4.0,
-    autocast=None,
-    logit_scale: float = 1.0,
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> LRFindResult:
-    """``on_step(step, lr, smoothed_loss)`` is called after each step (a progress display: a step of a large model
-    takes seconds on a CPU), with ``step`` counted from 1."""
+    """Sweep ``step`` (the training step, built with ``schedule=False``) over rising learning rates.
+
+    ``on_step(step, lr, smoothed_loss)`` is called after each step, counted from 1 (a progress display)."""
     if not 0 < start_lr < end_lr:
         raise ConfigError(f"need 0 < start-lr < end-lr, got {start_lr} and {end_lr}")
     if num_steps < 3:
         raise ConfigError(f"the LR range test needs at least 3 steps, got {num_steps}")
-    model_state = copy.deepcopy(model.state_dict())
-    optim_state = copy.deepcopy(optimizer.state_dict())
-    was_training = model.training
+    saved = copy.deepcopy(step.state_dict())
     lrs: list[float] = []
     losses: list[float] = []
     smoothed: list[float] = []
@@ -85,19 +81,12 @@ def lr_range_test(
     avg, best = 0.0, math.inf
     gamma = (end_lr / start_lr) ** (1.0 / (num_steps - 1))
     try:
-        model.train()
-        for step in range(num_steps):
-            lr = start_lr * gamma**step
-            for group in optimizer.param_groups:
+        step.model.train()
+        for n in range(num_steps):
+            lr = start_lr * gamma**n
+            for group in step.optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)  # a group's fixed multiple (--bias-lr-scale)
-            x, y = next(batches)
-            ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
-            with ctx:
-                loss = criterion(model(x).float() * logit_scale, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())
+            value = float(step(*next(batches))[0])
             lrs.append(lr)
             losses.append(value)
             if not math.isfinite(value):
@@ -105,19 +94,51 @@ def lr_range_test(
                 smoothed.append(math.inf)
                 break
             avg = smoothing * avg + (1 - smoothing) * value
-            s = avg / (1 - smoothing ** (step + 1))
+            s = avg / (1 - smoothing ** (n + 1))
             smoothed.append(s)
             best = min(best, s)
             if on_step is not None:
-                on_step(step + 1, lr, s)
-            if step > 0 and s > diverge_factor * best:
+                on_step(n + 1, lr, s)
+            if n > 0 and s > diverge_factor * best:
                 diverged = True
                 break
-    finally:
-        model.load_state_dict(model_state)
-        optimizer.load_state_dict(optim_state)
-        optimizer.zero_grad(set_to_none=True)
-        model.train(was_training)
+    finally:  # the test leaves no trace on the model it probed
+        step.load_state_dict(saved)
+        step.optimizer.zero_grad(set_to_none=True)
     finite = [i for i, s in enumerate(smoothed) if math.isfinite(s)]
     suggestions = suggest(np.array(lrs)[finite], np.array(smoothed)[finite]) if len(finite) >= 3 else {}
     return LRFindResult(lrs, losses, smoothed, suggestions, diverged, start_lr, end_lr, num_steps)
+
+
+def run_range_test(config: TrainConfig, splits, *, start_lr: float, end_lr: float, steps: int,
+                   on_step: Callable[[int, float, float], None] | None = None) -> tuple[LRFindResult, str]:
+    """The LR range test of ``config``'s model, batch size and optimizer on ``splits``, through the training step
+    the recipe trains with (no EMA, no schedule); returns the result and the precision it ran in."""
+    from cifarlab import cpu
+    from cifarlab.augment import Normalization
+    from cifarlab.choices import resolve_speed
+    from cifarlab.models.recipe import build_model
+    from cifarlab.timing import configure_device, resolve_device
+    from cifarlab.train import training_batches
+
+    if config.batch_size > len(splits.train_labels):
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set "
+                          f"({len(splits.train_labels)} images)")
+    device = resolve_device(config.device)
+    configure_device(device)
+    speed = resolve_speed(config.arch, device, config.precision, "auto")
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    norm = Normalization.from_images(splits.train_images)
+    model = build_model(config, splits, norm, device, speed.channels_last, generator=gen)
+    step = TrainStep(config, model, device, speed.precision, total_steps=steps, num_classes=splits.num_classes,
+                     schedule=False)
+    source = training_batches(config, splits, norm, device, speed.channels_last, gen)
+
+    def batches():
+        while True:
+            yield from source.epoch()
+
+    with cpu.retained_memory(config.retain_memory and device.type == "cpu"):  # as fit() trains
+        result = lr_range_test(step, batches(), start_lr=start_lr, end_lr=end_lr, num_steps=steps, on_step=on_step)
+    return result, speed.precision

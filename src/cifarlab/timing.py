@@ -18,7 +18,7 @@ from torch import nn
 from cifarlab.errors import ConfigError
 
 # Profiler regions (torch.profiler.record_function) around convolutions computed as matrix products
-# (cifarlab.matmul_conv, cifarlab.winograd): their aten::mm/bmm calls, which bench.devices' breakdown would
+# (cifarlab.cpu): their aten::mm calls, which bench.devices' breakdown would
 # otherwise count as "linear + loss", count inside these regions as the convolution passes they are.
 CONV_FORWARD_ANNOTATION = "cifarlab.conv_forward"
 CONV_BACKWARD_ANNOTATION = "cifarlab.conv_backward"

@@ -44,12 +44,6 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataF
         _legend_outside(ax)
         save(fig, run_dir / "share_of_peak.png")
         parts.append(html.figure("share_of_peak.png", "Share of the device's measured matmul peak"))
-        if "winograd" in ok and (ok["winograd"].astype(str).eq("True") & ok["precision"].eq("fp32")
-                                 & ok["device"].eq("cpu")).any():
-            parts.append('<p class="note">FLOPs are counted as a direct convolution computes them. The CPU fp32 '
-                         "rows with Winograd 3x3 convolutions compute a quarter of those products, so their share "
-                         "can pass 100%: it says how fast the model trains against the peak, not how busy the "
-                         "multipliers are.</p>")
 
         if "chosen" in ok:
             parts.append(_choice_section(ok, run_dir))
@@ -64,7 +58,7 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataF
             parts.append("<h2>Ablation ladder</h2>" + html.figure("ablation.png", "Images per second by step")
                          + "".join(f'<p class="note">{html.esc(line)}</p>' for line in ladder_bounds(ok)))
         cols = [c for c in ["arch", "device", "device_name", "step", "batch_size", "precision", "channels_last",
-                            "winograd", "data_path", "images_per_second", "spread_pct", "epoch_seconds",
+                            "data_path", "images_per_second", "spread_pct", "epoch_seconds",
                             "epoch_50k_seconds", "epoch_kind", "data_share", "eval_share", "achieved_tflops",
                             "peak_tflops", "share_of_peak", "speedup_vs_baseline", "speedup_vs_cpu", "peak_memory_mb",
                             "compile_seconds"] if c in ok]

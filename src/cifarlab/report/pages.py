@@ -1,4 +1,4 @@
-"""Pages drawn from stored records alone: runs, LR range tests, studies, and the index that links them.
+"""Pages drawn from stored records alone: runs, LR range tests, and the index that links them and the studies.
 
 Every page is static HTML with its figures as PNG files beside it and a CSV for pandas users; it opens from
 ``file://`` with no network. Values that come from users (study names, paths) are escaped.
@@ -6,6 +6,7 @@ Every page is static HTML with its figures as PNG files beside it and a CSV for 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.ticker import MaxNLocator
 
 from cifarlab import faults
 from cifarlab.data import atomic_write_text
@@ -21,6 +21,7 @@ from cifarlab.report import html
 from cifarlab.report.devices import machines_page, redraw_devices_page
 from cifarlab.report.figures import plt, run_curves_figure, save, sns
 from cifarlab.report.records import read_json, write_csv
+from cifarlab.report.study import study_frame, study_page, study_slug
 
 # ------------------------------------------------------------------------------------------------ runs
 
@@ -113,7 +114,7 @@ def run_page(run_dir: Path) -> Path:
             parts.append("<h2>Misclassified test images</h2>" + html.figure(grid, "Misclassified: true → predicted"))
     if (run_dir / "model.pt").is_file():
         parts.append('<p class="note">Weights tested: <a href="model.pt">model.pt</a> (<code>model, norm, _ = '
-                     "cifarlab.train.load_weights(path)</code>).</p>")
+                     "cifarlab.weights.load_weights(path)</code>).</p>")
     config = pd.DataFrame({"setting": list(cfg), "value": [str(v) for v in cfg.values()]})
     resolved = doc.get("resolved", {})
     parts.append(
@@ -199,276 +200,32 @@ def lrfind_page(run_dir: Path) -> Path:
     return html.write_page(run_dir / "index.html", title, body)
 
 
-# ------------------------------------------------------------------------------------------------ studies
-
-
-def study_slug(name: str) -> str:
-    """A file-system-safe folder name for a study, unique even when names differ only in odd characters."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:50].strip("._") or "study"
-    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
-def study_frame(study) -> pd.DataFrame:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        epochs = t.user_attrs.get("epochs", [])
-        rows.append(
-            {
-                "trial": t.number,
-                "state": t.state.name.lower(),
-                "optimizer": t.params.get("optimizer"),
-                "max_lr": t.params.get("max_lr"),
-                "batch_size": t.params.get("batch_size"),
-                "val_accuracy": t.value,
-                "epochs_run": len(epochs),
-                "seconds": t.duration.total_seconds() if t.duration else None,
-                "images_per_second": t.user_attrs.get("images_per_second"),
-                "train_images": t.user_attrs.get("train_images"),
-                "seed_config": bool(t.user_attrs.get("seed_config")),
-                "reason": t.user_attrs.get("pruned_reason") or t.user_attrs.get("fail_reason") or "",
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def study_page(study, out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    frame = study_frame(study)
-    write_csv(out_dir / "trials.csv", frame)
-    parts = []
-    done = frame[frame["state"] == "complete"] if len(frame) else frame
-    counts = frame["state"].value_counts().to_dict() if len(frame) else {}
-    parts.append(
-        f'<p class="note">{len(frame)} trials: ' + html.esc(", ".join(f"{v} {k}" for k, v in counts.items())) + "</p>"
-    )
-    if len(done):
-        best = done.loc[done["val_accuracy"].idxmax()]
-        seed = done[done["seed_config"]]
-        cmp = [{"": "best", **{k: best[k] for k in ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")}}]
-        if len(seed):
-            s = seed.iloc[0]
-            cmp.append(
-                {
-                    "": "seed configuration",
-                    **{k: s[k] for k in ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")},
-                }
-            )
-        table = pd.DataFrame(cmp)
-        table["val_accuracy"] = (table["val_accuracy"] * 100).round(2)
-        parts.append(
-            "<h2>Best against the seed</h2>" + html.table(table.rename(columns={"val_accuracy": "val acc (%)"}))
-        )
-        config = next(t for t in study.get_trials(deepcopy=False) if t.number == best["trial"]).user_attrs.get("config")
-        if config:
-            from cifarlab.train import train_argv  # imports torch, which drawing a page otherwise does not need
-
-            command = " ".join(["python -m studies.train", *train_argv(config)])
-            parts.append(f'<p class="note">The best as one run (<code>--epochs</code> for a longer one): '
-                         f"<code>{html.esc(command)}</code></p>")
-        final = study.user_attrs.get("final")
-        if final:
-            images = {r.get("train_images") for r in final["runs"]}
-            # finals stored before the count was kept held the study's validation split out
-            trained_on = f", {images.pop():,} training images" if len(images) == 1 and None not in images else ""
-            parts.append(
-                f"<p>Final retrain ({final['epochs']} epochs, {len(final['runs'])} seed(s){trained_on}): test accuracy "
-                f"<b>{final['mean']:.2%} ± {final['std']:.2%}</b></p>"
-            )
-        parts.append(_study_figures(study, frame, out_dir))
-    view = frame.copy()
-    if len(view):
-        view["val_accuracy"] = (view["val_accuracy"] * 100).round(2)
-    parts.append(
-        "<h2>Trials</h2>"
-        + html.table(view.rename(columns={"val_accuracy": "val acc (%)", "seconds": "seconds (s)"}))
-        + '<p class="note"><a href="trials.csv">trials.csv</a></p>'
-    )
-    spec = study.user_attrs.get("spec")
-    if spec:
-        parts.append("<h2>Study definition</h2><pre>" + html.esc(json.dumps(spec, indent=2)) + "</pre>")
-    return html.write_page(out_dir / "index.html", f"study {study.study_name}", "\n".join(parts))
-
-
-def _study_figures(study, frame: pd.DataFrame, out_dir: Path) -> str:
-    sns.set_theme(style="whitegrid")
-    parts = []
-    done = frame[frame["state"] == "complete"].copy()
-    done["val acc (%)"] = done["val_accuracy"] * 100
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    sns.scatterplot(
-        data=frame.assign(**{"val acc (%)": frame["val_accuracy"] * 100}),
-        x="trial",
-        y="val acc (%)",
-        hue="state",
-        ax=ax,
-    )
-    ordered = done.sort_values("trial")
-    ax.plot(
-        ordered["trial"], ordered["val acc (%)"].cummax(), color="black", drawstyle="steps-post", label="running best"
-    )
-    ax.legend(fontsize=8)
-    ax.set(title="optimisation history", xlabel="trial number", ylabel="validation accuracy (%)")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    save(fig, out_dir / "history.png")
-    parts.append("<h2>Figures</h2>" + html.figure("history.png", "Validation accuracy by trial, with the running best"))
-
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    sns.scatterplot(data=done, x="max_lr", y="val acc (%)", hue="optimizer", size="batch_size", sizes=(30, 200), ax=ax)
-    ax.set_xscale("log")
-    ax.set(
-        title="max learning rate against validation accuracy",
-        xlabel="max LR (log scale)",
-        ylabel="validation accuracy (%)",
-    )
-    ax.legend(fontsize=7, loc="best")
-    save(fig, out_dir / "max_lr.png")
-    parts.append(
-        html.figure("max_lr.png", "Max LR (log axis) against validation accuracy; colour: optimizer, size: batch size")
-    )
-
-    steps, images, epochs = steps_by_batch(done)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    order = sorted(done["batch_size"].dropna().unique())
-    sns.stripplot(data=done, x="batch_size", y="val acc (%)", order=order, ax=axes[0], size=6)
-    axes[0].set_xticks(range(len(order)),
-                       [f"{b:.0f}\n{steps[b]} step{'s' if steps[b] != 1 else ''}" if b in steps else f"{b:.0f}"
-                        for b in order])
-    axes[0].set(title="by batch size", xlabel="batch size (images), optimizer steps per trial",
-                ylabel="validation accuracy (%)")
-    sns.stripplot(data=done, x="optimizer", y="val acc (%)", ax=axes[1], size=6)
-    axes[1].set(title="by optimizer", xlabel="optimizer", ylabel="validation accuracy (%)")
-    save(fig, out_dir / "by_param.png")
-    parts.append(html.figure("by_param.png", "Validation accuracy by batch size and by optimizer"))
-    if steps:
-        parts.append(
-            '<p class="note">Optimizer steps per trial: '
-            + html.esc(", ".join(f"batch {b:.0f}: {n}" for b, n in steps.items()))
-            + f" ({epochs} epoch{'s' if epochs != 1 else ''} of {images:,} training images). At a fixed number of "
-            "epochs a larger batch takes fewer steps, so a short budget favours small batches: this study ranks "
-            "batch sizes at its own length, and whether the best one wins at full length is for "
-            "<code>--budget full</code> or <code>--final</code> to show.</p>"
-        )
-
-    timed = done.dropna(subset=["seconds"])
-    if len(timed):
-        front = pareto_front(timed)
-        fig, ax = plt.subplots(figsize=(7.5, 4))
-        sns.scatterplot(data=timed, x="seconds", y="val acc (%)", hue="batch_size", style="optimizer",
-                        palette="viridis", s=60, ax=ax)
-        # a step line: the best accuracy reached within each wall time, out to the slowest trial
-        ax.plot([*front["seconds"], timed["seconds"].max()], [*front["val acc (%)"], front["val acc (%)"].iloc[-1]],
-                color="black", drawstyle="steps-post", linewidth=1,
-                label="no trial faster and better")
-        ax.set(title="validation accuracy against trial time", xlabel="trial wall time (s)",
-               ylabel="validation accuracy (%)")
-        ax.legend(fontsize=7, loc="best")
-        save(fig, out_dir / "time.png")
-        rows = front[["trial", "optimizer", "max_lr", "batch_size", "seconds", "val acc (%)"]].copy()
-        rows["seconds"], rows["val acc (%)"] = rows["seconds"].round(1), rows["val acc (%)"].round(2)
-        parts.append(
-            html.figure("time.png", "Validation accuracy against each trial's wall time; the line joins the trials "
-                                    "that no other trial beats on both")
-            + "<h3>Trade-off between accuracy and time</h3>"
-            + '<p class="note">Each of these trials is the most accurate of those that took no longer: the '
-              "fastest way found to each accuracy under this study's budget.</p>"
-            + html.table(rows.rename(columns={"seconds": "seconds (s)"}))
-        )
-
-    top = done.nlargest(5, "val_accuracy")["trial"].tolist()
-    curves = []
-    for t in study.get_trials(deepcopy=False):
-        if t.number in top:
-            curves += [
-                {"trial": str(t.number), "epoch": e["epoch"], "val acc (%)": e["val_accuracy"] * 100}
-                for e in t.user_attrs.get("epochs", [])
-            ]
-    if curves:
-        fig, ax = plt.subplots(figsize=(7.5, 3.8))
-        sns.lineplot(data=pd.DataFrame(curves), x="epoch", y="val acc (%)", hue="trial", marker="o", ax=ax)
-        ax.set(title="learning curves of the top trials", xlabel="epoch", ylabel="validation accuracy (%)")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        save(fig, out_dir / "curves.png")
-        parts.append(html.figure("curves.png", "Validation accuracy by epoch, top five trials"))
-    importance = _importance(study)
-    if importance:
-        fig, ax = plt.subplots(figsize=(6, 2.8))
-        sns.barplot(x=list(importance.values()), y=list(importance), ax=ax)
-        ax.set(title="hyperparameter importance (Optuna fANOVA)", xlabel="importance (share of variance)", ylabel="")
-        save(fig, out_dir / "importance.png")
-        parts.append(html.figure("importance.png", "Hyperparameter importance"))
-    return "\n".join(parts)
-
-
-def steps_by_batch(done: pd.DataFrame) -> tuple[dict[float, int], int, int]:
-    """({batch size: optimizer steps a whole trial takes}, training images, epochs) of a study's complete trials:
-    epochs x images // batch, or one step an epoch where the batch holds every image (``fit`` drops the ragged
-    last batch). Empty where the trials did not store their training images."""
-    known = done.dropna(subset=["train_images", "batch_size"])
-    if known.empty:
-        return {}, 0, 0
-    images, epochs = int(known["train_images"].max()), int(known["epochs_run"].max())
-    return {b: epochs * max(1, images // int(b)) for b in sorted(known["batch_size"].unique())}, images, epochs
-
-
-def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows that no other row beats on both ``seconds`` (fewer) and ``val_accuracy`` (more), fastest first:
-    each is the most accurate of the rows that took no longer than it."""
-    ordered = frame.sort_values(["seconds", "val_accuracy"], ascending=[True, False], kind="stable")
-    best = ordered["val_accuracy"].cummax()
-    keep = ordered["val_accuracy"] > best.shift(fill_value=-np.inf)
-    return ordered[keep]
-
-
-def _importance(study) -> dict[str, float]:
-    import warnings
-
-    import optuna
-
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 3:
-        return {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return optuna.importance.get_param_importances(study)
-    except (RuntimeError, ValueError):  # e.g. a parameter that never varied
-        return {}
-
-
 # ------------------------------------------------------------------------------------------------ index
 
 
-def build_index(out: Path, studies: list | None = None, redrawn: list[Path] | None = None) -> Path:
+def build_index(out: Path, studies: list[dict] | None = None, redrawn: list[Path] | None = None) -> Path:
     """``out/index.html``: every study, run, LR range test and device benchmark, newest first.
 
-    A record's page is drawn again when it is missing or older than the record; ``redrawn`` collects their folders.
+    ``studies`` are plain study records (``studies`` builds them from the storage). A record's page is drawn again
+    when it is missing or older than the record; ``redrawn`` collects their folders.
     """
     out = Path(out)
     parts = []
     if studies:
         rows = []
         for study in studies:
-            slug = study_slug(study.study_name)
-            page = _study_page_if_changed(study, out / "studies" / slug, redrawn)
+            page = _draw_if_changed(out / "studies" / study_slug(study["name"]), _study_key(study),
+                                    functools.partial(study_page, study, out / "studies" / study_slug(study["name"])),
+                                    redrawn)
             faults.point("report")
             frame = study_frame(study)
             done = frame[frame["state"] == "complete"] if len(frame) else frame
-            arch = (study.user_attrs.get("spec") or {}).get("arch", "")
-            started = min(
-                (t.datetime_start for t in study.get_trials(deepcopy=False) if t.datetime_start), default=None
-            )
-            rows.append(
-                (
-                    started.strftime("%Y-%m-%d %H:%M") if started else "",
-                    f'<a href="{html.esc(page.relative_to(out))}">{html.esc(study.study_name)}</a>',
-                    html.esc(arch),
-                    f"{done['val_accuracy'].max():.2%}" if len(done) else "—",
-                    html.esc(", ".join(f"{v} {k}" for k, v in frame["state"].value_counts().items()))
-                    if len(frame)
-                    else "0",
-                )
-            )
+            started = min((t["started"] for t in study["trials"] if t["started"]), default="")
+            states = ", ".join(f"{v} {k}" for k, v in frame["state"].value_counts().items()) if len(frame) else "0"
+            rows.append((started[:16].replace("T", " "),
+                         f'<a href="{html.esc(page.relative_to(out))}">{html.esc(study["name"])}</a>',
+                         html.esc((study["user_attrs"].get("spec") or {}).get("arch", "")),
+                         f"{done['val_accuracy'].max():.2%}" if len(done) else "—", html.esc(states)))
         rows.sort(reverse=True)
         parts.append(
             "<h2>Studies</h2>" + _rows(["started", "study", "architecture", "best val accuracy", "trials"], rows)
@@ -558,9 +315,9 @@ def _unfinished_runs(out: Path) -> list[tuple]:
         return []
     import time
 
+    from cifarlab.checkpoint import checkpoint_progress, load_checkpoint  # torch: only when a checkpoint is there
     from cifarlab.errors import ConfigError
     from cifarlab.report.records import in_use
-    from cifarlab.train import checkpoint_progress, load_checkpoint  # torch: only when a checkpoint is there
 
     rows = []
     for path in paths:
@@ -603,13 +360,11 @@ def _records(out: Path, kind: str, name: str, draw, redrawn: list[Path] | None =
 PAGE_KEY = ".page-key"  # beside a study's or the machines page: what it was drawn from, so it is not redrawn unchanged
 
 
-def _study_key(study) -> str:
-    """A digest of everything a study page shows: each trial's state, parameters, values, attributes and times,
-    the study's attributes, and the source of the code that draws it (a new page layout redraws every page once)."""
-    trials = [(t.number, t.state.name, t.values, t.params, t.user_attrs, t.intermediate_values,
-               str(t.datetime_start), str(t.datetime_complete)) for t in study.get_trials(deepcopy=False)]
-    blob = json.dumps([study.study_name, study.user_attrs, trials], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode() + _source("pages.py", "figures.py", "html.py")).hexdigest()
+def _study_key(study: dict) -> str:
+    """A digest of everything a study page shows (the whole record) and of the code that draws it (a new page
+    layout redraws every page once)."""
+    blob = json.dumps(study, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode() + _source("study.py", "figures.py", "html.py")).hexdigest()
 
 
 def _machines_key(out: Path) -> str:
@@ -622,12 +377,6 @@ def _machines_key(out: Path) -> str:
 
 def _source(*names: str) -> bytes:
     return b"".join(Path(__file__).with_name(name).read_bytes() for name in names)
-
-
-def _study_page_if_changed(study, out_dir: Path, redrawn: list[Path] | None) -> Path:
-    """The study's page, drawn again only when the study changed since it was drawn or a file of it is missing:
-    every command that stores results rebuilds the index, and a study's figures take seconds to draw."""
-    return _draw_if_changed(out_dir, _study_key(study), lambda: study_page(study, out_dir), redrawn)
 
 
 def _draw_if_changed(out_dir: Path, key: str, draw, redrawn: list[Path] | None) -> Path:

@@ -117,3 +117,46 @@ def check_writable(out: Path) -> Path:
         reason = exc.strerror or exc
         raise ConfigError(f"output folder {out} cannot be written ({reason}); pass a writable --out") from None
     return out
+
+
+def write_lrfind_record(out: Path, doc: dict, result) -> Path:
+    """``<out>/lrfind/<time>-<arch>/``: the sweep (``lrfind.csv``), its record with the suggestions
+    (``lrfind.json``) and the loss curve (``lrfind.png``)."""
+    from cifarlab.report.figures import lrfind_figure
+
+    frame = pd.DataFrame({"step": range(len(result.lrs)), "lr": result.lrs, "loss": result.losses,
+                          "smoothed_loss": result.smoothed})
+    run_dir = new_record_dir(out, "lrfind", doc["arch"])
+    write_csv(run_dir / "lrfind.csv", frame)
+    write_json(run_dir / "lrfind.json", {**doc, **result.to_dict()})
+    lrfind_figure(frame, result.suggestions, run_dir / "lrfind.png",
+                  f"LR range test: {doc['arch']}, {doc['optimizer']}, batch {doc['batch_size']}")
+    return run_dir
+
+
+def run_record(result, splits, *, status: str, train_subset, wall_seconds: float) -> dict:
+    """The JSON document of one run (``run.json``): everything its report page needs."""
+    import numpy as np
+
+    from cifarlab.timing import environment, resolve_device
+
+    doc: dict = {
+        "kind": "run", "status": status, "config": result.config.to_dict(),
+        "resolved": {"device": result.device, "precision": result.precision,
+                     "channels_last": result.channels_last, "speed_choice": result.speed_source,
+                     "compile_seconds": result.compile_seconds},
+        "environment": environment(resolve_device(result.config.device)),
+        "data": {**splits.describe(), "train_subset": train_subset},
+        "normalization": {"mean": list(result.normalization.mean), "std": list(result.normalization.std)},
+        "epochs": [r.to_dict() for r in result.records], "wall_seconds": wall_seconds, "test": None,
+    }
+    test: dict = {}
+    k = splits.num_classes
+    for key, ev in (("plain", result.test), ("flip_tta", result.test_tta)):
+        if ev is not None:
+            confusion = np.bincount(splits.test_labels * k + ev.predictions, minlength=k * k).reshape(k, k)
+            test[key] = {"accuracy": ev.accuracy, "loss": ev.loss,
+                         "per_class_accuracy": (confusion.diagonal() / np.maximum(confusion.sum(1), 1)).tolist(),
+                         "confusion": confusion.tolist(), "predictions": ev.predictions.tolist()}
+    doc["test"] = test or None
+    return doc

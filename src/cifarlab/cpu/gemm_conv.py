@@ -1,23 +1,8 @@
 """3x3 convolutions on small feature maps as one matrix product each way, for the CPU.
 
-``bench.devices``' per-layer table showed oneDNN's bf16 kernels for the 512-channel 4x4 layers (both models' last
-stage) computing their weight gradient at 0.22-0.25 TFLOP/s, against 1.1-2.2 for the same layers' 16x16
-cousins and ~2 for a plain bf16 matrix product: the kernel parallelises over too little spatial work. With
-channels-last activations a stride-1, pad-1 3x3 conv is exactly
-
-    out (N*H*W, O) = cols (N*H*W, 9*C) @ W (9*C, O),   cols = the nine shifted copies of the padded input,
-
-so forward, input gradient and weight gradient are each one large GEMM that runs near the matmul peak, plus a
-copy to build ``cols`` (kept for the weight gradient). The input gradient is the same product over the output
-gradient's ``cols`` with the kernel flipped.
-
-``MatmulConv2d`` is a drop-in ``nn.Conv2d`` (same parameters and state dict) that takes this path on the CPU
-when the output map has at most ``max_pixels`` positions and the conv is a plain 3x3/stride 1/pad 1 one. Other
-convs into such maps (ResNet-18's stride-2 and 1x1 shortcut convs into its 4x4 stage) keep oneDNN's forward and
-input gradient and compute only the weight gradient as a GEMM: at batch 512, the stride-2 256->512 conv's
-forward and backward took 149 ms against oneDNN's 254, and a 512-channel 4x4 conv 237 ms all-GEMM, 370 with
-only its weight gradient as a GEMM, 443 in oneDNN (one process, a slow spell of the machine: ratios, not times).
-Larger maps, and CUDA, where cuDNN has no such gap, run ``nn.Conv2d``.
+With channels-last activations a stride-1, pad-1 3x3 conv is ``out (N*H*W, O) = cols (N*H*W, 9*C) @ W (9*C, O)``
+with ``cols`` the nine shifted copies of the padded input, so each pass is one large GEMM that runs near the
+matmul peak, where oneDNN's kernels parallelise over too little spatial work (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -26,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab import winograd
 from cifarlab.timing import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION
 
 DEFAULT_MAX_PIXELS = 16  # 4x4: the maps where oneDNN lost the most (bench.devices' conv table shows it)
@@ -125,28 +109,18 @@ def matmul_conv3x3(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class MatmulConv2d(nn.Conv2d):
-    """``nn.Conv2d`` that computes convs with small output maps on the CPU with GEMMs.
-
-    Plain 3x3 stride-1 convs run wholly as GEMMs (``matmul_conv3x3``); other small-output convs (the stride-2
-    and 1x1 shortcut convs into a 4x4 stage) keep oneDNN's forward and input gradient and take only the weight
-    gradient as a GEMM (``gemm_weight_grad_conv``), which was oneDNN's slow pass there. In fp32 (a CPU without
-    bf16 units), plain 3x3 stride-1 convs with at least ``winograd_min_channels`` input channels (and
-    ``winograd.MIN_OUT_CHANNELS`` output channels) run as Winograd F(4x4, 3x3) (``cifarlab.winograd``) whatever
-    their map size; 0 turns that off.
-    """
+    """``nn.Conv2d`` (same parameters and state dict) that computes convs with small output maps on the CPU with
+    GEMMs: plain 3x3 stride-1 convs wholly, other convs into such maps (stride-2 and 1x1 shortcuts) their weight
+    gradient only, oneDNN's slow pass there."""
 
     max_pixels: int = DEFAULT_MAX_PIXELS
-    winograd_min_channels: int = 0
 
     def gemm_path(self, x: torch.Tensor) -> str | None:
-        """"winograd", "gemm", "weight-gemm" or None (oneDNN / cuDNN) for an input like ``x``."""
+        """"gemm", "weight-gemm" or None (oneDNN / cuDNN) for an input like ``x``."""
         if (x.device.type != "cpu" or x.dim() != 4 or isinstance(self.padding, str) or self.groups != 1
                 or self.dilation != (1, 1) or self.padding_mode != "zeros"):
             return None
         plain3x3 = self.kernel_size == (3, 3) and self.stride == (1, 1) and self.padding == (1, 1)
-        if (plain3x3 and self.winograd_min_channels and self.in_channels >= self.winograd_min_channels
-                and self.out_channels >= winograd.MIN_OUT_CHANNELS and winograd.supports(x, self.weight)):
-            return "winograd"
         out_h = (x.shape[2] + 2 * self.padding[0] - self.kernel_size[0]) // self.stride[0] + 1
         out_w = (x.shape[3] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1
         if out_h * out_w > self.max_pixels:
@@ -156,8 +130,6 @@ class MatmulConv2d(nn.Conv2d):
     def gemm_conv(self, x: torch.Tensor, weight: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """This conv's GEMM path for ``x`` (which must have one; ``path`` if already asked), without the bias."""
         path = path or self.gemm_path(x)
-        if path == "winograd":
-            return winograd.winograd_conv3x3(x, weight)
         if path == "gemm":
             return matmul_conv3x3(x, weight)
         return gemm_weight_grad_conv(x, weight, self.stride, self.padding)
@@ -172,15 +144,9 @@ class MatmulConv2d(nn.Conv2d):
         return out
 
 
-def use_matmul_convs(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS,
-                     winograd_min_channels: int = 0) -> int:
-    """Turn every plain ``nn.Conv2d`` of ``model`` into a ``MatmulConv2d`` in place; returns how many.
-
-    ``max_pixels`` 0 leaves every small map to oneDNN; ``winograd_min_channels`` 0 turns Winograd off. Parameters,
-    buffers and state-dict keys are unchanged (the class is a subclass); the path is chosen per call from the
-    input's device, dtype and size, so a model moved to CUDA runs cuDNN as before, and one under bf16 autocast
-    takes no Winograd.
-    """
+def use_matmul_convs(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Turn every plain ``nn.Conv2d`` of ``model`` into a ``MatmulConv2d`` in place (the path is chosen per call,
+    so CUDA runs cuDNN as before); returns how many."""
     count = 0
     for module in model.modules():
         if type(module) is nn.Conv2d:
@@ -188,5 +154,4 @@ def use_matmul_convs(model: nn.Module, max_pixels: int = DEFAULT_MAX_PIXELS,
             count += 1
         if isinstance(module, MatmulConv2d):
             module.max_pixels = max_pixels
-            module.winograd_min_channels = winograd_min_channels
     return count

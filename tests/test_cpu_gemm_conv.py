@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab.matmul_conv import MatmulConv2d, gemm_weight_grad_conv, matmul_conv3x3, use_matmul_convs
+from cifarlab.cpu.gemm_conv import MatmulConv2d, gemm_weight_grad_conv, matmul_conv3x3, use_matmul_convs
 from cifarlab.models import create_model
 
 

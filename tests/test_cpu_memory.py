@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cifarlab import hostmem
+from cifarlab.cpu import memory as hostmem
 
 pytestmark = pytest.mark.skipif(hostmem._glibc() is None, reason="glibc's malloc only; others are left alone")
 
@@ -17,7 +17,7 @@ BLOCKS_MIB = (64, 48, 96, 40)
 # Run in a fresh interpreter: malloc's state is process-wide, and a test worker's earlier tests leave it moved.
 _PROBE = f"""
 import json, resource, torch
-from cifarlab import hostmem
+from cifarlab.cpu import memory as hostmem
 
 def rounds(n=10):
     faults = []

@@ -1,0 +1,48 @@
+"""The architecture as the recipe builds it: its layers (activation, ghost batch norm, frozen batch-norm scales,
+the whitened first conv) and, on the CPU, its conv kernels. Training, the LR range test, the benchmark and a
+stored model's reader all build it here."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cifarlab import cpu
+from cifarlab.config import TrainConfig
+from cifarlab.models.layers import use_activation, use_ghost_batch_norm
+from cifarlab.models.registry import create_model
+from cifarlab.whitening import whiten_first_conv
+
+
+def recipe_model(config: TrainConfig, num_classes: int) -> nn.Module:
+    """``config.arch`` with the recipe's layers, on the CPU: what ``studies.train`` prints as the layer table.
+    ``build_model`` and a stored model's reader add the CPU conv kernels to it (``cifarlab.cpu``)."""
+    model = create_model(config.arch, num_classes=num_classes)
+    use_activation(model, config.activation)
+    if config.ghost_batch:
+        use_ghost_batch_norm(model, config.ghost_batch)
+    if config.bn_scale == "frozen":
+        freeze_bn_scales(model)
+    return model
+
+
+def build_model(config: TrainConfig, splits, norm, device: torch.device, channels_last: bool, *,
+                generator: torch.Generator | None = None) -> nn.Module:
+    """The model ``config`` trains on ``device``: the recipe's layers, the first conv whitened from ``splits``'
+    training images."""
+    model = cpu.use_cpu_kernels(recipe_model(config, splits.num_classes), config.matmul_convs).to(device)
+    if config.whiten:
+        whiten_first_conv(model, splits.train_images, norm, generator=generator)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def freeze_bn_scales(model: nn.Module) -> int:
+    """Fix every batch norm's scale at 1 (not learnt): Page's "frozen batch-norm scales". Returns how many."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+            with torch.no_grad():
+                module.weight.fill_(1.0)
+            module.weight.requires_grad_(False)
+            count += 1
+    return count

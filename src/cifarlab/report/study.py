@@ -1,0 +1,224 @@
+"""A study's page, drawn from a plain study record (never an Optuna object): its trials, the best against the
+seed configuration, the figures of the search, and the final retrains."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
+
+from cifarlab.config import train_argv
+from cifarlab.report import html
+from cifarlab.report.figures import plt, save, sns
+from cifarlab.report.records import write_csv
+
+
+def study_slug(name: str) -> str:
+    """A file-system-safe folder name for a study, unique even when names differ only in odd characters."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:50].strip("._") or "study"
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def study_frame(study: dict) -> pd.DataFrame:
+    """One row per trial of a study record (built from the storage by ``studies``)."""
+    rows = []
+    for t in study["trials"]:
+        attrs = t["user_attrs"]
+        rows.append({
+            "trial": t["number"], "state": t["state"], "optimizer": t["params"].get("optimizer"),
+            "max_lr": t["params"].get("max_lr"), "batch_size": t["params"].get("batch_size"),
+            "val_accuracy": t["value"], "epochs_run": len(attrs.get("epochs", [])), "seconds": t["seconds"],
+            "images_per_second": attrs.get("images_per_second"), "train_images": attrs.get("train_images"),
+            "seed_config": bool(attrs.get("seed_config")),
+            "reason": attrs.get("pruned_reason") or attrs.get("fail_reason") or "",
+        })
+    return pd.DataFrame(rows)
+
+
+def study_page(study: dict, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = study_frame(study)
+    write_csv(out_dir / "trials.csv", frame)
+    parts = []
+    done = frame[frame["state"] == "complete"] if len(frame) else frame
+    counts = frame["state"].value_counts().to_dict() if len(frame) else {}
+    parts.append(
+        f'<p class="note">{len(frame)} trials: ' + html.esc(", ".join(f"{v} {k}" for k, v in counts.items())) + "</p>"
+    )
+    if len(done):
+        best = done.loc[done["val_accuracy"].idxmax()]
+        seed = done[done["seed_config"]]
+        cmp = [{"": "best", **{k: best[k] for k in ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")}}]
+        if len(seed):
+            s = seed.iloc[0]
+            cmp.append(
+                {
+                    "": "seed configuration",
+                    **{k: s[k] for k in ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")},
+                }
+            )
+        table = pd.DataFrame(cmp)
+        table["val_accuracy"] = (table["val_accuracy"] * 100).round(2)
+        parts.append(
+            "<h2>Best against the seed</h2>" + html.table(table.rename(columns={"val_accuracy": "val acc (%)"}))
+        )
+        config = next(t for t in study["trials"] if t["number"] == best["trial"])["user_attrs"].get("config")
+        if config:
+            command = " ".join(["python -m studies.train", *train_argv(config)])
+            parts.append(f'<p class="note">The best as one run (<code>--epochs</code> for a longer one): '
+                         f"<code>{html.esc(command)}</code></p>")
+        final = study["user_attrs"].get("final")
+        if final:
+            images = {r["train_images"] for r in final["runs"]}
+            trained_on = f", {images.pop():,} training images" if len(images) == 1 else ""
+            parts.append(
+                f"<p>Final retrain ({final['epochs']} epochs, {len(final['runs'])} seed(s){trained_on}): test accuracy "
+                f"<b>{final['mean']:.2%} ± {final['std']:.2%}</b></p>"
+            )
+        parts.append(_study_figures(study, frame, out_dir))
+    view = frame.copy()
+    if len(view):
+        view["val_accuracy"] = (view["val_accuracy"] * 100).round(2)
+    parts.append(
+        "<h2>Trials</h2>"
+        + html.table(view.rename(columns={"val_accuracy": "val acc (%)", "seconds": "seconds (s)"}))
+        + '<p class="note"><a href="trials.csv">trials.csv</a></p>'
+    )
+    spec = study["user_attrs"].get("spec")
+    if spec:
+        parts.append("<h2>Study definition</h2><pre>" + html.esc(json.dumps(spec, indent=2)) + "</pre>")
+    return html.write_page(out_dir / "index.html", f"study {study['name']}", "\n".join(parts))
+
+
+def _study_figures(study: dict, frame: pd.DataFrame, out_dir: Path) -> str:
+    sns.set_theme(style="whitegrid")
+    parts = []
+    done = frame[frame["state"] == "complete"].copy()
+    done["val acc (%)"] = done["val_accuracy"] * 100
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    sns.scatterplot(
+        data=frame.assign(**{"val acc (%)": frame["val_accuracy"] * 100}),
+        x="trial",
+        y="val acc (%)",
+        hue="state",
+        ax=ax,
+    )
+    ordered = done.sort_values("trial")
+    ax.plot(
+        ordered["trial"], ordered["val acc (%)"].cummax(), color="black", drawstyle="steps-post", label="running best"
+    )
+    ax.legend(fontsize=8)
+    ax.set(title="optimisation history", xlabel="trial number", ylabel="validation accuracy (%)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    save(fig, out_dir / "history.png")
+    parts.append("<h2>Figures</h2>" + html.figure("history.png", "Validation accuracy by trial, with the running best"))
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    sns.scatterplot(data=done, x="max_lr", y="val acc (%)", hue="optimizer", size="batch_size", sizes=(30, 200), ax=ax)
+    ax.set_xscale("log")
+    ax.set(
+        title="max learning rate against validation accuracy",
+        xlabel="max LR (log scale)",
+        ylabel="validation accuracy (%)",
+    )
+    ax.legend(fontsize=7, loc="best")
+    save(fig, out_dir / "max_lr.png")
+    parts.append(
+        html.figure("max_lr.png", "Max LR (log axis) against validation accuracy; colour: optimizer, size: batch size")
+    )
+
+    steps, images, epochs = steps_by_batch(done)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    order = sorted(done["batch_size"].dropna().unique())
+    sns.stripplot(data=done, x="batch_size", y="val acc (%)", order=order, ax=axes[0], size=6)
+    axes[0].set_xticks(range(len(order)),
+                       [f"{b:.0f}\n{steps[b]} step{'s' if steps[b] != 1 else ''}" if b in steps else f"{b:.0f}"
+                        for b in order])
+    axes[0].set(title="by batch size", xlabel="batch size (images), optimizer steps per trial",
+                ylabel="validation accuracy (%)")
+    sns.stripplot(data=done, x="optimizer", y="val acc (%)", ax=axes[1], size=6)
+    axes[1].set(title="by optimizer", xlabel="optimizer", ylabel="validation accuracy (%)")
+    save(fig, out_dir / "by_param.png")
+    parts.append(html.figure("by_param.png", "Validation accuracy by batch size and by optimizer"))
+    if steps:
+        parts.append(
+            '<p class="note">Optimizer steps per trial: '
+            + html.esc(", ".join(f"batch {b:.0f}: {n}" for b, n in steps.items()))
+            + f" ({epochs} epoch{'s' if epochs != 1 else ''} of {images:,} training images). At a fixed number of "
+            "epochs a larger batch takes fewer steps, so a short budget favours small batches: this study ranks "
+            "batch sizes at its own length, and whether the best one wins at full length is for "
+            "<code>--budget full</code> or <code>--final</code> to show.</p>"
+        )
+
+    timed = done.dropna(subset=["seconds"])
+    if len(timed):
+        front = pareto_front(timed)
+        fig, ax = plt.subplots(figsize=(7.5, 4))
+        sns.scatterplot(data=timed, x="seconds", y="val acc (%)", hue="batch_size", style="optimizer",
+                        palette="viridis", s=60, ax=ax)
+        # a step line: the best accuracy reached within each wall time, out to the slowest trial
+        ax.plot([*front["seconds"], timed["seconds"].max()], [*front["val acc (%)"], front["val acc (%)"].iloc[-1]],
+                color="black", drawstyle="steps-post", linewidth=1,
+                label="no trial faster and better")
+        ax.set(title="validation accuracy against trial time", xlabel="trial wall time (s)",
+               ylabel="validation accuracy (%)")
+        ax.legend(fontsize=7, loc="best")
+        save(fig, out_dir / "time.png")
+        rows = front[["trial", "optimizer", "max_lr", "batch_size", "seconds", "val acc (%)"]].copy()
+        rows["seconds"], rows["val acc (%)"] = rows["seconds"].round(1), rows["val acc (%)"].round(2)
+        parts.append(
+            html.figure("time.png", "Validation accuracy against each trial's wall time; the line joins the trials "
+                                    "that no other trial beats on both")
+            + "<h3>Trade-off between accuracy and time</h3>"
+            + '<p class="note">Each of these trials is the most accurate of those that took no longer: the '
+              "fastest way found to each accuracy under this study's budget.</p>"
+            + html.table(rows.rename(columns={"seconds": "seconds (s)"}))
+        )
+
+    top = done.nlargest(5, "val_accuracy")["trial"].tolist()
+    curves = []
+    for t in study["trials"]:
+        if t["number"] in top:
+            curves += [{"trial": str(t["number"]), "epoch": e["epoch"], "val acc (%)": e["val_accuracy"] * 100}
+                       for e in t["user_attrs"].get("epochs", [])]
+    if curves:
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
+        sns.lineplot(data=pd.DataFrame(curves), x="epoch", y="val acc (%)", hue="trial", marker="o", ax=ax)
+        ax.set(title="learning curves of the top trials", xlabel="epoch", ylabel="validation accuracy (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        save(fig, out_dir / "curves.png")
+        parts.append(html.figure("curves.png", "Validation accuracy by epoch, top five trials"))
+    importance = study.get("importance") or {}
+    if importance:
+        fig, ax = plt.subplots(figsize=(6, 2.8))
+        sns.barplot(x=list(importance.values()), y=list(importance), ax=ax)
+        ax.set(title="hyperparameter importance (Optuna fANOVA)", xlabel="importance (share of variance)", ylabel="")
+        save(fig, out_dir / "importance.png")
+        parts.append(html.figure("importance.png", "Hyperparameter importance"))
+    return "\n".join(parts)
+
+
+def steps_by_batch(done: pd.DataFrame) -> tuple[dict[float, int], int, int]:
+    """({batch size: optimizer steps a whole trial takes}, training images, epochs) of a study's complete trials:
+    epochs x images // batch, or one step an epoch where the batch holds every image (``fit`` drops the ragged
+    last batch). Empty where the trials did not store their training images."""
+    known = done.dropna(subset=["train_images", "batch_size"])
+    if known.empty:
+        return {}, 0, 0
+    images, epochs = int(known["train_images"].max()), int(known["epochs_run"].max())
+    return {b: epochs * max(1, images // int(b)) for b in sorted(known["batch_size"].unique())}, images, epochs
+
+
+def pareto_front(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows that no other row beats on both ``seconds`` (fewer) and ``val_accuracy`` (more), fastest first:
+    each is the most accurate of the rows that took no longer than it."""
+    ordered = frame.sort_values(["seconds", "val_accuracy"], ascending=[True, False], kind="stable")
+    best = ordered["val_accuracy"].cummax()
+    keep = ordered["val_accuracy"] > best.shift(fill_value=-np.inf)
+    return ordered[keep]

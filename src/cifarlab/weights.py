@@ -1,0 +1,72 @@
+"""The saved-weights format: a run's tested model as a plain dict that ``torch.load(weights_only=True)`` reads."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from cifarlab import cpu
+from cifarlab.augment import Normalization
+from cifarlab.config import TrainConfig
+from cifarlab.data import atomic_file
+from cifarlab.errors import ConfigError
+from cifarlab.models.recipe import recipe_model
+
+WEIGHTS_FORMAT = 1  # bumped when what save_weights stores changes shape
+
+
+def save_weights(result, path: Path, classes: list[str] | tuple[str, ...]) -> Path:
+    """Write the model a run evaluated (the EMA of the weights where the run kept one) to ``path``.
+
+    Stored as a plain dict for ``torch.load(weights_only=True)``: the state dict in fp32 on the CPU, with the
+    whitening parametrisation folded into the first conv's weight (so the keys are the architecture's own), the
+    config that rebuilds the recipe's layers (activation, ghost batch norm), the class names and the input
+    normalisation. ``load_weights`` gives the model back.
+    """
+    # Folded from the state dict, not by removing the parametrisation from a deep copy: the copy shares its
+    # module's generated class, and removing it there deletes that class's ``weight`` property from under the
+    # caller's model, which then fails on its next forward pass.
+    state = result.model.state_dict()
+    for prefix, module in result.model.named_modules():
+        if parametrize.is_parametrized(module):
+            dot = f"{prefix}." if prefix else ""
+            for name in module.parametrizations:
+                state = {k: v for k, v in state.items() if not k.startswith(f"{dot}parametrizations.{name}.")}
+                with torch.no_grad():
+                    state[f"{dot}{name}"] = getattr(module, name)
+    state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+             for k, v in state.items()}
+    doc = {"format": WEIGHTS_FORMAT, "state_dict": state, "config": result.config.to_dict(), "classes": list(classes),
+           "normalization": {"mean": list(result.normalization.mean), "std": list(result.normalization.std)}}
+    with atomic_file(Path(path), "wb") as fh:
+        torch.save(doc, fh)
+    return Path(path)
+
+
+def load_weights(path: Path) -> tuple[nn.Module, Normalization, dict]:
+    """(model in eval mode on the CPU, its input normalisation, the stored document) from ``save_weights``' file.
+
+    The model runs the CPU conv kernels its run trained with, so it evaluates as the end of its training did.
+
+    Feed it images as ``evaluate`` does: uint8 ``(N, 32, 32, 3)`` through the returned normalisation, or call
+    ``evaluate(model, images, labels, norm, device=torch.device("cpu"))``.
+    """
+    try:
+        doc = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot read weights from {path}: {exc.strerror or exc}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError):  # torch's messages run to paragraphs
+        raise ConfigError(f"cannot read weights from {path}: not a torch file that holds only tensors") from None
+    if not isinstance(doc, dict) or doc.get("format") != WEIGHTS_FORMAT:
+        raise ConfigError(f"{path} is not a cifarlab weights file (format {WEIGHTS_FORMAT})")
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in doc["config"].items() if k in known})
+    model = cpu.use_cpu_kernels(recipe_model(config, len(doc["classes"])), config.matmul_convs)
+    model.load_state_dict(doc["state_dict"])
+    norm = Normalization(tuple(doc["normalization"]["mean"]), tuple(doc["normalization"]["std"]))
+    return model.eval(), norm, doc

@@ -1,0 +1,478 @@
+"""The study logic of ``studies.onecycle``, apart from its command line: the search space and budgets, the
+sampler and pruner, the objective, the worker loop and the final retraining.
+
+For each architecture (one study each, ``<study-name>-<arch>``) it sweeps the optimizer, the peak learning rate
+on a log scale over a range that depends on the optimizer, and the batch size. The seed's configuration (Adam,
+batch 512, max LR from the LR range test) is trial 0 of every study. A trial trains with ``fit()`` and returns
+its last epoch's validation accuracy; the test set is never seen by the sampler or the pruner.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from studies._storage import mark_stale_trials
+
+ARCHS = ("custom_resnet", "resnet18")
+BATCH_SIZES = (128, 256, 512, 1024)
+# Peak-LR ranges per optimizer (log-uniform). SGD's brackets the range test's smooth descent (with the 0.125
+# logit scale) up to its divergence; Adam's the seed projects' LR finder results.
+LR_RANGES = {"sgd": (0.02, 2.0), "adam": (1e-4, 3e-2), "adamw": (1e-4, 3e-2)}
+SEED_CONFIG = {"optimizer": "adam", "batch_size": 512}
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    epochs: int
+    train_subset: int | float | None  # None: the whole training split
+    val_size: int | float
+    lrfind_steps: int
+
+
+BUDGETS = {
+    # smoke: seconds per trial, for tests and a first look.
+    "smoke": Budget("smoke", epochs=1, train_subset=256, val_size=256, lrfind_steps=8),
+    # quick: sized for a 2-core CPU: 30 trials per architecture in about an hour for both.
+    "quick": Budget("quick", epochs=3, train_subset=2048, val_size=1000, lrfind_steps=30),
+    # full: the recipe's real length on the whole training split, for a GPU.
+    "full": Budget("full", epochs=10, train_subset=None, val_size=5000, lrfind_steps=100),
+}
+
+
+def resolve_budget(args, device) -> Budget:
+    name = args.budget
+    if name == "auto":
+        name = "full" if device.type == "cuda" else "quick"
+    b = BUDGETS[name]
+    return Budget(name, epochs=args.epochs or b.epochs,
+                  train_subset=args.train_subset if args.train_subset is not None else b.train_subset,
+                  val_size=args.val_size if args.val_size is not None else b.val_size,
+                  lrfind_steps=b.lrfind_steps)
+
+
+def study_spec(args, budget: Budget, arch: str) -> dict:
+    """What defines a study; a stored study with another spec is refused rather than mixed."""
+    return {
+        "arch": arch,
+        "search_space": {"optimizer": list(LR_RANGES), "max_lr": {k: list(v) for k, v in LR_RANGES.items()},
+                         "batch_size": list(BATCH_SIZES)},
+        "budget": asdict(budget),
+        "fixed": {"weight_decay": args.weight_decay, "pct_start": args.pct_start,
+                  "label_smoothing": args.label_smoothing, "seed": args.seed, "recipe": recipe_defaults()},
+    }
+
+
+# TrainConfig fields that every trial takes from the defaults: a study stores them, so that a later change of the
+# default recipe refuses to top up an older study rather than mixing trials of two recipes in one ranking.
+RECIPE_FIELDS = ("momentum", "cycle_momentum", "div_factor", "final_div_factor", "anneal_strategy", "logit_scale",
+                 "cutout", "cutout_p", "ema", "whiten", "bn_scale", "bias_lr_scale",
+                 "activation", "ghost_batch", "alternate_flip", "crop_pad")
+
+
+def recipe_defaults() -> dict:
+    from cifarlab.config import TrainConfig
+
+    d = TrainConfig()
+    return {k: getattr(d, k) for k in RECIPE_FIELDS}
+
+
+def make_pruner(kind: str, epochs: int, pct_start: float):
+    """Pruning starts only once the one-cycle LR peak has passed: before it, every trial is still warming up."""
+    import optuna
+
+    peak_epoch = max(1, math.ceil(pct_start * epochs))
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=peak_epoch)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=peak_epoch, max_resource=max(epochs, peak_epoch),
+                                              reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def seed_first_sampler(seed: int, make_base):
+    """The study's sampler: trial 0 gets the seed configuration stored on the study, every later trial the
+    sampler ``make_base(s)`` seeded for that trial alone.
+
+    Trial numbers come from the storage, so exactly one trial is number 0 however many workers and machines
+    start at once: the seed configuration runs once, first, with no enqueue race. Seeding each trial from
+    (``seed``, its number) rather than each process from ``seed`` keeps one process's study reproducible and
+    gives processes that run the same command, as on several machines, different draws: with one seed per
+    process, every machine drew the same configurations in the same order and half of a two-machine study
+    repeated the other half.
+    """
+    import numpy as np
+    import optuna
+
+    class SeedFirstSampler(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self._number: int | None = None
+            self._base = make_base(seed)
+
+        def _for(self, trial):
+            if trial.number != self._number:
+                state = np.random.SeedSequence([seed, trial.number]).generate_state(1)[0]
+                self._number, self._base = trial.number, make_base(int(state))
+            return self._base
+
+        def infer_relative_search_space(self, study, trial):
+            return self._for(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return {} if trial.number == 0 else self._for(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            first = study.user_attrs.get("seed_trial") if trial.number == 0 else None
+            if first is not None and param_name in first:
+                return first[param_name]
+            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+        def before_trial(self, study, trial):
+            self._for(trial).before_trial(study, trial)
+
+        def after_trial(self, study, trial, state, values):
+            self._for(trial).after_trial(study, trial, state, values)
+
+        def reseed_rng(self):
+            self._base.reseed_rng()
+
+    return SeedFirstSampler()
+
+
+def _spec_differences(stored: dict, spec: dict) -> list[str]:
+    """The settings that differ, one level deep: ``fixed recipe`` rather than just ``fixed``."""
+    diff = []
+    for key, value in spec.items():
+        old = stored.get(key)
+        if old == value:
+            continue
+        if isinstance(value, dict):
+            old = old if isinstance(old, dict) else {}
+            diff += [f"{key} {sub}" for sub in value if old.get(sub) != value[sub]]
+        else:
+            diff.append(key)
+    return sorted(diff)
+
+
+def load_study(storage, name: str, args, spec: dict, *, create: bool):
+    import optuna
+
+    from cifarlab.errors import ConfigError
+
+    sampler = seed_first_sampler(args.seed, lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=8))
+    pruner = make_pruner(args.pruner, spec["budget"]["epochs"], args.pct_start)
+    if create:
+        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
+        stored = study.user_attrs.get("spec")
+        if stored is None:
+            study.set_user_attr("spec", spec)
+        elif stored != spec:
+            missing = sorted(set(spec["fixed"]["recipe"]) - set(stored.get("fixed", {}).get("recipe", {})))
+            if missing:
+                raise ConfigError(f"study {name!r} was stored by an earlier cifarlab, before {', '.join(missing)} "
+                                  "existed; pick a new --study-name")
+            diff = _spec_differences(stored, spec)
+            raise ConfigError(f"study {name!r} exists with another {' and '.join(diff)}; "
+                              "rerun with its original flags or pick a new --study-name")
+        return study
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+
+
+def counts(study) -> dict[str, int]:
+    from optuna.trial import TrialState
+
+    out = {s.name.lower(): 0 for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name.lower()] += 1
+    out["finished"] = out["complete"] + out["pruned"]
+    return out
+
+
+def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> tuple[float, str]:
+    """--seed-max-lr, else the newest stored Adam range test for ``arch``, else a short range test now, on the
+    study's own training split."""
+    import json
+
+    from cifarlab.config import TrainConfig
+    from cifarlab.errors import ConfigError
+    from cifarlab.lr_finder import run_range_test
+    from cifarlab.report.records import write_lrfind_record
+    from cifarlab.timing import environment, resolve_device
+
+    if args.seed_max_lr is not None:
+        return args.seed_max_lr, "--seed-max-lr"
+    for path in sorted((out / "lrfind").glob(f"*-{arch}*/lrfind.json"), reverse=True):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if doc.get("optimizer") == "adam" and doc.get("suggestions", {}).get("steepest"):
+            return float(doc["suggestions"]["steepest"]), f"LR range test {path.parent.name}"
+    steps = budget.lrfind_steps
+    console.print(f"{arch}: no stored Adam LR range test; running a {steps}-step one for the seed trial")
+    config = TrainConfig(arch=arch, optimizer="adam", batch_size=min(512, len(splits.train_labels)), ema=0,
+                         max_lr=1e-5, label_smoothing=0.0, logit_scale=0.125, precision=args.precision,
+                         device=args.device, seed=args.seed)
+    started = time.perf_counter()
+    result, precision = run_range_test(config, splits, start_lr=1e-5, end_lr=1.0, steps=steps)
+    lr = result.suggestions.get("steepest") or result.suggestions.get("min_div_10")
+    if lr is None:
+        raise ConfigError(f"the LR range test for the seed trial of {arch} diverged before it could suggest a max LR; "
+                          "pass --seed-max-lr")
+    doc = {"kind": "lrfind", "arch": arch, "optimizer": "adam", "batch_size": config.batch_size,
+           "weight_decay": config.weight_decay, "logit_scale": config.logit_scale, "precision": precision,
+           "data": splits.describe(), "environment": environment(resolve_device(args.device))}
+    run_dir = write_lrfind_record(out, doc, result)
+    console.print(f"{arch}: LR range test done in {time.perf_counter() - started:.0f} s")
+    return float(lr), f"LR range test {run_dir.name}"
+
+
+def surplus(trial, target: int) -> bool:
+    """Whether the study already has ``target`` trials finished, or running and started before this one.
+
+    Two workers can pass the loop's check at the same moment; the later trial then stands down, so the study
+    never overshoots.
+    """
+    from optuna.trial import TrialState
+
+    n = 0
+    for t in trial.study.get_trials(deepcopy=False):
+        finished = t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        if finished or (t.state == TrialState.RUNNING and t.number < trial.number):
+            n += 1
+    return n >= target
+
+
+WORKER = f"{socket.gethostname()}:{os.getpid()}"
+
+
+def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, target: int | None = None):
+    import optuna
+    import torch
+
+    from cifarlab import faults
+    from cifarlab.config import TrainConfig
+    from cifarlab.errors import TrainingDiverged
+    from cifarlab.train import fit
+
+    def objective(trial: optuna.Trial) -> float:
+        if target is not None and surplus(trial, target):
+            trial.set_user_attr("fail_reason", f"not needed: the study already reached {target} trials")
+            return float("nan")
+        optimizer = trial.suggest_categorical("optimizer", list(LR_RANGES))
+        lo, hi = LR_RANGES[optimizer]
+        max_lr = trial.suggest_float("max_lr", lo, hi, log=True)
+        batch_size = trial.suggest_categorical("batch_size", list(BATCH_SIZES))
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+        if trial.number == 0 or optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen) == 0:
+            trial.set_user_attr("seed_config", True)
+        config = TrainConfig(arch=arch, epochs=budget.epochs, batch_size=batch_size, optimizer=optimizer,
+                             max_lr=max_lr, weight_decay=args.weight_decay, pct_start=args.pct_start,
+                             label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,
+                             seed=args.seed + trial.number)
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("train_images", len(splits.train_labels))
+        trial.set_user_attr("worker", WORKER)  # host:pid, to tell machines and processes apart in a shared study
+        records: list[dict] = []
+
+        def on_epoch(rec) -> bool:
+            records.append(rec.to_dict())
+            trial.set_user_attr("epochs", records)  # stored every epoch: a pruned or killed trial keeps them
+            faults.point("epoch")
+            trial.report(rec.val_accuracy, rec.epoch)
+            if progress_cb:
+                progress_cb(trial.number, rec.epoch, budget.epochs, rec.val_accuracy)
+            # A trial that ran its last epoch has its answer: pruning it then would only throw that away.
+            return rec.epoch < budget.epochs and trial.should_prune()
+
+        try:
+            result = fit(config, splits, on_epoch=on_epoch)
+        except TrainingDiverged as exc:
+            trial.set_user_attr("pruned_reason", f"diverged: {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
+        except KeyboardInterrupt:
+            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the command to resume")
+            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            raise
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            trial.set_user_attr("fail_reason", f"out of memory at batch size {batch_size}")
+            return float("nan")  # Optuna records a FAIL; the study goes on
+        epoch_seconds = [r["epoch_seconds"] for r in records]
+        trial.set_user_attr("epoch_seconds", epoch_seconds)
+        trial.set_user_attr("images_per_second", statistics.median(r["images_per_second"] for r in records))
+        trial.set_user_attr("device", result.device)
+        trial.set_user_attr("precision", result.precision)
+        if result.stopped_early:
+            trial.set_user_attr("pruned_reason", f"pruned after epoch {len(records)} by the {args.pruner} pruner "
+                                                 f"(val accuracy {records[-1]['val_accuracy']:.3f})")
+            raise optuna.TrialPruned()
+        faults.point("store")
+        return records[-1]["val_accuracy"]
+
+    return objective
+
+
+def run_worker(study, objective, target: int, *, heartbeat: int, on_trial_done=None,
+               deadline: float | None = None) -> bool:
+    """Run trials until the study holds ``target`` finished ones; never start one past it, nor after ``deadline``
+    (``time.time()``; a running trial finishes). Returns whether the deadline stopped it short of the target.
+
+    Running trials (this machine's other workers, other machines) count towards the target while they run;
+    a trial whose worker died goes stale, is failed with a reason and re-enqueued, and the loop goes on.
+    """
+    while True:
+        mark_stale_trials(study)
+        c = counts(study)
+        if c["finished"] >= target:
+            return False
+        if deadline is not None and time.time() >= deadline:
+            return True
+        if c["finished"] + c["running"] >= target:
+            time.sleep(min(heartbeat, 5))  # others are finishing the last trials; wait for them or their staleness
+            continue
+
+        study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True,
+                       callbacks=[on_trial_done] if on_trial_done else None)
+
+
+def share_of_time(deadline: float | None, archs_left: int, now: float | None = None) -> float | None:
+    """This architecture's deadline: the time left to the command's, shared evenly among the architectures still
+    to run, so that the first cannot take it all; what one leaves unused goes to those after it."""
+    if deadline is None:
+        return None
+    now = time.time() if now is None else now
+    return now + max(0.0, deadline - now) / archs_left
+
+
+def time_left(spent: float, finished_since: int, remaining: int,
+              until_deadline: float | None = None) -> tuple[float, bool] | None:
+    """Seconds until the study holds its trials, at the rate it finished them since this process began (other
+    workers' and machines' trials included), or until the ``--timeout`` deadline if that is sooner; and whether
+    the deadline is what it is. None before a trial has finished."""
+    if remaining <= 0 or finished_since <= 0 or spent <= 0:
+        return None
+    seconds = remaining * spent / finished_since
+    if until_deadline is not None and until_deadline < seconds:
+        return max(0.0, until_deadline), True
+    return seconds, False
+
+
+def left_text(seconds: float, by_deadline: bool = False) -> str:
+    if seconds < 90:
+        text = f"{seconds:.0f} s"
+    elif seconds < 90 * 60:
+        text = f"{seconds / 60:.0f} min"
+    else:
+        text = f"{seconds / 3600:.1f} h"
+    return f"~{text} left{' (--timeout)' if by_deadline else ''}"
+
+
+# A final run saves a checkpoint at the end of the first step this many seconds after the last save.
+FINAL_CHECKPOINT_EVERY = 60.0
+
+
+def final_retrain(args, archs: list[str], storage, budget: Budget, out: Path, console) -> None:
+    """Retrain each best configuration on every training image (the study's validation split too, unless
+    ``--final-holdout``) and test it, over ``--final-seeds`` seeds. Each finished seed is stored on the study at
+    once and the seed in training keeps a checkpoint: the same command after a stop skips the finished seeds and
+    resumes the interrupted one."""
+    from cifarlab.data import load_splits
+
+    splits = load_splits(args.data, val_size=budget.val_size if args.final_holdout else 0, seed=args.seed,
+                         cache_dir=args.cache_dir)
+    holdout = len(splits.val_labels)
+    for arch in archs:
+        study = load_study(storage, f"{args.study_name}-{arch}", args, study_spec(args, budget, arch), create=False)
+        try:
+            best = study.best_trial
+        except ValueError:
+            console.print(f"{arch}: no complete trial to retrain")
+            continue
+        stored = study.user_attrs.get("final") or {}
+        same = (stored.get("params") == best.params and stored.get("epochs") == args.final_epochs
+                and stored.get("holdout") == holdout)
+        done = {r["seed"]: r for r in stored.get("runs", [])} if same else {}
+        runs = []
+        for k in range(args.final_seeds):
+            run = done.get(args.seed + 1000 + k)
+            if run is not None:
+                console.print(f"{arch} final seed {k + 1}/{args.final_seeds}: trained before, test "
+                              f"{run['test_accuracy']:.2%} ({run['run']})", soft_wrap=True)
+            else:
+                run = _final_seed(args, arch, k, study, best, splits, holdout, out, console)
+            runs.append(run)
+            _store_final(study, args.final_epochs, best.params, runs, holdout)  # a stop in the next seed keeps it
+        summary = _store_final(study, args.final_epochs, best.params, runs, holdout)
+        console.print(f"{arch}: test accuracy {summary['mean']:.2%} ± {summary['std']:.2%} over {len(runs)} seed(s), "
+                      f"trained on {len(splits.train_labels):,} images")
+
+
+def _final_seed(args, arch: str, k: int, study, best, splits, holdout: int, out: Path, console) -> dict:
+    """One seed of the final retrain, resumed from its checkpoint where a stopped one left it."""
+    from cifarlab.checkpoint import Checkpointing, load_checkpoint, resume_point
+    from cifarlab.config import TrainConfig
+    from cifarlab.errors import ConfigError
+    from cifarlab.report.records import holding, new_record_dir, run_record, write_json
+    from cifarlab.train import fit
+    from cifarlab.weights import save_weights
+    from studies._cli import stop_at_a_step
+
+    config = TrainConfig(arch=arch, epochs=args.final_epochs, batch_size=best.params["batch_size"],
+                         optimizer=best.params["optimizer"], max_lr=best.params["max_lr"],
+                         weight_decay=args.weight_decay, pct_start=args.pct_start,
+                         label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,
+                         seed=args.seed + 1000 + k)
+    label = f"{arch} final seed {k + 1}/{args.final_seeds}"
+    pending, checkpoint = study.user_attrs.get("final_pending") or {}, None
+    if (pending.get("config") == config.to_dict() and pending.get("params") == best.params
+            and pending.get("holdout") == holdout and Path(pending.get("run", ""), "checkpoint.pt").is_file()):
+        run_dir = Path(pending["run"])
+        try:
+            resume = load_checkpoint(run_dir / "checkpoint.pt")
+        except ConfigError as exc:
+            console.print(f"{label}: not resumed, trained again ({exc})", soft_wrap=True)
+        else:
+            checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=FINAL_CHECKPOINT_EVERY, resume=resume)
+            console.print(f"{label}: resuming {run_dir} {resume_point(resume, args.final_epochs)[0]}", soft_wrap=True)
+    if checkpoint is None:
+        left = Path(pending.get("run", "-"))
+        if left.is_dir() and not any(left.iterdir()):
+            left.rmdir()  # a seed stopped before its first checkpoint: nothing in its folder to keep
+        run_dir = new_record_dir(out, "runs", f"{arch}-final")
+        checkpoint = Checkpointing(run_dir / "checkpoint.pt", every=FINAL_CHECKPOINT_EVERY)
+        study.set_user_attr("final_pending", {"config": config.to_dict(), "params": best.params,
+                                              "holdout": holdout, "run": str(run_dir)})
+
+    def on_epoch(rec) -> None:  # a final run is hours on a CPU: a line per epoch shows where it stands
+        val = f"val acc {rec.val_accuracy:.1%}" if holdout else f"train acc {rec.train_accuracy:.1%}"
+        console.print(f"{label} epoch {rec.epoch}/{args.final_epochs}: train loss {rec.train_loss:.3f} | {val} | "
+                      f"{rec.epoch_seconds:.0f} s, {rec.images_per_second:.0f} img/s")
+
+    with holding(run_dir), stop_at_a_step(checkpoint):  # a second --final at once is refused
+        result = fit(config, splits, on_epoch=on_epoch, test=True, test_tta=True, checkpoint=checkpoint)
+    doc = run_record(result, splits, status="completed", train_subset=None, wall_seconds=result.wall_seconds)
+    doc["study"] = {"name": study.study_name, "trial": best.number}
+    write_json(run_dir / "run.json", doc)
+    save_weights(result, run_dir / "model.pt", splits.classes)
+    checkpoint.path.unlink(missing_ok=True)
+    console.print(f"{label} (seed {config.seed}): test {result.test.accuracy:.2%} "
+                  f"(flip TTA {result.test_tta.accuracy:.2%})")
+    return {"seed": config.seed, "test_accuracy": result.test.accuracy,
+            "test_accuracy_tta": result.test_tta.accuracy, "train_images": len(splits.train_labels),
+            "run": str(run_dir)}
+
+
+def _store_final(study, epochs: int, params: dict, runs: list[dict], holdout: int) -> dict:
+    accs = [r["test_accuracy"] for r in runs]
+    summary = {"epochs": epochs, "params": params, "holdout": holdout, "runs": runs,
+               "mean": statistics.mean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+    study.set_user_attr("final", summary)
+    return summary
