@@ -18,6 +18,9 @@ def build_parser():
     p = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     _cli.add_out_argument(p)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: <out>/studies/studies.db if present)")
+    p.add_argument("--summary", type=Path, default=None, metavar="RESULTS",
+                   help="print the results table (one row per machine) from the records under RESULTS, a folder laid "
+                        "out as reports/ (devices/, runs/), such as docs/results; draws no page")
     return p
 
 
@@ -31,6 +34,8 @@ def _main(args) -> int:
     from studies._reports import rebuild
     from studies._storage import mask_url, scrub
 
+    if args.summary is not None:
+        return _summary(args.summary)
     out = Path(args.out)
     if not out.is_dir():
         raise ConfigError(f"no output folder {out}; pass --out with the folder the commands wrote to")
@@ -48,6 +53,18 @@ def _main(args) -> int:
           + (f", {studies} study pages redrawn" if studies else "")
           + (f", {benchmarks} device benchmark pages redrawn" if benchmarks else "")
           + (", the machines-compared page redrawn" if machines else ""))
+    return 0
+
+
+def _summary(results: Path) -> int:
+    from cifarlab.errors import ConfigError
+    from cifarlab.report.summary import results_summary, summary_markdown
+
+    frame = results_summary(results)
+    if frame.empty:
+        raise ConfigError(f"no benchmark or run records under {results} (expected devices/*/devices.json or "
+                          "runs/*/run.json)")
+    print(summary_markdown(frame))
     return 0
 
 
