@@ -4,6 +4,10 @@ The embedded default is SQLite in WAL mode with a long busy timeout: transaction
 at any moment leaves the last committed state), shareable by several worker processes on one machine, and
 readable by Optuna's own tools (``optuna studies --storage sqlite:///...``, optuna-dashboard). Trials send
 heartbeats; a trial whose worker died is marked failed with a reason and its configuration enqueued again.
+
+Two things here reach below Optuna's public API, and nothing else in cifarlab does: the stale-trial query is
+extended to write each trial's reason (``_storage_class``), and the heartbeat table is read to find trials that
+never sent one (``_trial_ids_with_heartbeat``).
 """
 
 from __future__ import annotations
@@ -75,14 +79,9 @@ def _storage_class():
 
 
 def grace_period(storage) -> float:
-    """Seconds without a heartbeat after which a RUNNING trial is stale, as Optuna's stale-trial query reckons it.
-
-    ``Study`` wraps an RDB storage in a cache that has no ``grace_period`` of its own: the storage beneath it is
-    read, so every message and check here uses the grace period Optuna applies (twice the heartbeat interval
-    when none was set).
-    """
-    rdb = getattr(storage, "_backend", storage)
-    return rdb.grace_period or 2 * rdb.get_heartbeat_interval()
+    """Seconds without a heartbeat after which a RUNNING trial is stale, as Optuna's stale-trial query reckons it
+    (twice the heartbeat interval when no grace period was set)."""
+    return storage.grace_period or 2 * storage.get_heartbeat_interval()
 
 
 def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
@@ -144,57 +143,53 @@ def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
                           "pip install 'cifarlab[postgres]' for PostgreSQL") from None
 
 
-def mark_stale_trials(study, now: float | None = None) -> list[int]:
-    """Fail the trials whose worker stopped sending heartbeats, saying why, and enqueue their configurations.
+def mark_stale_trials(study, storage, now: float | None = None) -> list[int]:
+    """Fail the trials of ``study`` (in ``storage``, as ``open_storage`` made it) whose worker stopped sending
+    heartbeats, saying why, and enqueue their configurations again; returns their trial ids.
 
-    Optuna's ``fail_stale_trials`` does the state change and (through ``RetryFailedTrialCallback``) the
-    retry; the storage writes the reason first, while the trial is still RUNNING and so still writable (see
-    ``_storage_class``). Optuna skips a
-    RUNNING trial with no heartbeat at all: a worker killed between creating a trial and its first heartbeat
-    (milliseconds apart) leaves one, which would hold a study's last slot for ever. Such a trial is failed
-    here once it is older than twice the grace period.
+    Optuna's ``fail_stale_trials`` does the state change and (through ``RetryFailedTrialCallback``) the retry; the
+    storage writes the reason first (``_storage_class``). Optuna skips a RUNNING trial with no heartbeat at all: a
+    worker killed between creating a trial and its first heartbeat leaves one, which would hold a study's last
+    slot for ever. Such a trial is failed here once it is older than twice the grace period (on ``now``'s clock,
+    ``time.time()`` by default).
     """
     import optuna
 
-    storage = study._storage
-    try:
-        stale = storage._get_stale_trial_ids(study._study_id)  # the query fail_stale_trials runs; writes reasons
-    except AttributeError:  # a storage without heartbeats
-        return []
-    grace = grace_period(storage)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    stale = storage._get_stale_trial_ids(study_id)  # the query fail_stale_trials runs; writes the reasons
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
-    return stale + _fail_trials_without_heartbeat(study, storage, older_than=2 * grace, now=now)
+    return stale + _fail_trials_without_heartbeat(study, storage, study_id, now)
 
 
-def _fail_trials_without_heartbeat(study, storage, older_than: float, now: float | None) -> list[int]:
-    """``now`` (``time.time()``) is the clock the trials' ages are read on; tests pass one."""
+def _fail_trials_without_heartbeat(study, storage, study_id: int, now: float | None) -> list[int]:
     import datetime
 
     import optuna
     from optuna.trial import TrialState
 
-    beating = _trial_ids_with_heartbeat(storage, study._study_id)
+    older_than = 2 * grace_period(storage)
+    beating = _trial_ids_with_heartbeat(storage, study_id)
     now = datetime.datetime.fromtimestamp(time.time() if now is None else now)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial._trial_id in beating or trial.datetime_start is None:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        if trial_id in beating or trial.datetime_start is None:
             continue
         if (now - trial.datetime_start).total_seconds() <= older_than:
             continue
         with contextlib.suppress(Exception):  # another worker may have failed it first
             storage.set_trial_user_attr(
-                trial._trial_id, "fail_reason",
-                f"its worker stopped before its first heartbeat (started over {older_than:g} s ago); "
-                "the configuration is tried again")
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-                failed.append(trial._trial_id)
+                trial_id, "fail_reason", f"its worker stopped before its first heartbeat (started over "
+                                         f"{older_than:g} s ago); the configuration is tried again")
+            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
                 callback = storage.get_heartbeat_stale_trial_callback()
                 if callback is not None:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                        callback(study, storage.get_trial(trial._trial_id))
+                        callback(study, storage.get_trial(trial_id))
     return failed
 
 
@@ -204,8 +199,7 @@ def _trial_ids_with_heartbeat(storage, study_id: int) -> set[int]:
     from optuna.storages._rdb.storage import _create_scoped_session
     from optuna.trial import TrialState
 
-    rdb = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a _CachedStorage
-    with _create_scoped_session(rdb.scoped_session) as session:
+    with _create_scoped_session(storage.scoped_session) as session:
         rows = (session.query(models.TrialHeartbeatModel.trial_id)
                 .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
                 .filter(models.TrialModel.study_id == study_id)

@@ -320,7 +320,7 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
     return objective
 
 
-def run_worker(study, objective, target: int, *, heartbeat: int, on_trial_done=None,
+def run_worker(study, storage, objective, target: int, *, heartbeat: int, on_trial_done=None,
                deadline: float | None = None) -> bool:
     """Run trials until the study holds ``target`` finished ones; never start one past it, nor after ``deadline``
     (``time.time()``; a running trial finishes). Returns whether the deadline stopped it short of the target.
@@ -329,7 +329,7 @@ def run_worker(study, objective, target: int, *, heartbeat: int, on_trial_done=N
     a trial whose worker died goes stale, is failed with a reason and re-enqueued, and the loop goes on.
     """
     while True:
-        mark_stale_trials(study)
+        mark_stale_trials(study, storage)
         c = counts(study)
         if c["finished"] >= target:
             return False

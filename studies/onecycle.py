@@ -149,7 +149,7 @@ def _main(args, raw_argv: list[str]) -> int:
             _spawn_workers(args, raw_argv, arch, study, console, arch_deadline)
             timed_out = arch_deadline is not None and time.time() >= arch_deadline
         else:
-            timed_out = _run_here(study, arch, splits, budget, args, console, quiet=args.quiet or is_worker,
+            timed_out = _run_here(study, storage, arch, splits, budget, args, console, quiet=args.quiet or is_worker,
                                   deadline=arch_deadline)
         finished = counts(study)["finished"]
         if timed_out and not is_worker and finished < args.trials:
@@ -215,7 +215,8 @@ def _prepare(study, args, arch, splits, budget, out, console) -> None:
     console.print(f"{arch}: seed trial (trial 0): adam, batch 512, max LR {clipped:.3g} (from {source})")
 
 
-def _run_here(study, arch, splits, budget, args, console, *, quiet: bool, deadline: float | None = None) -> bool:
+def _run_here(study, storage, arch, splits, budget, args, console, *, quiet: bool,
+              deadline: float | None = None) -> bool:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
@@ -256,7 +257,7 @@ def _run_here(study, arch, splits, budget, args, console, *, quiet: bool, deadli
 
     objective = make_objective(arch, splits, budget, args, progress_cb=on_epoch, target=target)
     with progress:
-        return run_worker(study, objective, target, heartbeat=args.heartbeat, on_trial_done=on_done,
+        return run_worker(study, storage, objective, target, heartbeat=args.heartbeat, on_trial_done=on_done,
                           deadline=deadline)
 
 

@@ -384,17 +384,17 @@ def test_a_trial_whose_worker_died_before_its_first_heartbeat_is_failed_and_retr
     study.enqueue_trial({"x": 0.5})
     orphan = study.ask()  # RUNNING, never a heartbeat: as a worker killed at that moment leaves it
     assert orphan.params == {"x": 0.5} or orphan.suggest_float("x", 0, 1) == 0.5
-    assert mark_stale_trials(study) == []  # young: its worker may still be starting
+    assert mark_stale_trials(study, storage) == []  # young: its worker may still be starting
     started = study.trials[orphan.number].datetime_start.timestamp()
     # The trial's age on a given clock, not on a sleep that a busy machine may stretch past the next bound.
-    assert mark_stale_trials(study, now=started + 4.5) == []  # older than the grace period (3 s), not twice it
-    assert len(mark_stale_trials(study, now=started + 6.5)) == 1  # past twice the grace period
+    assert mark_stale_trials(study, storage, now=started + 4.5) == []  # older than the grace period (3 s), not twice it
+    assert len(mark_stale_trials(study, storage, now=started + 6.5)) == 1  # past twice the grace period
     states = {t.number: t.state.name for t in study.trials}
     assert states[orphan.number] == "FAIL"
     assert "before its first heartbeat (started over 6 s ago)" in study.trials[orphan.number].user_attrs["fail_reason"]
     (retry,) = [t for t in study.trials if t.state.name == "WAITING"]
     assert retry.params == {"x": 0.5}  # the configuration is tried again
-    assert mark_stale_trials(study) == []
+    assert mark_stale_trials(study, storage) == []
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")

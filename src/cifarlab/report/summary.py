@@ -34,8 +34,8 @@ def results_summary(root: Path) -> pd.DataFrame:
                       & (runs["epochs"] == RECIPE_EPOCHS)] if len(runs) else runs
         if len(recipe):
             acc = recipe["test_accuracy_tta"].dropna()
-            row.update({"seeds": len(recipe), "test accuracy (flip TTA) mean": acc.mean(),
-                        "min": acc.min(), "max": acc.max(), "wall minutes (median)": recipe["wall_seconds"].median() / 60,
+            row.update({"seeds": len(recipe), "test accuracy (flip TTA) mean": acc.mean(), "min": acc.min(),
+                        "max": acc.max(), "wall minutes (median)": recipe["wall_seconds"].median() / 60,
                         "runs": ", ".join(recipe["run"])})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -46,17 +46,17 @@ def summary_markdown(frame: pd.DataFrame) -> str:
     head = ("| machine | precision | custom ResNet: images/s (share of matmul peak) | ResNet-18: images/s (share) "
             "| 10-epoch test accuracy, flip TTA (seeds: mean, range) | wall time (median) |")
     lines = [head, "| --- | --- | --- | --- | --- | --- |"]
-    for _, r in frame.iterrows():
-        def speed(arch: str) -> str:
-            ips = r.get(f"{arch} images/s")
-            return "—" if ips is None or pd.isna(ips) else f"{ips:,.0f} ({r[f'{arch} share of peak']:.0%})"
+    def speed(r, arch: str) -> str:
+        ips = r.get(f"{arch} images/s")
+        return "—" if ips is None or pd.isna(ips) else f"{ips:,.0f} ({r[f'{arch} share of peak']:.0%})"
 
+    for _, r in frame.iterrows():
         if pd.notna(r.get("seeds")):
             acc = f"{int(r['seeds'])}: {r['test accuracy (flip TTA) mean']:.2%}"
             acc += f" ({r['min']:.2%}–{r['max']:.2%})" if r["seeds"] > 1 else ""
             wall = f"{r['wall minutes (median)']:.1f} min"
         else:
             acc = wall = "—"
-        lines.append(f"| {r['machine']} | {r.get('precision', '—')} | {speed('custom_resnet')} | {speed('resnet18')} "
+        lines.append(f"| {r['machine']} | {r.get('precision', '—')} | {speed(r, 'custom_resnet')} | {speed(r, 'resnet18')} "
                      f"| {acc} | {wall} |")
     return "\n".join(lines)
