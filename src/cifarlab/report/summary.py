@@ -57,6 +57,6 @@ def summary_markdown(frame: pd.DataFrame) -> str:
             wall = f"{r['wall minutes (median)']:.1f} min"
         else:
             acc = wall = "—"
-        lines.append(f"| {r['machine']} | {r.get('precision', '—')} | {speed(r, 'custom_resnet')} | {speed(r, 'resnet18')} "
-                     f"| {acc} | {wall} |")
+        lines.append(f"| {r['machine']} | {r.get('precision', '—')} | {speed(r, 'custom_resnet')} | "
+                     f"{speed(r, 'resnet18')} | {acc} | {wall} |")
     return "\n".join(lines)
