@@ -1,10 +1,5 @@
-"""Device benchmark: ``python -m bench.devices``.
-
-Times training epochs of each architecture on the CPU and on every CUDA device, the way ``fit()`` trains,
-measures each device's dense matmul peak in the same run, and reports achieved FLOP/s as a share of it.
-Writes a rich table, ``devices.csv`` and ``index.html`` (with seaborn figures) under
-``<out>/devices/<time>/``.
-"""
+"""Device benchmark: ``python -m bench.devices``: the training step of each architecture on the CPU and every CUDA
+device against each device's matmul peak, into ``<out>/devices/<time>-bench/``."""
 
 from __future__ import annotations
 
@@ -216,7 +211,6 @@ def _break_down(case, result, arch, dev, device, bs, peaks, tables) -> None:
 def _write(out, frame, env, tables, args, console) -> None:
     """devices.csv and devices.json, the breakdown's tables, the terminal tables and the page."""
     import pandas as pd
-    from rich.table import Table
 
     from cifarlab.report.devices import devices_page, ladder_bounds
     from cifarlab.report.records import new_record_dir, write_csv, write_json
@@ -225,7 +219,7 @@ def _write(out, frame, env, tables, args, console) -> None:
     write_csv(run_dir / "devices.csv", frame)
     write_json(run_dir / "devices.json", {"kind": "devices", "environment": env, "rows": frame.to_dict("records"),
                                           "args": {k: v for k, v in vars(args).items() if k != "out"}})
-    _print_table(console, frame, Table)
+    _print_table(console, frame)
     if args.ablation and "status" in frame:
         for line in ladder_bounds(frame[frame["status"] == "ok"]):
             console.print(f"  {line}", highlight=False)
@@ -234,8 +228,8 @@ def _write(out, frame, env, tables, args, console) -> None:
         write_csv(run_dir / "breakdown.csv", ops)
         write_csv(run_dir / "conv_layers.csv", convs)
         write_csv(run_dir / "peak_gap.csv", gaps)
-        _print_breakdown(console, ops, convs, Table)
-        _print_peak_gaps(console, frame, gaps, Table)
+        _print_breakdown(console, ops, convs)
+        _print_peak_gaps(console, frame, gaps)
     devices_page(run_dir, frame, env, ops=ops, convs=convs, gaps=gaps)
     console.print(f"written: {run_dir / 'index.html'}")
     _cli.rebuild_reports(out, console)
@@ -300,24 +294,6 @@ def _peak_gaps(rows: list[dict], op_rows: list[dict], flops: dict) -> list[dict]
     return out
 
 
-def _print_peak_gaps(console, frame, gaps, Table) -> None:
-    """Per architecture: the step's time against the matmul peak, and the share kernel work alone could reach."""
-    from cifarlab.breakdown import ceiling_sentence
-
-    if not len(gaps):
-        return
-    for (arch, dev, bs), grp in gaps.groupby(["arch", "device", "batch_size"], sort=False):
-        (row,) = frame[(frame["arch"] == arch) & (frame["device"] == dev) & (frame["batch_size"] == bs)
-                       & (frame["status"] == "ok")].to_dict("records")
-        table = Table(title=f"{arch} on {dev}, batch {bs}: the step against the {row['precision']} matmul peak")
-        for c in ("part of the step", "ms / step", "share"):
-            table.add_column(c, justify="right")
-        for _, r in grp.iterrows():
-            table.add_row(r["part"], _ms(r["seconds_per_step"] * 1e3), f"{r['share']:.1%}")
-        console.print(table)
-        console.print(f"  {arch}: {ceiling_sentence(row)}", highlight=False)
-
-
 def _add_ratios(frame):
     """CUDA against CPU, and each ablation step against its baseline, as speed-up ratios."""
     import numpy as np
@@ -338,56 +314,67 @@ def _add_ratios(frame):
     return frame
 
 
-def _print_table(console, frame, Table) -> None:
-    table = Table(title="training throughput")
-    cols = ["arch", "device", "step", "batch", "img/s", "spread", "s / 50k epoch", "data", "share of peak",
-            "vs baseline", "vs CPU", "peak MB"]
-    for c in cols:
-        table.add_column(c, justify="right")
-    for _, r in frame.iterrows():
-        if r.get("status") != "ok":
-            table.add_row(str(r["arch"]), str(r["device"]), str(r["status"]), *[""] * (len(cols) - 3))
-            continue
+def _table(console, title: str, header: list[str], rows) -> None:
+    from rich.table import Table
 
-        def fmt(v, spec):
-            return "—" if v != v else format(v, spec)  # NaN
-        table.add_row(r["arch"], r["device"], r["step"], str(int(r["batch_size"])), f"{r['images_per_second']:.0f}",
-                      f"{r['spread_pct']:.0f}%", f"{r['epoch_50k_seconds']:.0f} ({r['epoch_kind'][0]})",
-                      f"{r['data_share']:.1%}", f"{r['share_of_peak']:.0%}", fmt(r["speedup_vs_baseline"], ".1f"),
-                      fmt(r["speedup_vs_cpu"], ".1f"), f"{r['peak_memory_mb']:.0f}")
+    table = Table(title=title)
+    for col in header:
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
 
 
-def _print_breakdown(console, ops, convs, Table) -> None:
+def _fmt(value, spec: str) -> str:
+    return "—" if value != value else format(value, spec)  # NaN: not measured
+
+
+def _print_table(console, frame) -> None:
+    rows = []
+    for _, r in frame.iterrows():
+        if r.get("status") != "ok":
+            rows.append((str(r["arch"]), str(r["device"]), str(r["status"]), *[""] * 9))
+            continue
+        rows.append((r["arch"], r["device"], r["step"], str(int(r["batch_size"])), f"{r['images_per_second']:.0f}",
+                     f"{r['spread_pct']:.0f}%", f"{r['epoch_50k_seconds']:.0f} ({r['epoch_kind'][0]})",
+                     f"{r['data_share']:.1%}", f"{r['share_of_peak']:.0%}", _fmt(r["speedup_vs_baseline"], ".1f"),
+                     _fmt(r["speedup_vs_cpu"], ".1f"), f"{r['peak_memory_mb']:.0f}"))
+    _table(console, "training throughput", ["arch", "device", "step", "batch", "img/s", "spread", "s / 50k epoch",
+                                            "data", "share of peak", "vs baseline", "vs CPU", "peak MB"], rows)
+
+
+def _print_breakdown(console, ops, convs) -> None:
     """Where each architecture's step time goes, then each convolution's achieved TFLOP/s by pass."""
     from cifarlab.breakdown import profiling_sentence
 
     for (arch, dev, bs), grp in ops.groupby(["arch", "device", "batch_size"], sort=False):
-        table = Table(title=f"{arch} on {dev}, batch {bs}: time per training step by kind of operation")
-        for c in ("operation", "ms / step", "share"):
-            table.add_column(c, justify="right")
-        for _, r in grp.iterrows():
-            if r["seconds_per_step"] > 0:
-                table.add_row(r["category"], _ms(r["seconds_per_step"] * 1e3), f"{r['share']:.1%}")
-        console.print(table)
+        _table(console, f"{arch} on {dev}, batch {bs}: time per training step by kind of operation",
+               ["operation", "ms / step", "share"], [(r["category"], _ms(r["seconds_per_step"] * 1e3),
+                                                      f"{r['share']:.1%}") for _, r in grp.iterrows()
+                                                     if r["seconds_per_step"] > 0])
         if sentence := profiling_sentence(grp.to_dict("records")):
             console.print(f"  {arch}: {sentence}", highlight=False)
         layers = convs[(convs["arch"] == arch) & (convs["device"] == dev) & (convs["batch_size"] == bs)]
-        table = Table(title=f"{arch}: each convolution alone, batch {bs} (TFLOP/s by pass)")
-        for c in ("layer", "in → out", "kernel", "fwd ms", "∂input ms", "∂weight ms", "fwd TF/s", "∂input TF/s",
-                  "∂weight TF/s", "share of peak"):
-            table.add_column(c, justify="right")
-        for _, r in layers.iterrows():
-            def f(v, spec):
-                return "—" if v != v else format(v, spec)  # NaN: the first layer needs no input gradient
-            def ms(v):
-                return "—" if v != v else _ms(v)
-            table.add_row(r["layer"], f"{r['in_shape']} → {r['out_shape']}", str(r.get("kernel", "")),
-                          ms(r["forward_ms"]), ms(r["input_grad_ms"]), ms(r["weight_grad_ms"]),
-                          f(r["forward_tflops"], ".2f"),
-                          f(r["input_grad_tflops"], ".2f"), f(r["weight_grad_tflops"], ".2f"),
-                          f(r.get("share_of_peak", float("nan")), ".0%"))
-        console.print(table)
+        rows = [(r["layer"], f"{r['in_shape']} → {r['out_shape']}", str(r.get("kernel", "")),
+                 *(("—" if r[k] != r[k] else _ms(r[k])) for k in ("forward_ms", "input_grad_ms", "weight_grad_ms")),
+                 *(_fmt(r[k], ".2f") for k in ("forward_tflops", "input_grad_tflops", "weight_grad_tflops")),
+                 _fmt(r.get("share_of_peak", float("nan")), ".0%")) for _, r in layers.iterrows()]
+        _table(console, f"{arch}: each convolution alone, batch {bs} (TFLOP/s by pass)",
+               ["layer", "in → out", "kernel", "fwd ms", "∂input ms", "∂weight ms", "fwd TF/s", "∂input TF/s",
+                "∂weight TF/s", "share of peak"], rows)
+
+
+def _print_peak_gaps(console, frame, gaps) -> None:
+    """Per architecture: the step's time against the matmul peak, and the share kernel work alone could reach."""
+    from cifarlab.breakdown import ceiling_sentence
+
+    for (arch, dev, bs), grp in gaps.groupby(["arch", "device", "batch_size"], sort=False):
+        (row,) = frame[(frame["arch"] == arch) & (frame["device"] == dev) & (frame["batch_size"] == bs)
+                       & (frame["status"] == "ok")].to_dict("records")
+        _table(console, f"{arch} on {dev}, batch {bs}: the step against the {row['precision']} matmul peak",
+               ["part of the step", "ms / step", "share"],
+               [(r["part"], _ms(r["seconds_per_step"] * 1e3), f"{r['share']:.1%}") for _, r in grp.iterrows()])
+        console.print(f"  {arch}: {ceiling_sentence(row)}", highlight=False)
 
 
 if __name__ == "__main__":

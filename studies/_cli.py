@@ -48,16 +48,8 @@ def stop_at_a_step(checkpoint) -> Iterator[None]:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (plus a hint) instead of the full usage block, and takes flags
-    by their full names only.
-
-    argparse would otherwise take any unique prefix (``--timeo`` for ``--timeout``), and the commands read some
-    flags from the raw command line as well: ``studies.onecycle`` passes its command line on to its worker
-    processes without the flags it sets for them, and ``studies.train`` refuses flag pairs that contradict each
-    other. A prefix escaped both: ``--workers 2 --final --final-ep 5`` handed each worker ``--final-ep 5`` without
-    the ``--final`` it keeps for itself, which the worker refuses, so every worker failed. A prefix is refused here,
-    in one line, like any other unknown flag.
-    """
+    """argparse that reports a bad flag in one line and takes flags by their full names only: a prefix would slip past
+    what ``studies.onecycle`` hands its workers and what ``studies.train`` checks on the raw command line."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("allow_abbrev", False)
@@ -73,41 +65,36 @@ def flags_given(argv: list[str]) -> list[str]:
     return [tok.split("=", 1)[0] for tok in argv if tok.startswith("--")]
 
 
-def positive_int(text: str) -> int:
+def _number(kind: type, text: str, minimum: float | None = None, strict: bool = False):
+    """``text`` as ``kind`` (finite), at least (``strict``: above) ``minimum``; else argparse's one-line error."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a {'whole number' if kind is int else 'number'}, "
+                                         f"got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise argparse.ArgumentTypeError(
+            f"must be greater than {minimum:g}, got {text}" if strict else
+            f"must be at least {minimum:g}, got {value}" if minimum else f"must be 0 or more, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, 1)
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
+    return _number(int, text, 0)
 
 
 def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+    return _number(float, text)
 
 
 def positive_float(text: str) -> float:
-    value = finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
-    return value
+    return _number(float, text, 0, strict=True)
 
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s?)?")
@@ -130,32 +117,26 @@ def duration_or_zero(text: str) -> float:
     return 3600 * hours + 60 * minutes + seconds
 
 
-def count_or_fraction(text: str) -> int | float:
+def count_or_fraction(text: str, minimum: int = 1) -> int | float:
     """``5000`` (a count) or ``0.1`` (a fraction of the available images)."""
-    return _count_or_fraction(text, minimum=1)
+    try:
+        value = int(text)
+    except ValueError:
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
+        if not 0 < fraction <= 1:
+            raise argparse.ArgumentTypeError(f"a fraction must lie in (0, 1], got {text}") from None
+        return fraction
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"a count must be at least {minimum}, got {value}")
+    return value
 
 
 def count_fraction_or_zero(text: str) -> int | float:
     """As ``count_or_fraction``, and ``0`` for none."""
-    return _count_or_fraction(text, minimum=0)
-
-
-def _count_or_fraction(text: str, *, minimum: int) -> int | float:
-    try:
-        value: int | float = int(text)
-    except ValueError:
-        value = None
-    if value is None:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a count or a fraction, got {text!r}") from None
-        if not 0 < value <= 1:
-            raise argparse.ArgumentTypeError(f"a fraction must lie in (0, 1], got {text}")
-        return value
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"a count must be at least {minimum}, got {value}")
-    return value
+    return count_or_fraction(text, minimum=0)
 
 
 _TYPES: dict[str, Callable[[str], object]] = {

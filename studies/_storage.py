@@ -1,14 +1,9 @@
-"""Optuna storages for studies: an embedded SQLite file by default, any Optuna RDB URL with ``--storage``.
+"""Optuna storages for studies: an embedded SQLite file (WAL mode) by default, any Optuna RDB URL with ``--storage``.
 
-The embedded default is SQLite in WAL mode with a long busy timeout: transactional (a Ctrl-C or ``kill -9``
-at any moment leaves the last committed state), shareable by several worker processes on one machine, and
-readable by Optuna's own tools (``optuna studies --storage sqlite:///...``, optuna-dashboard). Trials send
-heartbeats; a trial whose worker died is marked failed with a reason and its configuration enqueued again.
-
+Trials send heartbeats; a trial whose worker died is failed with a reason and its configuration enqueued again.
 Two things here reach below Optuna's public API, and nothing else in cifarlab does: the stale-trial query is
 extended to write each trial's reason (``_storage_class``), and the heartbeat table is read to find trials that
-never sent one (``_trial_ids_with_heartbeat``).
-"""
+never sent one (``_trial_ids_with_heartbeat``)."""
 
 from __future__ import annotations
 
@@ -57,13 +52,9 @@ STALE_REASON = "its worker stopped (no heartbeat for over {grace:g} s); the conf
 
 @functools.cache
 def _storage_class():
-    """Optuna's RDBStorage, which also writes why a stale trial fails, whoever fails it.
-
-    Optuna's ``fail_stale_trials`` runs in every worker before each of its trials, as well as in
-    ``mark_stale_trials``. A trial's attributes can be written only while it is RUNNING, so the reason is written
-    where each of those calls gets its list of stale trials, just before it changes their state. Writing it
-    beforehand from a separate query missed a trial that went stale between the two queries.
-    """
+    """Optuna's RDBStorage, writing why a stale trial fails, whoever fails it: the reason is written where the
+    stale-trial query finds it, while it is still RUNNING and so writable (Optuna's ``fail_stale_trials`` runs in
+    every worker before each trial)."""
     import optuna
 
     class StudyStorage(optuna.storages.RDBStorage):
@@ -144,15 +135,9 @@ def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
 
 
 def mark_stale_trials(study, storage, now: float | None = None) -> list[int]:
-    """Fail the trials of ``study`` (in ``storage``, as ``open_storage`` made it) whose worker stopped sending
-    heartbeats, saying why, and enqueue their configurations again; returns their trial ids.
-
-    Optuna's ``fail_stale_trials`` does the state change and (through ``RetryFailedTrialCallback``) the retry; the
-    storage writes the reason first (``_storage_class``). Optuna skips a RUNNING trial with no heartbeat at all: a
-    worker killed between creating a trial and its first heartbeat leaves one, which would hold a study's last
-    slot for ever. Such a trial is failed here once it is older than twice the grace period (on ``now``'s clock,
-    ``time.time()`` by default).
-    """
+    """Fail the trials of ``study`` whose worker stopped sending heartbeats, saying why, and enqueue their
+    configurations again; returns their trial ids. A RUNNING trial that never sent a heartbeat (Optuna skips those)
+    is failed once older than twice the grace period on ``now``'s clock (``time.time()`` by default)."""
     import optuna
 
     study_id = storage.get_study_id_from_name(study.study_name)

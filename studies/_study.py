@@ -1,11 +1,6 @@
-"""The study logic of ``studies.onecycle``, apart from its command line: the search space and budgets, the
-sampler and pruner, the objective, the worker loop and the final retraining.
-
-For each architecture (one study each, ``<study-name>-<arch>``) it sweeps the optimizer, the peak learning rate
-on a log scale over a range that depends on the optimizer, and the batch size. The seed's configuration (Adam,
-batch 512, max LR from the LR range test) is trial 0 of every study. A trial trains with ``fit()`` and returns
-its last epoch's validation accuracy; the test set is never seen by the sampler or the pruner.
-"""
+"""The study logic of ``studies.onecycle``, apart from its command line: search space and budgets, sampler and
+pruner, objective, worker loop and final retraining. Trial 0 of every study is the seed's configuration; a trial
+returns its last epoch's validation accuracy, and the test set is never seen by the sampler or the pruner."""
 
 from __future__ import annotations
 
@@ -97,16 +92,9 @@ def make_pruner(kind: str, epochs: int, pct_start: float):
 
 
 def seed_first_sampler(seed: int, make_base):
-    """The study's sampler: trial 0 gets the seed configuration stored on the study, every later trial the
-    sampler ``make_base(s)`` seeded for that trial alone.
-
-    Trial numbers come from the storage, so exactly one trial is number 0 however many workers and machines
-    start at once: the seed configuration runs once, first, with no enqueue race. Seeding each trial from
-    (``seed``, its number) rather than each process from ``seed`` keeps one process's study reproducible and
-    gives processes that run the same command, as on several machines, different draws: with one seed per
-    process, every machine drew the same configurations in the same order and half of a two-machine study
-    repeated the other half.
-    """
+    """The study's sampler: trial 0 gets the seed configuration stored on the study, every later trial the sampler
+    ``make_base(s)`` seeded from (``seed``, its number): one process's study is reproducible, and machines running
+    the same command draw different configurations (trial numbers come from the storage)."""
     import numpy as np
     import optuna
 
@@ -235,11 +223,8 @@ def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> 
 
 
 def surplus(trial, target: int) -> bool:
-    """Whether the study already has ``target`` trials finished, or running and started before this one.
-
-    Two workers can pass the loop's check at the same moment; the later trial then stands down, so the study
-    never overshoots.
-    """
+    """Whether the study already has ``target`` trials finished, or running and started before this one: two workers
+    can pass the loop's check at once, and the later trial then stands down."""
     from optuna.trial import TrialState
 
     n = 0
@@ -322,12 +307,8 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
 
 def run_worker(study, storage, objective, target: int, *, heartbeat: int, on_trial_done=None,
                deadline: float | None = None) -> bool:
-    """Run trials until the study holds ``target`` finished ones; never start one past it, nor after ``deadline``
-    (``time.time()``; a running trial finishes). Returns whether the deadline stopped it short of the target.
-
-    Running trials (this machine's other workers, other machines) count towards the target while they run;
-    a trial whose worker died goes stale, is failed with a reason and re-enqueued, and the loop goes on.
-    """
+    """Run trials until the study holds ``target`` finished ones (running trials, here or elsewhere, count while they
+    run); never start one past it, nor after ``deadline`` (``time.time()``). Returns whether the deadline stopped it."""
     while True:
         mark_stale_trials(study, storage)
         c = counts(study)

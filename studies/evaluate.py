@@ -1,10 +1,7 @@
 """Test a stored model: ``python -m studies.evaluate reports/runs/<time>-<arch>``.
 
-Reads the weights a run saved (``model.pt``, with their recipe and input normalisation), evaluates them on the
-test split of the run's data (or of ``--data``) with each test-time augmentation asked for, and prints accuracy,
-loss and speed for each, with the run's own figures beside them. Nothing is written: the run's record stays as
-it was trained.
-"""
+Rebuilds the model from ``model.pt`` and tests it on the run's test split (or ``--data``'s) with each test-time
+augmentation asked for, beside the run's own figures. Writes nothing."""
 
 from __future__ import annotations
 

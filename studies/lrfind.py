@@ -1,9 +1,5 @@
-"""LR range test: ``python -m studies.lrfind --arch custom_resnet``.
-
-Sweeps the learning rate exponentially over a set number of training steps, prints the suggestions
-(steepest descent, minimum / 10) and the LRMIN/LRMAX the seeds derived from them, and writes
-``lrfind.csv``, ``lrfind.json`` and ``lrfind.png`` under ``<out>/lrfind/<time>-<arch>/``.
-"""
+"""LR range test: ``python -m studies.lrfind --arch custom_resnet``. Prints the suggestions and the LRMIN/LRMAX
+the seeds derived from them, and writes ``<out>/lrfind/<time>-<arch>/``."""
 
 from __future__ import annotations
 

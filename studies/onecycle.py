@@ -1,9 +1,5 @@
-"""Optuna study of the one-cycle recipe: ``python -m studies.onecycle --trials 30``.
-
-The command line; the study itself (search space, objective, workers, final retraining) is ``studies._study``.
-Running the same command again tops each study up to ``--trials`` finished (complete or pruned) trials; it
-never starts over and never overshoots.
-"""
+"""Optuna study of the one-cycle recipe: ``python -m studies.onecycle --trials 30``. The command line; the study
+itself is ``studies._study``. The same command again tops each study up to ``--trials``, never overshooting."""
 
 from __future__ import annotations
 

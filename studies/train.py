@@ -1,13 +1,8 @@
 """One training run: ``python -m studies.train --arch custom_resnet --epochs 10``.
 
-Prints the model's layer table, trains with a progress bar, prints a per-epoch table and the test accuracy
-(plain and with flip test-time augmentation), and writes ``run.json``, ``epochs.csv`` and the tested weights
-(``model.pt``, read back with ``cifarlab.weights.load_weights``) under ``<out>/runs/<time>-<arch>/``.
-
-While it trains, the run keeps ``checkpoint.pt`` in that folder (at the end of the first step a minute after the
-last save, within an epoch or at its end; Ctrl-C or SIGTERM saves at the end of the step under way):
-``python -m studies.train --resume <folder>`` continues a run that was stopped, and the finished run removes it.
-"""
+Trains with a progress bar, prints the per-epoch table and test accuracy, and writes ``run.json``, ``epochs.csv``
+and ``model.pt`` under ``<out>/runs/<time>-<arch>/``; ``--resume <folder>`` continues a stopped run from the
+``checkpoint.pt`` it keeps while it trains."""
 
 from __future__ import annotations
 

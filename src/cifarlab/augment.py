@@ -1,14 +1,7 @@
-"""The seed's augmentation: pad 4 + random crop 32, horizontal flip, one 8x8 cutout filled with the mean,
-then per-channel normalisation with the training set's own mean and std.
-
-Two implementations of the same distribution:
-
-* ``seed_pipeline`` / ``AlbumentationsDataset``: albumentations per sample behind a DataLoader, as the seed
-  projects wrote it. Kept for comparison (``augment="dataloader"``) and for the benchmark's baseline.
-* ``BatchAugmenter``: the default. The padded training set lives on the training device as one uint8 tensor
-  and whole batches are cropped, flipped and cut out with tensor ops (the airbench approach): no per-sample
-  Python, no host round-trips on CUDA.
-"""
+"""Augmentation: pad + random crop, horizontal flip, optional cutout, then normalisation with the training set's
+mean and std. ``BatchAugmenter`` (the default) keeps the padded training set on the device as one uint8 tensor
+and augments whole batches with tensor ops, airbench's way; ``seed_pipeline`` is the seeds' albumentations
+pipeline per sample behind a DataLoader, kept for comparison (``--augment dataloader``)."""
 
 from __future__ import annotations
 
@@ -109,12 +102,8 @@ class AlbumentationsDataset(torch.utils.data.Dataset):
 
 
 def reseed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: give each worker's albumentations pipeline its own random stream.
-
-    albumentations keeps a random state of its own, which torch does not reseed in workers: forked workers
-    would all inherit the parent's and draw the same crops, flips and holes in lock-step (batch 2k and 2k+1
-    augmented alike). torch's per-worker seed derives from the loader's generator, so runs stay reproducible.
-    """
+    """DataLoader ``worker_init_fn``: reseed albumentations' private random state from torch's per-worker seed, so
+    that forked workers do not draw the same crops, flips and holes in lock-step."""
     info = torch.utils.data.get_worker_info()
     if info is not None and hasattr(info.dataset, "transform"):
         info.dataset.transform.set_random_seed(info.seed % 2**32)
@@ -131,13 +120,8 @@ GROUP_IMAGES_CUDA = 8192  # images augmented per set of kernels on CUDA
 
 
 class BatchAugmenter:
-    """Batched augmentation of an in-memory uint8 dataset on ``device``.
-
-    The dataset is reflect-padded once (numpy's ``reflect`` is OpenCV's REFLECT_101, as in the seed pipeline)
-    and kept as ``(N, 3, H+2p, W+2p)`` uint8. Each batch is gathered with random offsets, flipped with a
-    per-image mask, normalised, and cut out by zeroing after normalisation: zero is exactly the training
-    mean, which is what the seed's CoarseDropout fills with.
-    """
+    """Batched augmentation of an in-memory uint8 dataset on ``device``: reflect-padded once, each batch gathered at
+    random offsets, flipped per image, normalised, and cut out by zeroing (zero is exactly the training mean)."""
 
     def __init__(
         self,
@@ -173,14 +157,8 @@ class BatchAugmenter:
 
     def epoch(self, batch_size: int, generator: torch.Generator,
               skip: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``num_batches(batch_size)`` augmented batches of one shuffled epoch, less the first ``skip``.
-
-        The epoch's random numbers (order, crop offsets, flips, holes) are drawn at its start from a CPU
-        generator, so that runs are reproducible on every device, and cross to the device in one copy from
-        pinned memory: no step waits on the host, where a copy per step from pageable memory could. ``skip``
-        draws them all the same and augments none of the skipped batches: a run resumed within an epoch goes on
-        with the batches it would have had.
-        """
+        """Yield one shuffled epoch of augmented batches, less the first ``skip``. Its random numbers are drawn at its
+        start on the CPU (the same on every device) and cross in one copy; skipped batches are drawn, not augmented."""
         n = len(self)
         perm = torch.randperm(n, generator=generator)
         if self.cfg.flip and self.cfg.alternate_flip:

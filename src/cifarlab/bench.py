@@ -1,11 +1,6 @@
-"""Epoch timing of exactly the step ``fit()`` trains with (``TrainStep``), warm-up excluded, the device
-synchronised at every clock read.
-
-Each case trains ``images`` images ``repeats`` times after ``warmup_steps`` untimed steps; the median and
-spread of the repetitions are reported. Cases compared with each other take turns, one repetition each
-(``time_cases``), so that a slow spell of the machine falls on all of them. One further repetition synchronises
-around every step to split data from compute (that removes CPU/GPU overlap, so it is not used for throughput).
-"""
+"""Epoch timing of exactly the step ``fit()`` trains with (``TrainStep``): warm-up excluded, the device
+synchronised at every clock read, the median of the repetitions reported. Cases compared with each other take
+turns, a repetition each, so that a slow spell of the machine falls on all of them."""
 
 from __future__ import annotations
 
@@ -244,13 +239,8 @@ def case_config(case: Case) -> TrainConfig:
 
 def time_cases(cases: list[Case], splits: DataSplits, *, images: int, repeats: int = 3, warmup_steps: int = 5,
                eval_images: int = 1024, profile_steps: int = 0) -> list[CaseResult]:
-    """Time cases that are to be compared, taking turns: repetition r of every case, then repetition r + 1.
-
-    A shared machine has slow spells that last minutes (its matmul probe read 1.9 TFLOP/s bf16 and 0.9 a few
-    minutes apart). Timed one after another, a ladder's later steps can land in one and read as a loss that is
-    the machine's; taking turns puts every case's repetitions in the same stretches of time, so their medians
-    compare. All cases are built and warmed up first (their models and data stay in memory together).
-    """
+    """Time cases that are to be compared, taking turns: repetition r of every case, then r + 1, so that a slow spell
+    of the machine falls on all of them. All cases are built and warmed up first."""
     retained = cpu.freed_memory_retained()
     try:
         runs = [CaseRun(case, splits, images=images, warmup_steps=warmup_steps) for case in cases]
@@ -295,12 +285,8 @@ def recipe_layers_differ() -> bool:
 
 def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str = "bf16", channels_last: bool = True,
                     with_compile: bool = True) -> list[Case]:
-    """The seed-style baseline, then each speed technique of the default path added in turn.
-
-    ``precision`` and ``channels_last`` are the default path's on this device (``resolve_speed``): a CPU without
-    bf16 units trains in fp32, so its ladder has no bf16 rung, and one that trains NCHW no channels_last rung.
-    The last rung before ``torch.compile`` is what ``studies.train`` runs.
-    """
+    """The seed-style baseline, then each speed technique of the default path (``precision``, ``channels_last``: the
+    path training takes on this device) added in turn; the last rung before ``torch.compile`` is what training runs."""
     on_cpu = torch.device(device).type == "cpu"
     rung = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
                 fused_optimizer=False, matmul_convs=False, retain_memory=False, seed_layers=True,

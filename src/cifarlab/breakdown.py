@@ -1,16 +1,5 @@
-"""Where a training step's time goes: by kind of operation, and convolution by convolution.
-
-``bench.devices`` reports a single share of the matmul peak per architecture; when that share is low, these two
-views say why:
-
-* ``op_breakdown`` profiles whole training steps (torch.profiler) and sums each operator's own time into a few
-  categories: convolution forward, convolution backward, batch norm, pooling, activations, optimizer, casts and
-  copies, other. On CUDA it sums device (kernel) time, on the CPU the host time of each operator.
-* ``conv_layer_table`` times every ``Conv2d`` of the model alone at the training batch size, precision and
-  memory format: forward, input gradient and weight gradient separately, each with its achieved TFLOP/s. On a
-  CPU this is what shows, for instance, that oneDNN's weight gradient of the 512-channel 4x4 layers runs far
-  below the matmul peak while the 16x16 layers come close to it.
-"""
+"""Where a training step's time goes: by kind of operation (``op_breakdown``, torch's profiler), convolution by
+convolution (``conv_layer_table``: each pass alone with its TFLOP/s), and against the matmul peak (``peak_gap``)."""
 
 from __future__ import annotations
 
@@ -70,16 +59,12 @@ def _annotation(event) -> str | None:
 
 
 def op_breakdown(step: Callable[[], None], device: torch.device, steps: int = 2) -> list[dict]:
-    """Seconds per step by category over ``steps`` profiled calls of ``step`` (warm it up first).
+    """Seconds per step by category over ``steps`` profiled calls of ``step`` (warm it up first); wrap the batch's
+    production in ``record_function(DATA_ANNOTATION)`` to count it as data.
 
-    Wrap the batch's production in ``torch.profiler.record_function(DATA_ANNOTATION)`` to count it as data.
-    Each operator's self time counts once, and the rows add up to an *unprofiled* step timed right after: the
-    profiler's own cost per operator is no Python. On the CPU "python + dispatch" is what the unprofiled step
-    leaves after the operators, capped at what the profiled steps left between them (a machine whose pace moves
-    between the two stretches would otherwise read as Python); the operators are scaled, by one factor, to fill
-    the rest. On CUDA kernel times are the device's own and the rest is time the device sat idle. Each row
-    carries ``profiled_step_seconds`` and ``scale`` so the report can say how far profiling slowed the step.
-    """
+    The rows add up to an *unprofiled* step timed right after, so the profiler's own cost is no Python. On the CPU
+    "python + dispatch" is capped at what the profiled steps left between operators, and the operators are scaled
+    to fill the rest; on CUDA the rest is time the device sat idle."""
     from torch.profiler import ProfilerActivity, profile
 
     # Kineto, the profiler's engine, logs from C++ straight to the terminal when it first starts (USDT and STAGE
@@ -239,14 +224,9 @@ MATMUL_CATEGORIES = ("conv forward", "conv backward", "linear + loss")
 
 
 def peak_gap(ops: list[dict], step_seconds: float, step_flops: float, peak_flops: float) -> dict:
-    """Where a step's time goes against the matmul peak.
-
-    ``ops`` are one step's ``op_breakdown`` rows, their shares applied to ``step_seconds`` (the step as the
-    benchmark timed it). ``parts``: the counted FLOPs at ``peak_flops``, the time the convolutions and GEMMs take
-    beyond that, and each other kind of operation's time. ``ceiling``: the share of peak with every conv and GEMM
-    at the peak and the rest as measured. Where the convs beat the matmul probe, the probe is no ceiling:
-    ``ceiling`` equals ``share`` and ``above_peak`` is True.
-    """
+    """Where a step's time goes against the matmul peak: ``ops`` (one step's ``op_breakdown``) applied to
+    ``step_seconds``. ``ceiling``: the share of peak with every conv and GEMM at the peak and the rest as measured;
+    where the convs beat the probe, the probe is no ceiling (``above_peak``)."""
     profiled = sum(r["seconds_per_step"] for r in ops)
     if profiled <= 0 or step_seconds <= 0 or peak_flops <= 0:
         raise ValueError("peak_gap needs a profiled step, a step time and a peak")
@@ -267,13 +247,8 @@ def peak_gap(ops: list[dict], step_seconds: float, step_flops: float, peak_flops
 
 
 def ceiling_sentence(row: dict) -> str:
-    """One line on a ``bench.devices`` row with a peak gap: its share, its convs' share of the step, its ceilings.
-
-    Two ceilings, one for each kind of work left: every conv and GEMM at the peak with the rest of the step as
-    measured (what faster conv kernels alone can win), and the convs and GEMMs as measured with nothing else in
-    the step (what removing batch norm, pooling, activations and the rest alone can win: the share divided by
-    the convs' share of the step). A target above both needs both.
-    """
+    """One line on a profiled ``bench.devices`` row: its share, its convs' share of the step, and two ceilings (every
+    conv at the peak and the rest as measured; the convs as measured and nothing else)."""
     share, matmul_share = row["share_of_peak"], row["matmul_share_of_step"]
     if row.get("matmuls_above_peak") in (True, "True"):  # a bool, or its text in a row read back from CSV
         return (f"{share:.0%} of the peak; convs + GEMMs take {matmul_share:.0%} of "

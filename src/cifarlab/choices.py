@@ -1,15 +1,8 @@
-"""Per-architecture speed choices (precision and memory format), taken from measurement where there is one.
+"""Per-architecture speed choices (precision and memory format), from measurement where there is one.
 
-Which combination of precision (fp32, bf16) and memory format (NCHW, channels_last) trains fastest depends on
-the architecture, the device and the torch build: channels_last with bf16 gave 1.6x over bf16 alone for the
-custom ResNet on this CPU, while ResNet-18's results swung with warm-up length (oneDNN builds its kernels on
-first use). ``python -m bench.devices --choose`` times all four after a warm-up and stores the fastest here,
-per architecture and device. ``--precision auto`` / ``--channels-last auto`` in training then use the stored
-choice and say so; with no measurement for this device they fall back to a rule (bf16 where the device runs it
-fast, and channels_last: see ``rule_choice``).
-
-The file is keyed by device, thread count and torch version: a choice measured elsewhere does not apply.
-"""
+``python -m bench.devices --choose`` times fp32/bf16 x NCHW/channels_last and stores the fastest per
+architecture, device, thread count and torch version; ``--precision auto`` / ``--channels-last auto`` use it,
+else a rule (``rule_choice``)."""
 
 from __future__ import annotations
 
@@ -70,11 +63,8 @@ def cpu_matmul_features() -> list[str]:
 
 
 def rule_choice(device: torch.device, precision: str = "auto") -> tuple[str, bool]:
-    """The fallback: bf16 where the device runs it fast (measured matmul), and channels_last.
-
-    oneDNN's and cuDNN's convolutions run on channels-last tensors natively; NCHW costs layout changes around
-    them. Measured: channels_last was faster or tied with every precision on every device tried, fp32 on an
-    AVX2-only CPU included (2026-11-27: 39 against 33 img/s for the custom ResNet, 23 against 19 for ResNet-18)."""
+    """The fallback: bf16 where the device runs it fast (measured matmul), and channels_last, the layout oneDNN's
+    and cuDNN's convolutions run natively (NCHW costs layout changes around them)."""
     return resolve_precision(precision, device), True
 
 
@@ -119,13 +109,8 @@ PEAK_KEY = "_matmul_peak"  # beside the architectures' entries of a device: not 
 
 def best_peaks(device: torch.device, measured: dict[str, float],
                path: Path | None = None) -> tuple[dict[str, float], dict[str, str]]:
-    """Per precision, the higher of ``measured`` (FLOP/s) and the best matmul probe stored for this device.
-
-    A shared machine has slow spells in which the matmul probe falls far more than training does (2.1 against
-    0.8 TFLOP/s bf16 here, while an epoch slowed by a fifth): a share of peak taken against such a probe is
-    flattered. The best probe ever seen on this device key is the honest denominator, so it is kept and a
-    better probe replaces it. Returns (peaks, where each came from).
-    """
+    """The higher of this run's probe and the best stored for ``device`` per precision, storing a new best; and where
+    each came from. A shared machine's slow spells lower a probe far more than training, which would flatter shares."""
     path = path or choices_path()
     doc = load_choices(path)
     stored = doc.get(device_key(device), {}).get(PEAK_KEY, {})
@@ -146,13 +131,8 @@ def best_peaks(device: torch.device, measured: dict[str, float],
 
 
 def pick_fastest(rows: list[dict], rule: tuple[str, bool], tie_margin: float = TIE_MARGIN) -> dict:
-    """The fastest of the timed combinations (rows with precision, channels_last, images_per_second).
-
-    The rule's combination is kept when the fastest beats it by no more than ``tie_margin``, or by no more than
-    the two rows' run-to-run noise where they carry it (``spread_pct``: (slowest - fastest repetition) / median,
-    in percent; their mean is the margin). On an H200, whose eager step waits on kernel launches, the four
-    combinations came within 4% of each other with spreads of 6-12%: a 4% "win" there is noise.
-    """
+    """The fastest of the timed rows, except that the rule's own combination is kept unless another is more than 3%
+    faster, so that noise does not flip the choice."""
     if not rows:
         raise ValueError("no timed combinations to choose from")
     fastest = max(rows, key=lambda r: r["images_per_second"])

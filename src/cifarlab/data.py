@@ -1,10 +1,7 @@
 """CIFAR-10 as uint8 arrays: torchvision's CIFAR10, any ImageFolder tree, or a synthetic set for tests.
 
-Every source ends as ``(N, 32, 32, 3)`` uint8 images and int64 labels. Decoding happens once: the arrays
-are cached on disk under a key built from the source's file names, sizes and modification times, so a
-changed source is noticed and decoded again. The validation split is a stratified, seeded hold-out of
-the training set; the test set is kept apart and is only read when a caller asks for test accuracy.
-"""
+Decoding happens once: the arrays are cached under a key of the files' names, sizes and modification times. The
+validation split is a stratified, seeded hold-out of the training set; the test set is read only when asked."""
 
 from __future__ import annotations
 
@@ -162,12 +159,8 @@ def load_raw(
     cache_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
 ) -> RawSplits:
-    """Load train and test arrays from a source spec.
-
-    ``data`` is a path to an ImageFolder tree (``train/<class>/*``, ``test/<class>/*``), ``torchvision`` or
-    ``torchvision:ROOT`` for torchvision's CIFAR10, or ``synthetic[:N_TRAIN[:N_TEST]]`` for a small learnable
-    set made in memory (tests only).
-    """
+    """Train and test arrays from ``data``: an ImageFolder tree (``train/<class>/*``, ``test/<class>/*``),
+    ``torchvision[:ROOT]``, or ``synthetic[:N_TRAIN[:N_TEST]]`` (a small learnable set for tests)."""
     spec = resolve_source(data)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if spec == "synthetic" or spec.startswith("synthetic:"):
@@ -319,13 +312,9 @@ JPEG_EXTENSIONS = (".jpg", ".jpeg")
 
 
 def _decode_all(split_dir: Path, files: Sequence[tuple[str, int, int, int]]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every file of a split as one uint8 (N, 32, 32, 3) array, its labels and how many images were resized.
-
-    JPEGs go to TorchCodec's libjpeg-turbo decoder (the successor of torchvision's, deprecated in torchvision
-    0.29): for CIFAR's 32x32 files Pillow's cost is per file and mostly in Python, and TorchCodec's is a third of
-    it, with the same pixels. Every other format, a file it refuses (another format behind a .jpg name, a
-    damaged file) and any image that is not 32x32 go through Pillow, which resizes and names a file it cannot
-    read. One thread: Pillow in a thread pool ran these small files 2x slower than one thread (the GIL)."""
+    """Every file of a split as one uint8 (N, 32, 32, 3) array, its labels and how many images were resized. JPEGs go
+    to TorchCodec's decoder (a third of Pillow's per-file cost, the same pixels); every other file, one it refuses,
+    and any image not 32x32 go through Pillow."""
     import torch
 
     paths = [os.path.join(split_dir, rel) for rel, *_ in files]  # strings: 60,000 Path objects cost a second
@@ -440,12 +429,8 @@ def _write_cache(entry: Path, *arrays_and_meta: object) -> None:
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:
-    """A new hidden file beside ``path``, open for writing, with the mode ``open()`` would give ``path``.
-
-    Not ``tempfile.mkstemp``: its files are 0600 whatever the umask, so every page, record and cache entry written
-    through a rename was unreadable to anyone else (a web server, a teammate, a machine sharing the cache folder).
-    Created 0666 here, the kernel takes the umask off as for any new file, with no process-wide umask change.
-    """
+    """A new hidden file beside ``path``, open for writing, created 0666 so the umask applies as to any new file
+    (``mkstemp``'s 0600 left pages and cache entries unreadable to anyone else)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
         tmp = str(path.parent / f".{path.name}.{os.urandom(6).hex()}.tmp")

@@ -50,12 +50,9 @@ def evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, norm: Nor
              device: torch.device, precision: str = "fp32", channels_last: bool = False,
              batch_size: int = 1024, tta: bool | str = False, logit_scale: float = 1.0,
              stop: Callable[[], bool] | None = None) -> EvalResult:
-    """Loss and accuracy at inference speed: no autograd, the training precision, large batches.
-
-    ``tta``: ``True`` or "flip" averages the logits of each image and its horizontal mirror; "flip-shift" adds
-    the pair moved by a pixel each way (``TTA_VIEWS``); ``False`` or "none" evaluates the image alone. ``stop``,
-    asked before each batch, ends the evaluation with ``EvaluationStopped`` when it returns True.
-    """
+    """Loss and accuracy at inference speed (no autograd, the training precision, large batches). ``tta``: "none",
+    "flip" (or True) or "flip-shift" (``TTA_VIEWS``); ``stop``, asked before each batch, ends it with
+    ``EvaluationStopped``."""
     views = {False: "none", True: "flip"}.get(tta, tta) if isinstance(tta, bool) else tta
     if views not in TTA_VIEWS:
         raise ConfigError(f"unknown test-time augmentation {tta!r}; valid: {', '.join(TTA_VIEWS)}")

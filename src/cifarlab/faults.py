@@ -1,15 +1,8 @@
 """Fault injection for the hardening tests, off unless ``CIFARLAB_FAULT`` is set.
 
-``CIFARLAB_FAULT=<point>:<n>[:<signal>]`` sends this process ``signal`` (default ``KILL``; ``INT`` for a
-Ctrl-C) the ``n``-th time it passes ``point``. The points sit where a real fault hurts most:
-
-* ``step``: at the end of a training step, before ``fit`` decides whether to save a checkpoint;
-* ``epoch``: inside a trial, just after its epoch records were stored;
-* ``store``: after a trial's user attributes were stored and before Optuna stores its state and value;
-* ``report``: while the HTML reports are being written, after the first page.
-
-The tests use it to kill a study at those exact moments and prove that a rerun loses nothing.
-"""
+``CIFARLAB_FAULT=<point>:<n>[:<signal>]`` sends this process ``signal`` (default ``KILL``; ``INT`` for Ctrl-C)
+the ``n``-th time it passes ``point``: ``step`` (end of a training step), ``epoch`` (a trial's epoch stored),
+``store`` (a trial's attributes stored, its value not yet), ``report`` (while the pages are written)."""
 
 from __future__ import annotations
 

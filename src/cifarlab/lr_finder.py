@@ -1,10 +1,6 @@
-"""LR range test (Smith 2015, as fastai and torch-lr-finder run it): the way the seeds chose LRMIN/LRMAX.
-
-The learning rate grows exponentially from ``start_lr`` to ``end_lr`` over ``num_steps`` training steps; the
-loss is smoothed with an exponential moving average (bias-corrected) and the sweep stops once the smoothed
-loss exceeds ``diverge_factor`` times its best. Model and optimizer state are restored afterwards, so the
-test leaves no trace on the model it probed.
-"""
+"""LR range test (Smith 2015, as fastai and torch-lr-finder run it), the way the seeds chose LRMIN/LRMAX: the LR
+grows exponentially over the steps, the loss is smoothed (bias-corrected) and the sweep stops once it exceeds
+``diverge_factor`` times its best; model and optimizer are restored afterwards."""
 
 from __future__ import annotations
 

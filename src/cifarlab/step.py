@@ -1,9 +1,5 @@
-"""One training step, written once: ``fit()``, ``bench.devices`` and the LR range test all run ``TrainStep``.
-
-A step is the forward pass under autocast (bf16 where the device runs it fast), logits scaled by the recipe's
-logit scale, the label-smoothed loss, backward, the (fused) optimizer, the EMA of the weights and the one-cycle
-scheduler. The host never waits for the device inside a step.
-"""
+"""One training step, written once: ``fit()``, ``bench.devices`` and the LR range test all run ``TrainStep``
+(forward under autocast, scaled logits, label-smoothed loss, backward, fused optimizer, EMA, scheduler)."""
 
 from __future__ import annotations
 
@@ -36,12 +32,9 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 class TrainStep:
-    """The recipe's training step over ``model``; ``step(x, y)`` returns the loss and the scaled logits.
-
-    ``schedule=False`` leaves the LR to the caller (the LR range test sets it each step). The first call of a
-    compiled model compiles: its seconds add to ``compile_seconds`` (a resumed run's includes the sessions
-    before it), apart from the training speed.
-    """
+    """The recipe's training step over ``model``: ``step(x, y)`` returns the loss and the scaled logits.
+    ``schedule=False`` leaves the LR to the caller (the LR range test). A compiled model's first call compiles: its
+    seconds add to ``compile_seconds``, apart from the training speed."""
 
     def __init__(self, config: TrainConfig, model: nn.Module, device: torch.device, precision: str, *,
                  total_steps: int, num_classes: int, fused: bool | None = None, schedule: bool = True) -> None:
@@ -161,11 +154,8 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total
 
 
 class WeightEMA:
-    """Exponential moving average of a model's weights and buffers (BN statistics), kept on the model's device.
-
-    torch's ``AveragedModel`` reads its update counter on the host at every update (``n_averaged == 0``), which
-    is a device synchronisation per step on CUDA; this copy starts equal to the model and needs no counter.
-    """
+    """Exponential moving average of a model's weights and buffers, on the model's device. torch's ``AveragedModel``
+    reads its counter on the host every update, a synchronisation per step on CUDA; this one needs no counter."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
@@ -174,11 +164,7 @@ class WeightEMA:
         self.module.requires_grad_(False)
 
     def current_decay(self) -> float:
-        """``decay``, ramped up over the first updates: (1 + n) / (10 + n) until it reaches ``decay``.
-
-        A full decay from step one would keep a run of a few dozen steps (a study's short trials) close to
-        its random initial weights; the ramp makes the average follow the model early and smooth it later.
-        """
+        """``decay`` ramped up as (1 + n) / (10 + n): a short run's average follows the model, a long one smooths it."""
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()

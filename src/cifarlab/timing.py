@@ -123,24 +123,12 @@ PROBE_SIZE = 256  # the small product that sizes the probe where one full-size p
 
 def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5,
                             min_seconds: float = 0.2, max_product_seconds: float | None = None) -> float:
-    """Peak dense-matmul throughput (FLOP/s) of an ``n x n`` product: the fastest of ``repeats`` samples, after
-    warm-up.
+    """Peak dense-matmul throughput (FLOP/s) of an ``n x n`` product: the fastest of ``repeats`` samples after
+    ``min_seconds`` of warm-up (kernels are built and matrix units and clocks come up to speed on first use).
 
-    The warm-up runs products for ``min_seconds``, not once: oneDNN and cuBLAS build kernels on first use, and
-    a CPU's matrix units (AMX) and clocks take a while to come up to speed.
-
-    The fastest sample, not the median: the figure is the denominator of every share of peak, and a shared
-    machine's slow spells change from one sample to the next. On a 2-core AMX Xeon (2026-12-06) six probes of
-    five 2048 x 2048 bf16 samples each, 30 s in all, read medians of 0.57-1.99 TFLOP/s, and one probe's own
-    samples ran from 0.79 to 1.93: a median lands in whichever spell the probe does and flatters every share
-    measured against it. Each sample is at least ``min_seconds / repeats`` of products, too long for a burst to
-    count.
-
-    A dtype the device only emulates is slow enough that one ``n x n`` product takes seconds (bf16 on an AVX2-only
-    CPU: about 1 GFLOP/s, 19 s for a 2048 x 2048 product), so a product expected to take longer than
-    ``max_product_seconds`` (default: half of ``min_seconds``) is measured at the largest size that fits (256 x
-    256 at least), estimated from a 256 x 256 one. The figure is then a bound for a unit that is not there.
-    """
+    The fastest sample, not the median: it is the denominator of every share of peak, and a shared machine's slow
+    spells would otherwise flatter every share. A dtype the device only emulates (one product would take seconds)
+    is measured at the largest size that fits ``max_product_seconds``."""
     if max_product_seconds is None:
         max_product_seconds = min_seconds / 2
     if n > PROBE_SIZE:

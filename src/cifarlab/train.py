@@ -70,12 +70,9 @@ EpochCallback = Callable[[EpochRecord], "bool | None"]
 def fit(config: TrainConfig, splits: DataSplits, *, on_epoch: EpochCallback | None = None,
         on_step: StepCallback | None = None, test: bool = False, test_tta: bool = False,
         checkpoint: Checkpointing | None = None) -> FitResult:
-    """Train ``config.arch`` on ``splits.train`` with the one-cycle policy; validate after every epoch.
-
-    The test split is read only when ``test`` (plain) or ``test_tta`` (flip) is asked for, after training. With
-    ``checkpoint`` the run is saved as it goes and, given one to resume, continues where it stopped: on the
-    batched path with the random numbers of a run never stopped, so with the same results on the CPU.
-    """
+    """Train ``config.arch`` on ``splits.train`` with the one-cycle policy, validating after every epoch; test when
+    asked (``test``: plain, ``test_tta``: flip). With ``checkpoint`` the run is saved as it goes and, given one to
+    resume, continues with the random numbers of a run never stopped."""
     device = resolve_device(config.device)
     # Flags first, then what bench.devices --choose measured for this architecture on this device, then a rule.
     speed = resolve_speed(config.arch, device, config.precision, config.channels_last)

@@ -21,13 +21,8 @@ WEIGHTS_FORMAT = 1  # bumped when what save_weights stores changes shape
 
 
 def save_weights(result, path: Path, classes: list[str] | tuple[str, ...]) -> Path:
-    """Write the model a run evaluated (the EMA of the weights where the run kept one) to ``path``.
-
-    Stored as a plain dict for ``torch.load(weights_only=True)``: the state dict in fp32 on the CPU, with the
-    whitening parametrisation folded into the first conv's weight (so the keys are the architecture's own), the
-    config that rebuilds the recipe's layers (activation, ghost batch norm), the class names and the input
-    normalisation. ``load_weights`` gives the model back.
-    """
+    """Write the model a run tested (the EMA's where kept) as a plain dict: the fp32 state dict with the whitening
+    folded into the first conv, the config, the class names and the input normalisation."""
     # Folded from the state dict, not by removing the parametrisation from a deep copy: the copy shares its
     # module's generated class, and removing it there deletes that class's ``weight`` property from under the
     # caller's model, which then fails on its next forward pass.
@@ -49,13 +44,8 @@ def save_weights(result, path: Path, classes: list[str] | tuple[str, ...]) -> Pa
 
 
 def load_weights(path: Path) -> tuple[nn.Module, Normalization, dict]:
-    """(model in eval mode on the CPU, its input normalisation, the stored document) from ``save_weights``' file.
-
-    The model runs the CPU conv kernels its run trained with, so it evaluates as the end of its training did.
-
-    Feed it images as ``evaluate`` does: uint8 ``(N, 32, 32, 3)`` through the returned normalisation, or call
-    ``evaluate(model, images, labels, norm, device=torch.device("cpu"))``.
-    """
+    """(model in eval mode on the CPU, with the CPU kernels its run trained with; its input normalisation; the stored
+    document) from ``save_weights``' file. Feed it uint8 images as ``evaluate`` does."""
     try:
         doc = torch.load(Path(path), map_location="cpu", weights_only=True)
     except OSError as exc:

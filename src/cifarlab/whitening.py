@@ -1,17 +1,9 @@
-"""Patch-whitened first convolution, the DAWNBench line's "input patch whitening" (Page, *How to train your
-ResNet 8*; Jordan's airbench).
+"""Patch-whitened first convolution, the DAWNBench line's input patch whitening (Page; Jordan's airbench).
 
-Page put a frozen 3x3 convolution in front of the network whose 27 filters are the eigenvectors of the
-covariance of 3x3x3 input patches, each scaled by 1/sqrt(eigenvalue + eps), followed by a learnt 1x1 convolution
-to 64 channels. The composition of the two is itself a 3x3 convolution from 3 to 64 channels, so this module
-keeps the seed architecture (its 3x3 conv, its 1,728 weights, its 6,573,120 parameters) and changes only how
-the first layer's weight is *parametrised*: the learnt tensor is the 64x27 matrix of the 1x1 convolution, and
-the conv's weight is that matrix times the fixed whitening basis. SGD then takes its steps in whitened
-coordinates, where every patch direction has unit variance, instead of in pixel space, where a few smooth
-directions dominate; that is what made the first layer learn faster in Page's measurements.
-
-The forward pass still runs one 3x3 convolution: the weight product is 64x27x27 multiply-adds per step.
-"""
+Page put a frozen 3x3 conv whose 27 filters whiten 3x3x3 input patches in front of a learnt 1x1 conv. The two
+compose to one 3x3 conv, so the seed architecture and its parameter count stay: only the first conv's weight is
+*parametrised*, as a learnt 64x27 matrix times the fixed whitening basis, so that SGD steps in whitened
+coordinates, where every patch direction has unit variance."""
 
 from __future__ import annotations
 
@@ -30,12 +22,9 @@ WHITEN_EPS = 1e-2  # Page's eps on the eigenvalues: bounds the gain of the noisi
 
 def patch_whitening_basis(images: np.ndarray, norm: Normalization, kernel: int = 3, max_images: int = 10_000,
                           eps: float = WHITEN_EPS, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Whitening filters of the ``kernel`` x ``kernel`` patches of uint8 ``(N, H, W, C)`` training images.
-
-    Returns a ``(C*k*k, C*k*k)`` matrix whose rows are the filters, flattened in conv-weight order (channel, row,
-    column): row ``i`` is eigenvector ``i`` of the patch covariance divided by sqrt(eigenvalue_i + eps). The
-    images are normalised as training normalises them; at most ``max_images`` of them (a random subset) are used.
-    """
+    """Whitening filters of the ``kernel`` x ``kernel`` patches of uint8 ``(N, H, W, C)`` images, normalised as
+    training normalises them (at most ``max_images``, a random subset): a ``(C*k*k, C*k*k)`` matrix whose row ``i``
+    is eigenvector ``i`` of the patch covariance over sqrt(eigenvalue_i + eps), in conv-weight order."""
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"need a non-empty (N, H, W, C) uint8 array of training images, got shape {images.shape}")
     n = len(images)

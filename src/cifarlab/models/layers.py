@@ -15,25 +15,12 @@ ACTIVATIONS = ("relu", "celu")
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
-    """Batch norm whose training statistics come from ghost batches of ``ghost_batch`` images each.
+    """Batch norm whose training statistics come from ghost batches of at least ``ghost_batch`` images each.
 
-    Smaller batches give noisier statistics, which regularise (Hoffer et al. 2017; Page's recipe uses 32 images
-    of a 512 batch). A batch of ``n`` images splits into ``n // ghost_batch`` ghost batches of consecutive
-    images, as equal as they can be: each holds at least ``ghost_batch`` images, so the statistics are never
-    noisier than asked (a batch of 256 with ghost batches of 48 splits into 52 + 4 x 51), and a batch under twice
-    ``ghost_batch`` is normalised whole. One step moves the running statistics as far as plain batch norm does,
-    by the mean of the ghost batches' statistics; evaluation uses them as usual.
-
-    Two ways to compute the same thing, by device. On the CPU one ``batch_norm`` per ghost batch (chunks are views
-    in NCHW and channels-last alike): each kernel runs in the calling thread, and this was 7-12% faster than the
-    folded form on a 2-core EPYC. On CUDA the 16 calls per layer and their backward are 16 times the kernel
-    launches, and a launch-bound GPU step waits on every one of them; there the ghost batches are folded into the
-    channels and normalised by one call. On an H200 (custom ResNet, batch 512, bf16) that trained 48,015 img/s
-    against the chunked form's 25,231 in channels_last, and 52,740 against 33,031 in NCHW, as fast as plain batch
-    norm there (51,395); in channels_last the fold's copies in and out cost against plain batch norm's 90,312.
-    A channels-last fold (one copy in, one out) was slower there, 12.53 against 11.63 ms a step: cuDNN normalises
-    the folded NCHW batch faster than a channels-last one.
-    """
+    Smaller batches give noisier statistics, which regularise (Hoffer et al. 2017; Page uses 32 of 512). A batch
+    splits into ``n // ghost_batch`` ghost batches as equal as they can be; the running statistics move by their
+    mean. On the CPU one ``batch_norm`` per ghost batch; on CUDA, where each call is a launch the step waits on, the
+    ghost batches are folded into the channels and normalised by one call."""
 
     ghost_batch: int = 32
     form: str = "auto"  # "chunked", "folded", or "auto": folded on CUDA, chunked elsewhere (set for benchmarks)

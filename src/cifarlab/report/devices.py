@@ -81,14 +81,8 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataF
 
 
 def ladder_bounds(frame: pd.DataFrame) -> list[str]:
-    """One line per ablation ladder: how far above its seed baseline the device's peaks let a path go.
-
-    A speed-up over the seed-style path is bounded by the hardware, not by the ladder alone: the baseline already
-    runs at some share of its own precision's peak, so a rung in another precision gains the ratio of the two
-    peaks at the same share, and at most what its whole peak allows. On the 2-core AMX Xeon (2026-12-06, 06:38) the
-    fp32 baseline ran at 55% of the fp32 peak (0.38 TFLOP/s) and the bf16 peak (2.60) was 6.9x it: 8x the baseline
-    would need 64% of the bf16 peak, above what the step's breakdown leaves with every conv at the peak (55%).
-    """
+    """One line per ablation ladder: how far above its seed baseline the device's peaks let a path go (the baseline's
+    share of its peak, applied to the top rung's peak, and the whole peak)."""
     need = {"arch", "device", "batch_size", "step", "images_per_second", "achieved_tflops", "peak_tflops",
             "precision"}
     if frame.empty or not need <= set(frame):
@@ -248,13 +242,8 @@ MACHINE_KEY = ["machine", "arch", "batch_size", "precision", "memory format", "c
 
 
 def machines_frame(out: Path) -> pd.DataFrame:
-    """The newest default-path measurement of each machine, over every benchmark stored under ``out/devices``.
-
-    A machine is a device by name (CPU model with its thread count, or GPU); one row per machine, architecture,
-    batch size, precision, memory format and compile mode, from the newest benchmark that timed it (folders sort by
-    their time stamp). Ablation rungs and ``--choose`` combinations are left out: they are not what training uses.
-    Benchmarks copied in from other machines' ``reports/devices/`` count like this machine's own.
-    """
+    """The newest default-path measurement of each machine (a CPU model with its threads, or a GPU) per architecture,
+    batch size, precision, memory format and compile mode, over every benchmark under ``out/devices``."""
     rows = []
     for path, doc in _stored(out, "devices", "devices.json"):
         env = doc.get("environment") or {}

@@ -31,104 +31,70 @@ def _percent(value: float | None, missing: str = "—") -> str:
     return missing if value is None or value != value else f"{value:.2%}"
 
 
+def _facts(facts: dict, head: str = "") -> str:
+    """A two-column table of named values."""
+    return html.table(pd.DataFrame({head: list(facts), "value": [str(v) for v in facts.values()]}))
+
+
 def run_page(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     doc = read_json(run_dir / "run.json")
-    cfg = doc["config"]
-    title = f"run {run_dir.name}: {cfg['arch']}"
-    parts = []
+    cfg, epochs = doc["config"], pd.DataFrame(doc["epochs"])
     test = doc.get("test") or {}
     plain, tta = test.get("plain"), test.get("flip_tta")
-    summary = {
-        "status": doc.get("status"),
-        "architecture": cfg["arch"],
-        "epochs run": len(doc["epochs"]),
-        "wall time (min)": f"{doc.get('wall_seconds', 0) / 60:.1f}",
-    }
-    if doc["epochs"]:
-        last = doc["epochs"][-1]
-        summary["final val accuracy"] = _percent(last.get("val_accuracy"), "none held out")
-        summary["median images/s"] = f"{np.median([e['images_per_second'] for e in doc['epochs']]):.0f}"
-    if plain:
-        summary["test accuracy"] = f"{plain['accuracy']:.2%}"
-    if tta:
-        summary["test accuracy, flip TTA"] = f"{tta['accuracy']:.2%}"
-    parts.append(html.table(pd.DataFrame({"": list(summary), "value": [str(v) for v in summary.values()]})))
-
-    epochs = pd.DataFrame(doc["epochs"])
+    summary = {"status": doc.get("status"), "architecture": cfg["arch"], "epochs run": len(epochs),
+               "wall time (min)": f"{doc.get('wall_seconds', 0) / 60:.1f}"}
+    if len(epochs):
+        summary["final val accuracy"] = _percent(doc["epochs"][-1].get("val_accuracy"), "none held out")
+        summary["median images/s"] = f"{epochs['images_per_second'].median():.0f}"
+    for key, ev in (("test accuracy", plain), ("test accuracy, flip TTA", tta)):
+        if ev:
+            summary[key] = f"{ev['accuracy']:.2%}"
+    parts = [_facts(summary)]
     if len(epochs):
         write_csv(run_dir / "epochs.csv", epochs)
-        run_curves_figure(
-            epochs,
-            run_dir / "curves.png",
-            f"{cfg['arch']}: {cfg['optimizer']}, max LR {cfg['max_lr']:g}, batch {cfg['batch_size']}",
-        )
-        parts.append(
-            "<h2>Learning curves</h2>" + html.figure("curves.png", "Loss, accuracy and learning rate by epoch")
-        )
+        run_curves_figure(epochs, run_dir / "curves.png",
+                          f"{cfg['arch']}: {cfg['optimizer']}, max LR {cfg['max_lr']:g}, batch {cfg['batch_size']}")
         view = epochs.dropna(axis=1, how="all").copy()  # no validation split: no empty val columns
         for c in [c for c in ("train_accuracy", "val_accuracy") if c in view]:
             view[c] = (view[c] * 100).round(2)
-        view = view.rename(
-            columns={
-                "train_accuracy": "train acc (%)",
-                "val_accuracy": "val acc (%)",
-                "epoch_seconds": "epoch (s)",
-                "train_seconds": "train (s)",
-                "data_seconds": "augmentation (s)",
-                "eval_seconds": "eval (s)",
-                "images_per_second": "images/s",
-                "lr": "LR",
-            }
-        )
-        parts.append(
-            "<h2>Per epoch</h2>" + html.table(view) + '<p class="note"><a href="epochs.csv">epochs.csv</a></p>'
-        )
+        view = view.rename(columns={
+            "train_accuracy": "train acc (%)", "val_accuracy": "val acc (%)", "epoch_seconds": "epoch (s)",
+            "train_seconds": "train (s)", "data_seconds": "augmentation (s)", "eval_seconds": "eval (s)",
+            "images_per_second": "images/s", "lr": "LR"})
+        parts += ["<h2>Learning curves</h2>" + html.figure("curves.png", "Loss, accuracy and learning rate by epoch"),
+                  "<h2>Per epoch</h2>" + html.table(view) + '<p class="note"><a href="epochs.csv">epochs.csv</a></p>']
     if plain:
-        classes = doc["data"]["classes"]
-        per_class = pd.DataFrame(
-            {"class": classes, "accuracy (%)": np.round(np.array(plain["per_class_accuracy"]) * 100, 2)}
-        )
-        if tta:
-            per_class["accuracy, flip TTA (%)"] = np.round(np.array(tta["per_class_accuracy"]) * 100, 2)
-        write_csv(run_dir / "per_class.csv", per_class)
-        parts.append("<h2>Test set by class</h2>" + html.table(per_class))
-        confusion = np.array(plain["confusion"])
-        sns.set_theme(style="white")
-        fig, ax = plt.subplots(figsize=(7, 6))
-        sns.heatmap(
-            confusion,
-            annot=True,
-            fmt="d",
-            cmap="Blues",
-            xticklabels=classes,
-            yticklabels=classes,
-            ax=ax,
-            cbar_kws={"label": "test images"},
-        )
-        ax.set(title="confusion matrix (test set)", xlabel="predicted class", ylabel="true class")
-        save(fig, run_dir / "confusion.png")
-        parts.append(html.figure("confusion.png", "Confusion matrix on the test set"))
-        grid = _misclassified_grid(doc, run_dir / "misclassified.png")
-        if grid:
-            parts.append("<h2>Misclassified test images</h2>" + html.figure(grid, "Misclassified: true → predicted"))
+        parts.append(_test_section(doc, plain, tta, run_dir))
     if (run_dir / "model.pt").is_file():
         parts.append('<p class="note">Weights tested: <a href="model.pt">model.pt</a> (<code>model, norm, _ = '
                      "cifarlab.weights.load_weights(path)</code>).</p>")
-    config = pd.DataFrame({"setting": list(cfg), "value": [str(v) for v in cfg.values()]})
-    resolved = doc.get("resolved", {})
-    parts.append(
-        "<h2>Configuration</h2>"
-        + html.table(config)
-        + html.table(pd.DataFrame({"resolved": list(resolved), "value": [str(v) for v in resolved.values()]}))
-    )
-    data = doc.get("data", {})
-    parts.append("<h2>Data</h2>" + html.table(pd.DataFrame({"": list(data), "value": [str(v) for v in data.values()]})))
-    env = doc.get("environment", {})
-    parts.append(
-        "<h2>Environment</h2>" + html.table(pd.DataFrame({"": list(env), "value": [str(v) for v in env.values()]}))
-    )
-    return html.write_page(run_dir / "index.html", title, "\n".join(parts))
+    parts += ["<h2>Configuration</h2>" + _facts(cfg, "setting") + _facts(doc.get("resolved", {}), "resolved"),
+              "<h2>Data</h2>" + _facts(doc.get("data", {})),
+              "<h2>Environment</h2>" + _facts(doc.get("environment", {}))]
+    return html.write_page(run_dir / "index.html", f"run {run_dir.name}: {cfg['arch']}", "\n".join(parts))
+
+
+def _test_section(doc: dict, plain: dict, tta: dict | None, run_dir: Path) -> str:
+    """Accuracy by class, the confusion matrix and a grid of misclassified test images."""
+    classes = doc["data"]["classes"]
+    per_class = pd.DataFrame({"class": classes,
+                              "accuracy (%)": np.round(np.array(plain["per_class_accuracy"]) * 100, 2)})
+    if tta:
+        per_class["accuracy, flip TTA (%)"] = np.round(np.array(tta["per_class_accuracy"]) * 100, 2)
+    write_csv(run_dir / "per_class.csv", per_class)
+    sns.set_theme(style="white")
+    fig, ax = plt.subplots(figsize=(7, 6))
+    sns.heatmap(np.array(plain["confusion"]), annot=True, fmt="d", cmap="Blues", xticklabels=classes,
+                yticklabels=classes, ax=ax, cbar_kws={"label": "test images"})
+    ax.set(title="confusion matrix (test set)", xlabel="predicted class", ylabel="true class")
+    save(fig, run_dir / "confusion.png")
+    parts = ["<h2>Test set by class</h2>" + html.table(per_class),
+             html.figure("confusion.png", "Confusion matrix on the test set")]
+    grid = _misclassified_grid(doc, run_dir / "misclassified.png")
+    if grid:
+        parts.append("<h2>Misclassified test images</h2>" + html.figure(grid, "Misclassified: true → predicted"))
+    return "\n".join(parts)
 
 
 def _misclassified_grid(doc: dict, path: Path, n: int = 24) -> str | None:
@@ -212,99 +178,71 @@ def build_index(out: Path, studies: list[dict] | None = None, redrawn: list[Path
     out = Path(out)
     parts = []
     if studies:
-        rows = []
-        for study in studies:
-            page = _draw_if_changed(out / "studies" / study_slug(study["name"]), _study_key(study),
-                                    functools.partial(study_page, study, out / "studies" / study_slug(study["name"])),
-                                    redrawn)
-            faults.point("report")
-            frame = study_frame(study)
-            done = frame[frame["state"] == "complete"] if len(frame) else frame
-            started = min((t["started"] for t in study["trials"] if t["started"]), default="")
-            states = ", ".join(f"{v} {k}" for k, v in frame["state"].value_counts().items()) if len(frame) else "0"
-            rows.append((started[:16].replace("T", " "),
-                         f'<a href="{html.esc(page.relative_to(out))}">{html.esc(study["name"])}</a>',
-                         html.esc((study["user_attrs"].get("spec") or {}).get("arch", "")),
-                         f"{done['val_accuracy'].max():.2%}" if len(done) else "—", html.esc(states)))
-        rows.sort(reverse=True)
-        parts.append(
-            "<h2>Studies</h2>" + _rows(["started", "study", "architecture", "best val accuracy", "trials"], rows)
-        )
+        rows = sorted((_study_row(out, study, redrawn) for study in studies), reverse=True)
+        parts.append("<h2>Studies</h2>" + _rows(["started", "study", "architecture", "best val accuracy", "trials"],
+                                                rows))
     run_rows = []
     for path, doc, page in _records(out, "runs", "run.json", run_page, redrawn):
         test = (doc.get("test") or {}).get("plain")
-        run_rows.append(
-            (
-                html.esc(path.parent.name[:15]),
-                f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>',
-                html.esc(doc["config"]["arch"]),
-                str(len(doc["epochs"])),
-                _percent(doc["epochs"][-1].get("val_accuracy")) if doc["epochs"] else "—",
-                f"{test['accuracy']:.2%}" if test else "—",
-            )
-        )
+        run_rows.append((*_link(out, path, page), html.esc(doc["config"]["arch"]), str(len(doc["epochs"])),
+                         _percent(doc["epochs"][-1].get("val_accuracy")) if doc["epochs"] else "—",
+                         f"{test['accuracy']:.2%}" if test else "—"))
     if run_rows:
-        parts.append(
-            "<h2>Runs</h2>"
-            + '<p><a href="machines/index.html#time-to-accuracy">Time to accuracy</a>: the runs on the whole training '
-            "split, by machine, fastest first.</p>"
-            + _rows(["time", "run", "architecture", "epochs", "val accuracy", "test accuracy"], run_rows)
-        )
+        parts.append('<h2>Runs</h2><p><a href="machines/index.html#time-to-accuracy">Time to accuracy</a>: the runs '
+                     "on the whole training split, by machine, fastest first.</p>"
+                     + _rows(["time", "run", "architecture", "epochs", "val accuracy", "test accuracy"], run_rows))
     unfinished = _unfinished_runs(out)
     if unfinished:
-        parts.append(
-            "<h2>Unfinished runs</h2>"
-            + '<p class="note">Runs that keep a checkpoint and no record yet: training now (a process on this '
-            "machine holds the folder) or stopped. The command continues a stopped one from its checkpoint.</p>"
-            + _rows(["run", "state", "architecture", "done", "time so far", "last saved", "to continue"], unfinished)
-        )
+        parts.append('<h2>Unfinished runs</h2><p class="note">Runs that keep a checkpoint and no record yet: training '
+                     "now (a process on this machine holds the folder) or stopped. The command continues a stopped "
+                     "one from its checkpoint.</p>" + _rows(["run", "state", "architecture", "done", "time so far",
+                                                             "last saved", "to continue"], unfinished))
     lr_rows = []
     for path, doc, page in _records(out, "lrfind", "lrfind.json", lrfind_page, redrawn):
-        s = doc.get("suggestions", {})
-        lr_rows.append(
-            (
-                html.esc(path.parent.name[:15]),
-                f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>',
-                html.esc(doc["arch"]),
-                html.esc(doc["optimizer"]),
-                f"{s['steepest']:.3g}" if "steepest" in s else "—",
-                f"{s['min_div_10']:.3g}" if "min_div_10" in s else "—",
-            )
-        )
+        sugg = doc.get("suggestions", {})
+        lr_rows.append((*_link(out, path, page), html.esc(doc["arch"]), html.esc(doc["optimizer"]),
+                        *(f"{sugg[k]:.3g}" if k in sugg else "—" for k in ("steepest", "min_div_10"))))
     if lr_rows:
-        parts.append(
-            "<h2>LR range tests</h2>"
-            + _rows(["time", "test", "architecture", "optimizer", "steepest", "min / 10"], lr_rows)
-        )
+        parts.append("<h2>LR range tests</h2>"
+                     + _rows(["time", "test", "architecture", "optimizer", "steepest", "min / 10"], lr_rows))
     dev_rows = []
     for path, doc, page in _records(out, "devices", "devices.json", redraw_devices_page, redrawn):
         ok = [r for r in doc.get("rows", []) if r.get("status") == "ok"]
         best = max((r["images_per_second"] for r in ok), default=None)
-        dev_rows.append(
-            (
-                html.esc(path.parent.name[:15]),
-                f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>',
-                html.esc(", ".join(dict.fromkeys(str(r.get("device_name") or r.get("device")) for r in ok))
-                         or doc.get("environment", {}).get("cpu_model", "")),
-                str(len(ok)),
-                f"{best:.0f}" if best else "—",
-            )
-        )
+        names = ", ".join(dict.fromkeys(str(r.get("device_name") or r.get("device")) for r in ok))
+        dev_rows.append((*_link(out, path, page), html.esc(names or doc.get("environment", {}).get("cpu_model", "")),
+                         str(len(ok)), f"{best:.0f}" if best else "—"))
     if dev_rows or run_rows:
         machines = _draw_if_changed(out / "machines", _machines_key(out), lambda: machines_page(out), redrawn)
     if dev_rows:
-        parts.append(
-            "<h2>Device benchmarks</h2>"
-            + f'<p><a href="{html.esc(machines.relative_to(out))}">Machines compared</a>: the default training '
-            "path's speed on every machine benchmarked here, side by side.</p>"
-            + _rows(["time", "benchmark", "devices", "measurements", "best images/s"], dev_rows)
-        )
+        parts.append(f'<h2>Device benchmarks</h2><p><a href="{html.esc(machines.relative_to(out))}">Machines '
+                     "compared</a>: the default training path's speed on every machine benchmarked here.</p>"
+                     + _rows(["time", "benchmark", "devices", "measurements", "best images/s"], dev_rows))
     if not parts:
-        parts.append(
-            '<p class="note">Nothing stored yet: run <code>python -m studies.train</code> or '
-            "<code>python -m studies.onecycle</code>.</p>"
-        )
+        parts.append('<p class="note">Nothing stored yet: run <code>python -m studies.train</code> or '
+                     "<code>python -m studies.onecycle</code>.</p>")
     return html.write_page(out / "index.html", "cifarlab reports", "\n".join(parts))
+
+
+def _link(out: Path, path: Path, page: Path) -> tuple[str, str]:
+    """A record's time stamp and a link to its page."""
+    return (html.esc(path.parent.name[:15]),
+            f'<a href="{html.esc(page.relative_to(out))}">{html.esc(path.parent.name)}</a>')
+
+
+def _study_row(out: Path, study: dict, redrawn: list[Path] | None) -> tuple:
+    """A study's row in the index; its page drawn again when the study changed."""
+    folder = out / "studies" / study_slug(study["name"])
+    page = _draw_if_changed(folder, _study_key(study), functools.partial(study_page, study, folder), redrawn)
+    faults.point("report")
+    frame = study_frame(study)
+    done = frame[frame["state"] == "complete"] if len(frame) else frame
+    started = min((t["started"] for t in study["trials"] if t["started"]), default="")
+    states = ", ".join(f"{v} {k}" for k, v in frame["state"].value_counts().items()) if len(frame) else "0"
+    return (started[:16].replace("T", " "),
+            f'<a href="{html.esc(page.relative_to(out))}">{html.esc(study["name"])}</a>',
+            html.esc((study["user_attrs"].get("spec") or {}).get("arch", "")),
+            f"{done['val_accuracy'].max():.2%}" if len(done) else "—", html.esc(states))
 
 
 def _unfinished_runs(out: Path) -> list[tuple]:

@@ -40,34 +40,26 @@ def study_frame(study: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+COMPARED = ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")
+
+
 def study_page(study: dict, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = study_frame(study)
     write_csv(out_dir / "trials.csv", frame)
-    parts = []
     done = frame[frame["state"] == "complete"] if len(frame) else frame
     counts = frame["state"].value_counts().to_dict() if len(frame) else {}
-    parts.append(
-        f'<p class="note">{len(frame)} trials: ' + html.esc(", ".join(f"{v} {k}" for k, v in counts.items())) + "</p>"
-    )
+    parts = [f'<p class="note">{len(frame)} trials: ' + html.esc(", ".join(f"{v} {k}" for k, v in counts.items()))
+             + "</p>"]
     if len(done):
         best = done.loc[done["val_accuracy"].idxmax()]
         seed = done[done["seed_config"]]
-        cmp = [{"": "best", **{k: best[k] for k in ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")}}]
-        if len(seed):
-            s = seed.iloc[0]
-            cmp.append(
-                {
-                    "": "seed configuration",
-                    **{k: s[k] for k in ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")},
-                }
-            )
-        table = pd.DataFrame(cmp)
+        table = pd.DataFrame([{"": "best", **{k: best[k] for k in COMPARED}}]
+                             + [{"": "seed configuration", **{k: seed.iloc[0][k] for k in COMPARED}}] * bool(len(seed)))
         table["val_accuracy"] = (table["val_accuracy"] * 100).round(2)
-        parts.append(
-            "<h2>Best against the seed</h2>" + html.table(table.rename(columns={"val_accuracy": "val acc (%)"}))
-        )
+        parts.append("<h2>Best against the seed</h2>"
+                     + html.table(table.rename(columns={"val_accuracy": "val acc (%)"})))
         config = next(t for t in study["trials"] if t["number"] == best["trial"])["user_attrs"].get("config")
         if config:
             command = " ".join(["python -m studies.train", *train_argv(config)])
@@ -77,131 +69,119 @@ def study_page(study: dict, out_dir: Path) -> Path:
         if final:
             images = {r["train_images"] for r in final["runs"]}
             trained_on = f", {images.pop():,} training images" if len(images) == 1 else ""
-            parts.append(
-                f"<p>Final retrain ({final['epochs']} epochs, {len(final['runs'])} seed(s){trained_on}): test accuracy "
-                f"<b>{final['mean']:.2%} ± {final['std']:.2%}</b></p>"
-            )
-        parts.append(_study_figures(study, frame, out_dir))
+            parts.append(f"<p>Final retrain ({final['epochs']} epochs, {len(final['runs'])} seed(s){trained_on}): "
+                         f"test accuracy <b>{final['mean']:.2%} ± {final['std']:.2%}</b></p>")
+        done = done.assign(**{"val acc (%)": done["val_accuracy"] * 100})
+        sns.set_theme(style="whitegrid")
+        parts += ["<h2>Figures</h2>" + _history(frame, done, out_dir), _by_parameter(done, out_dir),
+                  _against_time(done, out_dir), _curves_and_importance(study, done, out_dir)]
     view = frame.copy()
     if len(view):
         view["val_accuracy"] = (view["val_accuracy"] * 100).round(2)
-    parts.append(
-        "<h2>Trials</h2>"
-        + html.table(view.rename(columns={"val_accuracy": "val acc (%)", "seconds": "seconds (s)"}))
-        + '<p class="note"><a href="trials.csv">trials.csv</a></p>'
-    )
+    parts.append("<h2>Trials</h2>"
+                 + html.table(view.rename(columns={"val_accuracy": "val acc (%)", "seconds": "seconds (s)"}))
+                 + '<p class="note"><a href="trials.csv">trials.csv</a></p>')
     spec = study["user_attrs"].get("spec")
     if spec:
         parts.append("<h2>Study definition</h2><pre>" + html.esc(json.dumps(spec, indent=2)) + "</pre>")
     return html.write_page(out_dir / "index.html", f"study {study['name']}", "\n".join(parts))
 
 
-def _study_figures(study: dict, frame: pd.DataFrame, out_dir: Path) -> str:
-    sns.set_theme(style="whitegrid")
-    parts = []
-    done = frame[frame["state"] == "complete"].copy()
-    done["val acc (%)"] = done["val_accuracy"] * 100
+def _history(frame: pd.DataFrame, done: pd.DataFrame, out_dir: Path) -> str:
+    """Validation accuracy by trial with the running best; max LR against accuracy."""
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    sns.scatterplot(
-        data=frame.assign(**{"val acc (%)": frame["val_accuracy"] * 100}),
-        x="trial",
-        y="val acc (%)",
-        hue="state",
-        ax=ax,
-    )
+    sns.scatterplot(data=frame.assign(**{"val acc (%)": frame["val_accuracy"] * 100}), x="trial", y="val acc (%)",
+                    hue="state", ax=ax)
     ordered = done.sort_values("trial")
-    ax.plot(
-        ordered["trial"], ordered["val acc (%)"].cummax(), color="black", drawstyle="steps-post", label="running best"
-    )
+    ax.plot(ordered["trial"], ordered["val acc (%)"].cummax(), color="black", drawstyle="steps-post",
+            label="running best")
     ax.legend(fontsize=8)
     ax.set(title="optimisation history", xlabel="trial number", ylabel="validation accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     save(fig, out_dir / "history.png")
-    parts.append("<h2>Figures</h2>" + html.figure("history.png", "Validation accuracy by trial, with the running best"))
-
     fig, ax = plt.subplots(figsize=(7.5, 4))
     sns.scatterplot(data=done, x="max_lr", y="val acc (%)", hue="optimizer", size="batch_size", sizes=(30, 200), ax=ax)
     ax.set_xscale("log")
-    ax.set(
-        title="max learning rate against validation accuracy",
-        xlabel="max LR (log scale)",
-        ylabel="validation accuracy (%)",
-    )
+    ax.set(title="max learning rate against validation accuracy", xlabel="max LR (log scale)",
+           ylabel="validation accuracy (%)")
     ax.legend(fontsize=7, loc="best")
     save(fig, out_dir / "max_lr.png")
-    parts.append(
-        html.figure("max_lr.png", "Max LR (log axis) against validation accuracy; colour: optimizer, size: batch size")
-    )
+    return (html.figure("history.png", "Validation accuracy by trial, with the running best")
+            + html.figure("max_lr.png", "Max LR (log axis) against validation accuracy; colour: optimizer, size: "
+                                        "batch size"))
 
+
+def _by_parameter(done: pd.DataFrame, out_dir: Path) -> str:
+    """Accuracy by batch size (with the optimizer steps each takes) and by optimizer."""
     steps, images, epochs = steps_by_batch(done)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     order = sorted(done["batch_size"].dropna().unique())
     sns.stripplot(data=done, x="batch_size", y="val acc (%)", order=order, ax=axes[0], size=6)
-    axes[0].set_xticks(range(len(order)),
-                       [f"{b:.0f}\n{steps[b]} step{'s' if steps[b] != 1 else ''}" if b in steps else f"{b:.0f}"
-                        for b in order])
+    axes[0].set_xticks(range(len(order)), [f"{b:.0f}\n{steps[b]} step{'s' if steps[b] != 1 else ''}" if b in steps
+                                           else f"{b:.0f}" for b in order])
     axes[0].set(title="by batch size", xlabel="batch size (images), optimizer steps per trial",
                 ylabel="validation accuracy (%)")
     sns.stripplot(data=done, x="optimizer", y="val acc (%)", ax=axes[1], size=6)
     axes[1].set(title="by optimizer", xlabel="optimizer", ylabel="validation accuracy (%)")
     save(fig, out_dir / "by_param.png")
-    parts.append(html.figure("by_param.png", "Validation accuracy by batch size and by optimizer"))
+    out = html.figure("by_param.png", "Validation accuracy by batch size and by optimizer")
     if steps:
-        parts.append(
-            '<p class="note">Optimizer steps per trial: '
-            + html.esc(", ".join(f"batch {b:.0f}: {n}" for b, n in steps.items()))
-            + f" ({epochs} epoch{'s' if epochs != 1 else ''} of {images:,} training images). At a fixed number of "
-            "epochs a larger batch takes fewer steps, so a short budget favours small batches: this study ranks "
-            "batch sizes at its own length, and whether the best one wins at full length is for "
-            "<code>--budget full</code> or <code>--final</code> to show.</p>"
-        )
+        out += ('<p class="note">Optimizer steps per trial: '
+                + html.esc(", ".join(f"batch {b:.0f}: {n}" for b, n in steps.items()))
+                + f" ({epochs} epoch{'s' if epochs != 1 else ''} of {images:,} training images). At a fixed number "
+                "of epochs a larger batch takes fewer steps, so a short budget favours small batches: this study "
+                "ranks batch sizes at its own length, and whether the best one wins at full length is for "
+                "<code>--budget full</code> or <code>--final</code> to show.</p>")
+    return out
 
+
+def _against_time(done: pd.DataFrame, out_dir: Path) -> str:
+    """Accuracy against each trial's wall time, and the trials that no faster one beats."""
     timed = done.dropna(subset=["seconds"])
-    if len(timed):
-        front = pareto_front(timed)
-        fig, ax = plt.subplots(figsize=(7.5, 4))
-        sns.scatterplot(data=timed, x="seconds", y="val acc (%)", hue="batch_size", style="optimizer",
-                        palette="viridis", s=60, ax=ax)
-        # a step line: the best accuracy reached within each wall time, out to the slowest trial
-        ax.plot([*front["seconds"], timed["seconds"].max()], [*front["val acc (%)"], front["val acc (%)"].iloc[-1]],
-                color="black", drawstyle="steps-post", linewidth=1,
-                label="no trial faster and better")
-        ax.set(title="validation accuracy against trial time", xlabel="trial wall time (s)",
-               ylabel="validation accuracy (%)")
-        ax.legend(fontsize=7, loc="best")
-        save(fig, out_dir / "time.png")
-        rows = front[["trial", "optimizer", "max_lr", "batch_size", "seconds", "val acc (%)"]].copy()
-        rows["seconds"], rows["val acc (%)"] = rows["seconds"].round(1), rows["val acc (%)"].round(2)
-        parts.append(
-            html.figure("time.png", "Validation accuracy against each trial's wall time; the line joins the trials "
+    if not len(timed):
+        return ""
+    front = pareto_front(timed)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    sns.scatterplot(data=timed, x="seconds", y="val acc (%)", hue="batch_size", style="optimizer",
+                    palette="viridis", s=60, ax=ax)
+    # a step line: the best accuracy reached within each wall time, out to the slowest trial
+    ax.plot([*front["seconds"], timed["seconds"].max()], [*front["val acc (%)"], front["val acc (%)"].iloc[-1]],
+            color="black", drawstyle="steps-post", linewidth=1, label="no trial faster and better")
+    ax.set(title="validation accuracy against trial time", xlabel="trial wall time (s)",
+           ylabel="validation accuracy (%)")
+    ax.legend(fontsize=7, loc="best")
+    save(fig, out_dir / "time.png")
+    rows = front[["trial", "optimizer", "max_lr", "batch_size", "seconds", "val acc (%)"]].copy()
+    rows["seconds"], rows["val acc (%)"] = rows["seconds"].round(1), rows["val acc (%)"].round(2)
+    return (html.figure("time.png", "Validation accuracy against each trial's wall time; the line joins the trials "
                                     "that no other trial beats on both")
             + "<h3>Trade-off between accuracy and time</h3>"
-            + '<p class="note">Each of these trials is the most accurate of those that took no longer: the '
-              "fastest way found to each accuracy under this study's budget.</p>"
-            + html.table(rows.rename(columns={"seconds": "seconds (s)"}))
-        )
+            + '<p class="note">Each of these trials is the most accurate of those that took no longer: the fastest '
+              "way found to each accuracy under this study's budget.</p>"
+            + html.table(rows.rename(columns={"seconds": "seconds (s)"})))
 
+
+def _curves_and_importance(study: dict, done: pd.DataFrame, out_dir: Path) -> str:
+    """Learning curves of the top five trials; fANOVA importance where the study record has it."""
     top = done.nlargest(5, "val_accuracy")["trial"].tolist()
-    curves = []
-    for t in study["trials"]:
-        if t["number"] in top:
-            curves += [{"trial": str(t["number"]), "epoch": e["epoch"], "val acc (%)": e["val_accuracy"] * 100}
-                       for e in t["user_attrs"].get("epochs", [])]
+    curves = [{"trial": str(t["number"]), "epoch": e["epoch"], "val acc (%)": e["val_accuracy"] * 100}
+              for t in study["trials"] if t["number"] in top for e in t["user_attrs"].get("epochs", [])]
+    out = ""
     if curves:
         fig, ax = plt.subplots(figsize=(7.5, 3.8))
         sns.lineplot(data=pd.DataFrame(curves), x="epoch", y="val acc (%)", hue="trial", marker="o", ax=ax)
         ax.set(title="learning curves of the top trials", xlabel="epoch", ylabel="validation accuracy (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         save(fig, out_dir / "curves.png")
-        parts.append(html.figure("curves.png", "Validation accuracy by epoch, top five trials"))
+        out += html.figure("curves.png", "Validation accuracy by epoch, top five trials")
     importance = study.get("importance") or {}
     if importance:
         fig, ax = plt.subplots(figsize=(6, 2.8))
         sns.barplot(x=list(importance.values()), y=list(importance), ax=ax)
         ax.set(title="hyperparameter importance (Optuna fANOVA)", xlabel="importance (share of variance)", ylabel="")
         save(fig, out_dir / "importance.png")
-        parts.append(html.figure("importance.png", "Hyperparameter importance"))
-    return "\n".join(parts)
+        out += html.figure("importance.png", "Hyperparameter importance")
+    return out
 
 
 def steps_by_batch(done: pd.DataFrame) -> tuple[dict[float, int], int, int]:
