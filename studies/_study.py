@@ -9,6 +9,7 @@ import os
 import socket
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -256,7 +257,10 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
         max_lr = trial.suggest_float("max_lr", lo, hi, log=True)
         batch_size = trial.suggest_categorical("batch_size", list(BATCH_SIZES))
         frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-        if trial.number == 0 or optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen) == 0:
+        with warnings.catch_warnings():  # heartbeats' retry has been "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+        if trial.number == 0 or retry_of == 0:
             trial.set_user_attr("seed_config", True)
         config = TrainConfig(arch=arch, epochs=budget.epochs, batch_size=batch_size, optimizer=optimizer,
                              max_lr=max_lr, weight_decay=args.weight_decay, pct_start=args.pct_start,
