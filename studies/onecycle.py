@@ -9,12 +9,12 @@ import sys
 import time
 
 from studies import _cli
+from studies._final import final_retrain
 from studies._storage import default_url, mask_url, open_storage, scrub
 from studies._study import (
     ARCHS,
     BUDGETS,
     counts,
-    final_retrain,
     left_text,
     load_study,
     make_objective,

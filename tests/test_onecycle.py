@@ -11,7 +11,7 @@ import pytest
 from conftest import load_study_at as load
 
 from cifarlab.weights import load_weights
-from studies import _study, onecycle
+from studies import _final, _study, onecycle
 from studies._storage import mask_url, open_storage, scrub
 
 # 64 training images: these tests are about the study runner, not about learning (test_train.py covers that).
@@ -287,7 +287,7 @@ def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_pat
         if len(saves) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(_study, "FINAL_CHECKPOINT_EVERY", 0.0)
+    monkeypatch.setattr(_final, "FINAL_CHECKPOINT_EVERY", 0.0)
     monkeypatch.setattr(Checkpointing, "save", save_then_ctrl_c_on_the_second)
     assert onecycle.main([*base, *final]) == 130
     assert len(load(tmp_path).user_attrs["final"]["runs"]) == 1

@@ -6,6 +6,7 @@ validation split is a stratified, seeded hold-out of the training set; the test 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,15 +60,9 @@ class DataSplits:
 
     def describe(self) -> dict[str, object]:
         """What a run record stores about its data."""
-        return {
-            "source": self.source,
-            "classes": list(self.classes),
-            "train": len(self.train_labels),
-            "val": len(self.val_labels),
-            "test": len(self.test_labels),
-            "resized_images": self.resized,
-            "from_cache": self.from_cache,
-        }
+        return {"source": self.source, "classes": list(self.classes), "train": len(self.train_labels),
+                "val": len(self.val_labels), "test": len(self.test_labels), "resized_images": self.resized,
+                "from_cache": self.from_cache}
 
     def with_train_subset(self, subset: int | float | None, seed: int = 0) -> DataSplits:
         """A seeded, stratified subset of the training split (a count, or a fraction in (0, 1])."""
@@ -77,20 +72,8 @@ class DataSplits:
         if n == len(self.train_labels):
             return self
         keep, _ = stratified_split(self.train_labels, n, seed=seed + 1)
-        return DataSplits(
-            train_images=self.train_images[keep],
-            train_labels=self.train_labels[keep],
-            val_images=self.val_images,
-            val_labels=self.val_labels,
-            test_images=self.test_images,
-            test_labels=self.test_labels,
-            classes=self.classes,
-            source=self.source,
-            resized=self.resized,
-            from_cache=self.from_cache,
-            train_indices=self.train_indices[keep],
-            val_indices=self.val_indices,
-        )
+        return dataclasses.replace(self, train_images=self.train_images[keep], train_labels=self.train_labels[keep],
+                                   train_indices=self.train_indices[keep])
 
 
 def resolve_count(value: int | float, total: int, *, what: str) -> int:
@@ -153,12 +136,8 @@ def resolve_source(data: str | os.PathLike[str] | None) -> str:
     return "torchvision"
 
 
-def load_raw(
-    data: str | os.PathLike[str] | None = None,
-    *,
-    cache_dir: str | os.PathLike[str] | None = None,
-    download: bool = True,
-) -> RawSplits:
+def load_raw(data: str | os.PathLike[str] | None = None, *, cache_dir: str | os.PathLike[str] | None = None,
+             download: bool = True) -> RawSplits:
     """Train and test arrays from ``data``: an ImageFolder tree (``train/<class>/*``, ``test/<class>/*``),
     ``torchvision[:ROOT]``, or ``synthetic[:N_TRAIN[:N_TEST]]`` (a small learnable set for tests)."""
     spec = resolve_source(data)
@@ -171,14 +150,8 @@ def load_raw(
     return _image_folder(Path(spec), cache)
 
 
-def load_splits(
-    data: str | os.PathLike[str] | None = None,
-    *,
-    val_size: int | float = 5000,
-    seed: int = 0,
-    cache_dir: str | os.PathLike[str] | None = None,
-    download: bool = True,
-) -> DataSplits:
+def load_splits(data: str | os.PathLike[str] | None = None, *, val_size: int | float = 5000, seed: int = 0,
+                cache_dir: str | os.PathLike[str] | None = None, download: bool = True) -> DataSplits:
     """Train, validation and test splits; validation is a stratified, seeded hold-out of the training set.
 
     ``val_size=0`` holds nothing out: every training image is trained on and the validation split is empty
@@ -189,25 +162,12 @@ def load_splits(
     n_val = 0 if type(val_size) in (int, float) and val_size == 0 else resolve_count(
         val_size, n_train, what="validation size")
     if n_val >= n_train:
-        raise ConfigError(
-            f"validation size {n_val} leaves no training images ({n_train} in {raw.source}); "
-            "pass a smaller --val-size"
-        )
+        raise ConfigError(f"validation size {n_val} leaves no training images ({n_train} in {raw.source}); "
+                          "pass a smaller --val-size")
     val_idx, train_idx = stratified_split(raw.train_labels, n_val, seed=seed)
-    return DataSplits(
-        train_images=raw.train_images[train_idx],
-        train_labels=raw.train_labels[train_idx],
-        val_images=raw.train_images[val_idx],
-        val_labels=raw.train_labels[val_idx],
-        test_images=raw.test_images,
-        test_labels=raw.test_labels,
-        classes=raw.classes,
-        source=raw.source,
-        resized=raw.resized,
-        from_cache=raw.from_cache,
-        train_indices=train_idx,
-        val_indices=val_idx,
-    )
+    return DataSplits(raw.train_images[train_idx], raw.train_labels[train_idx], raw.train_images[val_idx],
+                      raw.train_labels[val_idx], raw.test_images, raw.test_labels, raw.classes, raw.source,
+                      raw.resized, raw.from_cache, train_indices=train_idx, val_indices=val_idx)
 
 
 def _synthetic(spec: str) -> RawSplits:
@@ -261,14 +221,9 @@ def _torchvision(root: Path, *, download: bool) -> RawSplits:
                 f"could not download CIFAR-10 to {root} ({type(exc).__name__}) and no local copy is there; "
                 f"pass --data PATH to an ImageFolder tree (train/, test/) or set {DATA_ENV}"
             ) from None
-    return RawSplits(
-        np.asarray(train.data, dtype=np.uint8),
-        np.asarray(train.targets, dtype=np.int64),
-        np.asarray(test.data, dtype=np.uint8),
-        np.asarray(test.targets, dtype=np.int64),
-        tuple(train.classes),
-        source=f"torchvision:{root}",
-    )
+    return RawSplits(np.asarray(train.data, dtype=np.uint8), np.asarray(train.targets, dtype=np.int64),
+                     np.asarray(test.data, dtype=np.uint8), np.asarray(test.targets, dtype=np.int64),
+                     tuple(train.classes), source=f"torchvision:{root}")
 
 
 def _list_image_folder(split_dir: Path) -> tuple[tuple[str, ...], list[tuple[str, int, int, int]]]:
@@ -303,9 +258,8 @@ def _decode(path: str | Path) -> tuple[np.ndarray, bool]:
                 im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8), resized
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DataError(
-            f"cannot read image {path}: {exc.__class__.__name__}; expected a decodable image file"
-        ) from None
+        raise DataError(f"cannot read image {path}: {exc.__class__.__name__}; expected a decodable image file") \
+            from None
 
 
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
@@ -358,10 +312,8 @@ def _image_folder(root: Path, cache: Path) -> RawSplits:
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(train_classes))
-        raise DataError(
-            f"classes differ between {root / 'train'} and {root / 'test'}: "
-            f"only in train {only_train}, only in test {only_test}; both must hold the same class folders"
-        )
+        raise DataError(f"classes differ between {root / 'train'} and {root / 'test'}: only in train {only_train}, "
+                        f"only in test {only_test}; both must hold the same class folders")
     key = hashlib.sha256()
     key.update(f"format={CACHE_FORMAT};size={IMAGE_SIZE};root={root}\n".encode())
     for split, files in (("train", train_files), ("test", test_files)):
