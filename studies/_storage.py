@@ -78,14 +78,7 @@ def grace_period(storage) -> float:
 def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
     """An Optuna RDBStorage with heartbeats and retry of trials left running by a dead worker."""
     import optuna
-    from sqlalchemy.exc import (
-        ArgumentError,
-        IntegrityError,
-        NoSuchModuleError,
-        OperationalError,
-        ProgrammingError,
-        SQLAlchemyError,
-    )
+    from sqlalchemy import exc as sa
 
     if "://" not in url:
         raise ConfigError(f"--storage {mask_url(url)!r} is not a storage URL; expected e.g. "
@@ -102,31 +95,24 @@ def open_storage(url: str, *, heartbeat_interval: int = 15, retries: int = 2):
         engine_kwargs = {"connect_args": {"timeout": 120}}
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
     try:
         for attempt in range(4):
             try:
                 with warnings.catch_warnings():  # heartbeats have been "experimental" since Optuna 2.9
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return _storage_class()(
-                        url,
-                        engine_kwargs=engine_kwargs,
-                        heartbeat_interval=heartbeat_interval,
-                        grace_period=heartbeat_interval * 3,
-                        heartbeat_stale_trial_callback=retry,
-                    )
-            except (IntegrityError, ProgrammingError):
+                    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries)
+                    return _storage_class()(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                            grace_period=heartbeat_interval * 3, heartbeat_stale_trial_callback=retry)
+            except (sa.IntegrityError, sa.ProgrammingError):
                 # Workers on several machines starting at once on a new database race to create its tables;
                 # the losers find them a moment later.
                 if attempt == 3:
                     raise
                 time.sleep(1.0 + attempt)
         raise AssertionError("unreachable")
-    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+    except (sa.ArgumentError, sa.NoSuchModuleError, ValueError) as exc:
         raise ConfigError(f"--storage {mask_url(url)!r} is not a usable storage URL ({type(exc).__name__})") from None
-    except (OperationalError, SQLAlchemyError) as exc:
+    except (sa.OperationalError, sa.SQLAlchemyError) as exc:
         first = scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__, url)
         raise ConfigError(f"cannot reach the study storage {mask_url(url)}: {first}") from None
     except ImportError as exc:

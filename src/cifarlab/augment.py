@@ -58,34 +58,18 @@ def seed_pipeline(norm: Normalization, cfg: AugmentConfig = AugmentConfig(), siz
     import cv2
     from albumentations.pytorch import ToTensorV2
 
-    fill = tuple(m * 255.0 for m in norm.mean)
     steps = []
     if cfg.pad:
-        steps += [
-            A.PadIfNeeded(size + 2 * cfg.pad, size + 2 * cfg.pad, border_mode=cv2.BORDER_REFLECT_101),
-            A.RandomCrop(size, size),
-        ]
+        steps += [A.PadIfNeeded(size + 2 * cfg.pad, size + 2 * cfg.pad, border_mode=cv2.BORDER_REFLECT_101),
+                  A.RandomCrop(size, size)]
     if cfg.flip:
         steps.append(A.HorizontalFlip(p=0.5))
     if cfg.cutout:
-        steps.append(
-            A.CoarseDropout(
-                num_holes_range=(1, 1),
-                hole_height_range=(cfg.cutout, cfg.cutout),
-                hole_width_range=(cfg.cutout, cfg.cutout),
-                fill=fill,
-                p=cfg.cutout_p,
-            )
-        )
+        steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(cfg.cutout, cfg.cutout),
+                                     hole_width_range=(cfg.cutout, cfg.cutout),
+                                     fill=tuple(m * 255.0 for m in norm.mean), p=cfg.cutout_p))
     steps += [A.Normalize(mean=norm.mean, std=norm.std, max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(steps)
-
-
-def eval_pipeline(norm: Normalization):
-    import albumentations as A
-    from albumentations.pytorch import ToTensorV2
-
-    return A.Compose([A.Normalize(mean=norm.mean, std=norm.std, max_pixel_value=255.0), ToTensorV2()])
 
 
 class AlbumentationsDataset(torch.utils.data.Dataset):
@@ -123,16 +107,9 @@ class BatchAugmenter:
     """Batched augmentation of an in-memory uint8 dataset on ``device``: reflect-padded once, each batch gathered at
     random offsets, flipped per image, normalised, and cut out by zeroing (zero is exactly the training mean)."""
 
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        norm: Normalization,
-        device: torch.device,
-        cfg: AugmentConfig = AugmentConfig(),
-        channels_last: bool = False,
-        group_images: int | None = None,
-    ) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, norm: Normalization, device: torch.device,
+                 cfg: AugmentConfig = AugmentConfig(), channels_last: bool = False,
+                 group_images: int | None = None) -> None:
         self.cfg, self.device, self.channels_last = cfg, device, channels_last
         # On CUDA several batches are augmented by one set of kernels (about 8k images, a few hundred MB), so
         # the host launches augmentation kernels once per group rather than once per step; the CPU gains
@@ -216,9 +193,8 @@ class BatchAugmenter:
         if cfg.pad:
             dy, dx = draws[0], draws[1]
             ar = torch.arange(s, device=dev)
-            flat = ((dy[:, None, None] + ar[None, :, None]) * side + (dx[:, None, None] + ar[None, None, :])).view(
-                bsz, 1, s * s
-            )
+            flat = ((dy[:, None, None] + ar[None, :, None]) * side + (dx[:, None, None] + ar[None, None, :]))
+            flat = flat.view(bsz, 1, s * s)
             batch = torch.gather(batch.view(bsz, 3, side * side), 2, flat.expand(bsz, 3, s * s)).view(bsz, 3, s, s)
         if cfg.flip:
             flip = self._flip_now[idx] if self._flip_now is not None else draws[2].bool()

@@ -51,17 +51,9 @@ def suggest(lrs: np.ndarray, smoothed: np.ndarray, skip_start: int = 10, skip_en
     return out
 
 
-def lr_range_test(
-    step: TrainStep,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    *,
-    start_lr: float = 1e-7,
-    end_lr: float = 10.0,
-    num_steps: int = 100,
-    smoothing: float = 0.98,
-    diverge_factor: float = 4.0,
-    on_step: Callable[[int, float, float], None] | None = None,
-) -> LRFindResult:
+def lr_range_test(step: TrainStep, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, start_lr: float = 1e-7,
+                  end_lr: float = 10.0, num_steps: int = 100, smoothing: float = 0.98, diverge_factor: float = 4.0,
+                  on_step: Callable[[int, float, float], None] | None = None) -> LRFindResult:
     """Sweep ``step`` (the training step, built with ``schedule=False``) over rising learning rates.
 
     ``on_step(step, lr, smoothed_loss)`` is called after each step, counted from 1 (a progress display)."""

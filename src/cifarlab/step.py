@@ -139,18 +139,10 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, total
             f"epoch{'s' if config.epochs != 1 else ''}) is a one-step warm-up, which torch's OneCycleLR cannot "
             "schedule; change --pct-start, --epochs or --batch-size")
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer,
-        max_lr=[config.max_lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups],
-        total_steps=total_steps,
-        pct_start=config.pct_start,
-        anneal_strategy=config.anneal_strategy,
-        cycle_momentum=config.cycle_momentum,
-        base_momentum=0.85,
-        max_momentum=0.95,
-        div_factor=config.div_factor,
-        final_div_factor=config.final_div_factor,
-        three_phase=config.three_phase,
-    )
+        optimizer, max_lr=[config.max_lr * g.get("lr_scale", 1.0) for g in optimizer.param_groups],
+        total_steps=total_steps, pct_start=config.pct_start, anneal_strategy=config.anneal_strategy,
+        cycle_momentum=config.cycle_momentum, base_momentum=0.85, max_momentum=0.95, div_factor=config.div_factor,
+        final_div_factor=config.final_div_factor, three_phase=config.three_phase)
 
 
 class WeightEMA:

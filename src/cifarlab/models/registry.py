@@ -36,13 +36,5 @@ def model_summary(model: nn.Module, image_size: int = 32, depth: int = 3) -> str
     """A layer table (names, output shapes, parameters) as the seeds print it, via torchinfo."""
     from torchinfo import summary
 
-    stats = summary(
-        model,
-        input_size=(1, 3, image_size, image_size),
-        col_names=("output_size", "num_params"),
-        depth=depth,
-        device="cpu",
-        verbose=0,
-        row_settings=("var_names",),
-    )
-    return str(stats)
+    return str(summary(model, input_size=(1, 3, image_size, image_size), col_names=("output_size", "num_params"),
+                       depth=depth, device="cpu", verbose=0, row_settings=("var_names",)))
