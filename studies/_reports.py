@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def study_record(study) -> dict:
-    """A study as a plain record: its name and attributes, every trial, and fANOVA importance (Optuna's)."""
+    """A study as a plain record: its name and attributes, every trial, and hyperparameter importance."""
     trials = [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
                "user_attrs": t.user_attrs, "intermediate_values": t.intermediate_values,
                "seconds": t.duration.total_seconds() if t.duration else None,
@@ -28,7 +28,7 @@ def _importance(study) -> dict[str, float]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return dict(optuna.importance.get_param_importances(study))
+            return dict(optuna.importance.get_param_importances(study))  # PED-ANOVA, Optuna's default
     except (RuntimeError, ValueError):  # e.g. a parameter that never varied
         return {}
 

@@ -155,7 +155,7 @@ class CaseRun:
         self.model = build_model(config, splits, norm, device, case.channels_last, generator=gen)
         self.batches = _Batches(training_batches(config, splits, norm, device, case.channels_last, gen))
         self.steps = max(1, images // case.batch_size)
-        # the schedule of a whole run, as fit() sets it up (a step past its end keeps the last LR)
+        # a one-cycle schedule as fit() builds one: its cost is timed, not its LR (a step past the end keeps the last)
         self.train_step = TrainStep(config, self.model, device, case.precision, total_steps=self.steps * 10,
                                     num_classes=splits.num_classes, fused=case.fused_optimizer)
         if device.type == "cuda":

@@ -299,9 +299,9 @@ PAGE_KEY = ".page-key"  # beside a study's or the machines page: what it was dra
 
 
 def _study_key(study: dict) -> str:
-    """A digest of everything a study page shows (the whole record) and of the code that draws it (a new page
-    layout redraws every page once)."""
-    blob = json.dumps(study, sort_keys=True, default=str)
+    """A digest of everything a study page shows (the record; its importance derives from the trials) and of the
+    code that draws it (a new page layout redraws every page once)."""
+    blob = json.dumps({k: v for k, v in study.items() if k != "importance"}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode() + _source("study.py", "figures.py", "html.py")).hexdigest()
 
 

@@ -162,7 +162,7 @@ def _against_time(done: pd.DataFrame, out_dir: Path) -> str:
 
 
 def _curves_and_importance(study: dict, done: pd.DataFrame, out_dir: Path) -> str:
-    """Learning curves of the top five trials; fANOVA importance where the study record has it."""
+    """Learning curves of the top five trials; hyperparameter importance where the study record has it."""
     top = done.nlargest(5, "val_accuracy")["trial"].tolist()
     curves = [{"trial": str(t["number"]), "epoch": e["epoch"], "val acc (%)": e["val_accuracy"] * 100}
               for t in study["trials"] if t["number"] in top for e in t["user_attrs"].get("epochs", [])]
@@ -178,7 +178,7 @@ def _curves_and_importance(study: dict, done: pd.DataFrame, out_dir: Path) -> st
     if importance:
         fig, ax = plt.subplots(figsize=(6, 2.8))
         sns.barplot(x=list(importance.values()), y=list(importance), ax=ax)
-        ax.set(title="hyperparameter importance (Optuna fANOVA)", xlabel="importance (share of variance)", ylabel="")
+        ax.set(title="hyperparameter importance (Optuna's PED-ANOVA)", xlabel="importance (share of variance)", ylabel="")
         save(fig, out_dir / "importance.png")
         out += html.figure("importance.png", "Hyperparameter importance")
     return out
