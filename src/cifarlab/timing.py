@@ -69,9 +69,7 @@ class Timer:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.sync(self.device)
-        assert self._start is not None
-        self.seconds = self.clock() - self._start
+        self.seconds = self.elapsed()
 
     def elapsed(self) -> float:
         """Seconds since the timer was entered, read while it runs (synchronises, like its edges)."""
@@ -100,16 +98,10 @@ def cpu_model() -> str:
 def environment(device: torch.device | None = None) -> dict[str, object]:
     """What a run record stores about the machine it ran on."""
     env: dict[str, object] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-        "device": str(device) if device is not None else None,
-        "device_name": cpu_model(),
-    }
+        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(), "device": str(device) if device is not None else None,
+        "device_name": cpu_model()}
     if torch.cuda.is_available():
         env["cuda_version"] = torch.version.cuda
         env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -142,31 +134,23 @@ def matmul_flops_per_second(device: torch.device, dtype: torch.dtype, n: int = 2
         if small_seconds * (n / PROBE_SIZE) ** 3 > max_product_seconds:  # time grows with the cube of the side
             fits = PROBE_SIZE * (max_product_seconds / small_seconds) ** (1 / 3)
             n = max(PROBE_SIZE, int(fits) // 64 * 64)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+
+    def products(count: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(count):
+            torch.mm(a, b)
+        synchronize(device)
+        return time.perf_counter() - t0
+
     warm_until = time.perf_counter() + min_seconds
-    torch.mm(a, b)
-    synchronize(device)
+    products(1)
     while time.perf_counter() < warm_until:
-        torch.mm(a, b)
-        synchronize(device)
+        products(1)
     inner = 1
-    while True:  # enough products per sample that clock granularity does not matter
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b)
-        synchronize(device)
-        if time.perf_counter() - t0 >= min_seconds / repeats or inner >= 1024:
-            break
+    while products(inner) < min_seconds / repeats and inner < 1024:  # samples long enough for the clock
         inner *= 2
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b)
-        synchronize(device)
-        samples.append((time.perf_counter() - t0) / inner)
-    return 2.0 * n**3 / min(samples)
+    return 2.0 * n**3 / min(products(inner) / inner for _ in range(repeats))
 
 
 @functools.cache
@@ -203,6 +187,5 @@ def training_flops_per_image(model: nn.Module, image_size: int = 32, device: tor
         out.sum().backward()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
-    forward = fwd.get_total_flops() / 2
-    backward = bwd.get_total_flops() / 2
+    forward, backward = fwd.get_total_flops() / 2, bwd.get_total_flops() / 2
     return {"forward": forward, "backward": backward, "train": forward + backward}
