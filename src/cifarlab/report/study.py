@@ -178,7 +178,7 @@ def _curves_and_importance(study: dict, done: pd.DataFrame, out_dir: Path) -> st
     if importance:
         fig, ax = plt.subplots(figsize=(6, 2.8))
         sns.barplot(x=list(importance.values()), y=list(importance), ax=ax)
-        ax.set(title="hyperparameter importance (Optuna's PED-ANOVA)", xlabel="importance (share of variance)", ylabel="")
+        ax.set(title="hyperparameter importance (Optuna's PED-ANOVA)", xlabel="importance", ylabel="")
         save(fig, out_dir / "importance.png")
         out += html.figure("importance.png", "Hyperparameter importance")
     return out
