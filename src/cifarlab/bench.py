@@ -73,26 +73,16 @@ class CaseResult:
         eval_s = val_images * self.eval_seconds_per_image
         whole = self.images_timed + self.case.batch_size > train_images  # all full batches of the split
         split = self.data_seconds + self.compute_seconds
-        row = {
-            **asdict(self.case),
-            "images_timed": self.images_timed,
-            "repeats": self.repeats,
-            "seconds_median": self.median_seconds,
-            "seconds_min": min(self.seconds),
-            "seconds_max": max(self.seconds),
-            "spread_pct": 100 * (max(self.seconds) - min(self.seconds)) / self.median_seconds,
-            "images_per_second": ips,
-            "epoch_seconds": train_s + eval_s,
-            "epoch_50k_seconds": EPOCH_IMAGES / ips,
-            "epoch_kind": "measured" if whole else "projected",
-            "data_share": self.data_seconds / split if split else float("nan"),
-            "compute_share": self.compute_seconds / split if split else float("nan"),
-            "eval_seconds_per_epoch": eval_s,
-            "eval_share": eval_s / (train_s + eval_s),
-            "peak_memory_mb": self.peak_memory_mb,
-            "compile_seconds": self.compile_seconds,
-            "status": "ok",
-        }
+        spread = 100 * (max(self.seconds) - min(self.seconds)) / self.median_seconds
+        row = {**asdict(self.case), "images_timed": self.images_timed, "repeats": self.repeats,
+               "seconds_median": self.median_seconds, "seconds_min": min(self.seconds),
+               "seconds_max": max(self.seconds), "spread_pct": spread, "images_per_second": ips,
+               "epoch_seconds": train_s + eval_s, "epoch_50k_seconds": EPOCH_IMAGES / ips,
+               "epoch_kind": "measured" if whole else "projected",
+               "data_share": self.data_seconds / split if split else float("nan"),
+               "compute_share": self.compute_seconds / split if split else float("nan"),
+               "eval_seconds_per_epoch": eval_s, "eval_share": eval_s / (train_s + eval_s),
+               "peak_memory_mb": self.peak_memory_mb, "compile_seconds": self.compile_seconds, "status": "ok"}
         if flops is not None:
             achieved = ips * flops["train"]
             row["train_gflop_per_image"] = flops["train"] / 1e9
