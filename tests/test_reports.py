@@ -227,6 +227,32 @@ def test_a_study_page_is_redrawn_only_when_its_study_or_a_file_of_it_changed(out
     assert redrawn == [study_dir] and "4 trials" in (study_dir / "index.html").read_text()  # the study changed
 
 
+def test_the_results_summary_has_a_row_per_machine_with_speed_and_seed_spread(out, tmp_path, capsys):
+    # A results folder as docs/results keeps it: this tree's benchmark, and two 10-epoch default-recipe runs of
+    # one machine (seed spread), on the whole training split.
+    results = tmp_path / "results"
+    (bench,) = [p.parent for p in (out / "devices").glob("*/devices.json")]
+    shutil.copytree(bench, results / "devices" / bench.name)
+    (run,) = [p.parent for p in (out / "runs").glob("*/run.json")]
+    doc = json.loads((run / "run.json").read_text())
+    doc["data"].update(train=50_000, train_subset=None)
+    for k, acc in enumerate((0.9100, 0.9150)):
+        full = {**doc, "epochs": [{**doc["epochs"][-1], "epoch": e + 1} for e in range(10)],
+                "wall_seconds": 600.0 * (k + 1),
+                "test": {**doc["test"], "flip_tta": {**doc["test"]["flip_tta"], "accuracy": acc}}}
+        (results / "runs" / f"2000010{k}-000000-custom_resnet").mkdir(parents=True)
+        (results / "runs" / f"2000010{k}-000000-custom_resnet" / "run.json").write_text(json.dumps(full))
+    assert report.main(["--summary", str(results)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| machine | precision | custom ResNet") and len(lines) == 3  # header, rule, a row
+    row = lines[2]
+    (speed,) = [r for r in json.loads((bench / "devices.json").read_text())["rows"] if r.get("step") == "default"]
+    assert f"| {speed['images_per_second']:,.0f} (" in row  # the benchmark's custom ResNet speed and its share
+    assert "| 2: 91.25% (91.00%–91.50%) | 15.0 min |" in row  # two seeds: mean, range; median wall time
+    assert report.main(["--summary", str(tmp_path / "empty")]) == 2
+    assert "no benchmark or run records under" in capsys.readouterr().err
+
+
 def test_report_command_bad_out(tmp_path, capsys):
     assert report.main(["--out", str(tmp_path / "missing")]) == 2
     assert "no output folder" in capsys.readouterr().err

@@ -108,6 +108,10 @@ def test_a_run_resumed_from_its_checkpoint_ends_as_one_never_stopped(small, tmp_
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"junk\.pt is not a cifarlab checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
+    # a checkpoint of an earlier format is refused in a line that says so, not read wrongly
+    torch.save({**doc, "format": doc["format"] - 1}, tmp_path / "old.pt")
+    with pytest.raises(ConfigError, match=r"old\.pt was written by an earlier cifarlab \(format 1, this one reads 2\)"):
+        load_checkpoint(tmp_path / "old.pt")
 
 
 @pytest.mark.parametrize("when", ["during the last validation", "during the test evaluation"])
