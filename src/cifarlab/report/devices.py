@@ -14,18 +14,13 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataF
                  convs: pd.DataFrame | None = None, gaps: pd.DataFrame | None = None) -> Path:
     run_dir = Path(run_dir)
     ok = frame[frame["status"] == "ok"].copy() if "status" in frame else frame.iloc[0:0]
-    parts = []
     missing = frame[frame["status"] != "ok"] if "status" in frame else frame.iloc[0:0]
-    for _, r in missing.iterrows():
-        parts.append(f'<p class="note">{html.esc(r["device"])}: {html.esc(r["status"])}</p>')
+    parts = [f'<p class="note">{html.esc(r["device"])}: {html.esc(r["status"])}</p>' for _, r in missing.iterrows()]
     if len(ok):
         # Rows with a failed status leave NaN in batch_size, which makes the column float: print it as a count.
         ok["label"] = ok["device"] + " · batch " + ok["batch_size"].map(lambda b: f"{b:.0f}")
         sns.set_theme(style="whitegrid")
-        if "chosen" in ok:
-            default = ok[ok["chosen"].fillna(False).astype(bool)]
-        else:
-            default = ok[ok["step"] == "default"]
+        default = ok[ok["chosen"].fillna(False).astype(bool)] if "chosen" in ok else ok[ok["step"] == "default"]
         fastest = ok.loc[ok.groupby(["arch", "device", "batch_size"])["images_per_second"].idxmax()]
         shown = default if len(default) else fastest
         fig, ax = plt.subplots(figsize=(9, 3.8))
@@ -74,9 +69,7 @@ def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataF
         parts.append(_breakdown_section(ops, convs, run_dir))
     if gaps is not None and len(gaps):
         parts.append(_peak_gap_section(gaps, frame, run_dir))
-    shown_env = {k: v for k, v in env.items() if v is not None}  # the benchmark has no single device
-    env_frame = pd.DataFrame({"": list(shown_env), "value": [str(v) for v in shown_env.values()]})
-    parts.append("<h2>Environment</h2>" + html.table(env_frame))
+    parts.append("<h2>Environment</h2>" + html.facts({k: v for k, v in env.items() if v is not None}))
     return html.write_page(run_dir / "index.html", "cifarlab — device benchmark", "\n".join(parts))
 
 
@@ -116,10 +109,8 @@ def redraw_devices_page(run_dir: Path) -> Path:
     from cifarlab.report.records import read_json
 
     doc = read_json(run_dir / "devices.json")
-    extra = {}
-    for key, name in (("ops", "breakdown.csv"), ("convs", "conv_layers.csv"), ("gaps", "peak_gap.csv")):
-        if (run_dir / name).is_file():
-            extra[key] = pd.read_csv(run_dir / name)
+    extra = {key: pd.read_csv(run_dir / name) for key, name in (("ops", "breakdown.csv"), ("convs", "conv_layers.csv"),
+                                                                ("gaps", "peak_gap.csv")) if (run_dir / name).is_file()}
     devices_page(run_dir, pd.DataFrame(doc.get("rows", [])), doc.get("environment", {}), **extra)
     return run_dir / "index.html"
 
@@ -141,11 +132,10 @@ def _peak_gap_section(gaps: pd.DataFrame, frame: pd.DataFrame, run_dir: Path) ->
     table = gaps.pivot_table(index="part", columns="label", values="seconds_per_step", sort=False) * 1e3
     table.columns.name = None
     table = table.reset_index().rename(columns={"part": "part of the step (ms)"})
-    lines = []
     profiled = frame[frame["share_if_matmuls_at_peak"].notna()] if "share_if_matmuls_at_peak" in frame \
         else frame.iloc[0:0]
-    for _, r in profiled.iterrows():
-        lines.append(f"{html.esc(r['arch'])} on {html.esc(r['device'])}: {html.esc(ceiling_sentence(r))}")
+    lines = [f"{html.esc(r['arch'])} on {html.esc(r['device'])}: {html.esc(ceiling_sentence(r))}"
+             for _, r in profiled.iterrows()]
     return ("<h2>Against the peak</h2>" + html.figure("peak_gap.png", "A training step against the matmul peak")
             + html.table(table, float_format="{:,.0f}")
             + "".join(f'<p class="note">{line}</p>' for line in lines)

@@ -31,6 +31,11 @@ def table(frame: pd.DataFrame, *, float_format: str = "{:,.3g}") -> str:
                          float_format=lambda v: float_format.format(v))
 
 
+def facts(values: dict, head: str = "") -> str:
+    """A two-column table of named values."""
+    return table(pd.DataFrame({head: list(values), "value": [str(v) for v in values.values()]}))
+
+
 def figure(src: str, alt: str) -> str:
     return f'<figure><img src="{esc(src)}" alt="{esc(alt)}" loading="lazy"><figcaption class="note">{esc(alt)}' \
            "</figcaption></figure>"

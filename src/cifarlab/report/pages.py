@@ -31,11 +31,6 @@ def _percent(value: float | None, missing: str = "—") -> str:
     return missing if value is None or value != value else f"{value:.2%}"
 
 
-def _facts(facts: dict, head: str = "") -> str:
-    """A two-column table of named values."""
-    return html.table(pd.DataFrame({head: list(facts), "value": [str(v) for v in facts.values()]}))
-
-
 def run_page(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     doc = read_json(run_dir / "run.json")
@@ -50,7 +45,7 @@ def run_page(run_dir: Path) -> Path:
     for key, ev in (("test accuracy", plain), ("test accuracy, flip TTA", tta)):
         if ev:
             summary[key] = f"{ev['accuracy']:.2%}"
-    parts = [_facts(summary)]
+    parts = [html.facts(summary)]
     if len(epochs):
         write_csv(run_dir / "epochs.csv", epochs)
         run_curves_figure(epochs, run_dir / "curves.png",
@@ -69,9 +64,9 @@ def run_page(run_dir: Path) -> Path:
     if (run_dir / "model.pt").is_file():
         parts.append('<p class="note">Weights tested: <a href="model.pt">model.pt</a> (<code>model, norm, _ = '
                      "cifarlab.weights.load_weights(path)</code>).</p>")
-    parts += ["<h2>Configuration</h2>" + _facts(cfg, "setting") + _facts(doc.get("resolved", {}), "resolved"),
-              "<h2>Data</h2>" + _facts(doc.get("data", {})),
-              "<h2>Environment</h2>" + _facts(doc.get("environment", {}))]
+    parts += ["<h2>Configuration</h2>" + html.facts(cfg, "setting") + html.facts(doc.get("resolved", {}), "resolved"),
+              "<h2>Data</h2>" + html.facts(doc.get("data", {})),
+              "<h2>Environment</h2>" + html.facts(doc.get("environment", {}))]
     return html.write_page(run_dir / "index.html", f"run {run_dir.name}: {cfg['arch']}", "\n".join(parts))
 
 
@@ -143,27 +138,16 @@ def _misclassified_grid(doc: dict, path: Path, n: int = 24) -> str | None:
 def lrfind_page(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     doc = read_json(run_dir / "lrfind.json")
-    title = f"LR range test {run_dir.name}: {doc['arch']}, {doc['optimizer']}"
     sugg = pd.DataFrame({"rule": list(doc["suggestions"]), "max LR": list(doc["suggestions"].values())})
     sugg["LRMIN = max LR / 25"] = sugg["max LR"] / 25
-    facts = {
-        "architecture": doc["arch"],
-        "optimizer": doc["optimizer"],
-        "batch size": doc["batch_size"],
-        "weight decay": doc["weight_decay"],
-        "steps run": len(doc["lrs"]),
-        "of steps": doc["num_steps"],
-        "stopped at divergence": doc["diverged"],
-        "LR range": f"{doc['start_lr']:g} to {doc['end_lr']:g}",
-    }
-    body = (
-        html.table(pd.DataFrame({"": list(facts), "value": [str(v) for v in facts.values()]}))
-        + "<h2>Suggestions</h2>"
-        + html.table(sugg, float_format="{:.3e}")
-        + html.figure("lrfind.png", "Training loss against learning rate (log axis), suggestions marked")
-        + '<p class="note"><a href="lrfind.csv">lrfind.csv</a></p>'
-    )
-    return html.write_page(run_dir / "index.html", title, body)
+    facts = {"architecture": doc["arch"], "optimizer": doc["optimizer"], "batch size": doc["batch_size"],
+             "weight decay": doc["weight_decay"], "steps run": len(doc["lrs"]), "of steps": doc["num_steps"],
+             "stopped at divergence": doc["diverged"], "LR range": f"{doc['start_lr']:g} to {doc['end_lr']:g}"}
+    body = (html.facts(facts) + "<h2>Suggestions</h2>" + html.table(sugg, float_format="{:.3e}")
+            + html.figure("lrfind.png", "Training loss against learning rate (log axis), suggestions marked")
+            + '<p class="note"><a href="lrfind.csv">lrfind.csv</a></p>')
+    return html.write_page(run_dir / "index.html", f"LR range test {run_dir.name}: {doc['arch']}, {doc['optimizer']}",
+                           body)
 
 
 # ------------------------------------------------------------------------------------------------ index
