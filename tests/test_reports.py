@@ -248,7 +248,7 @@ def test_the_results_summary_has_a_row_per_machine_with_speed_and_seed_spread(ou
     row = lines[2]
     (speed,) = [r for r in json.loads((bench / "devices.json").read_text())["rows"] if r.get("step") == "default"]
     assert f"| {speed['images_per_second']:,.0f} (" in row  # the benchmark's custom ResNet speed and its share
-    assert "| 2: 91.25% (91.00%–91.50%) | 15.0 min |" in row  # two seeds: mean, range; median wall time
+    assert "| 2: 91.25% (91.00%–91.50%) | 15.0 min (10.0–20.0) |" in row  # two seeds: mean and range of each
     assert report.main(["--summary", str(tmp_path / "empty")]) == 2
     assert "no benchmark or run records under" in capsys.readouterr().err
 

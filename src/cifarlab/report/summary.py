@@ -38,6 +38,8 @@ def results_summary(root: Path) -> pd.DataFrame:
             acc = recipe["test_accuracy_tta"].dropna()
             row.update({"seeds": len(recipe), "test accuracy (flip TTA) mean": acc.mean(), "min": acc.min(),
                         "max": acc.max(), "wall minutes (median)": recipe["wall_seconds"].median() / 60,
+                        "wall minutes (min)": recipe["wall_seconds"].min() / 60,
+                        "wall minutes (max)": recipe["wall_seconds"].max() / 60,
                         "runs": ", ".join(recipe["run"])})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -46,7 +48,7 @@ def results_summary(root: Path) -> pd.DataFrame:
 def summary_markdown(frame: pd.DataFrame) -> str:
     """The table as Markdown, as the README shows it."""
     head = ("| machine | precision | custom ResNet: images/s (share of matmul peak) | ResNet-18: images/s (share) "
-            "| 10-epoch test accuracy, flip TTA (seeds: mean, range) | wall time (median) |")
+            "| 10-epoch test accuracy, flip TTA (seeds: mean, range) | wall time (median, range) |")
     lines = [head, "| --- | --- | --- | --- | --- | --- |"]
     def speed(r, arch: str) -> str:
         ips = r.get(f"{arch} images/s")
@@ -57,6 +59,7 @@ def summary_markdown(frame: pd.DataFrame) -> str:
             acc = f"{int(r['seeds'])}: {r['test accuracy (flip TTA) mean']:.2%}"
             acc += f" ({r['min']:.2%}–{r['max']:.2%})" if r["seeds"] > 1 else ""
             wall = f"{r['wall minutes (median)']:.1f} min"
+            wall += f" ({r['wall minutes (min)']:.1f}–{r['wall minutes (max)']:.1f})" if r["seeds"] > 1 else ""
         else:
             acc = wall = "—"
         lines.append(f"| {r['machine']} | {r.get('precision', '—')} | {speed(r, 'custom_resnet')} | "
