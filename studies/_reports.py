@@ -7,8 +7,9 @@ import warnings
 from pathlib import Path
 
 
-def study_record(study) -> dict:
-    """A study as a plain record: its name and attributes, every trial, and hyperparameter importance."""
+def study_record(study, importance: bool = True) -> dict:
+    """A study as a plain record: its name and attributes, every trial, and (``importance``) the hyperparameter
+    importance."""
     trials = [{"number": t.number, "state": t.state.name.lower(), "params": t.params, "value": t.value,
                "user_attrs": t.user_attrs, "intermediate_values": t.intermediate_values,
                "seconds": t.duration.total_seconds() if t.duration else None,
@@ -16,7 +17,7 @@ def study_record(study) -> dict:
                "completed": t.datetime_complete.isoformat() if t.datetime_complete else ""}
               for t in study.get_trials(deepcopy=False)]
     return {"name": study.study_name, "user_attrs": study.user_attrs, "trials": trials,
-            "importance": _importance(study)}
+            "importance": _importance(study) if importance else {}}
 
 
 def _importance(study) -> dict[str, float]:
@@ -36,7 +37,7 @@ def _importance(study) -> dict[str, float]:
 def rebuild(out: Path, storage_url: str | None = None, redrawn: list[Path] | None = None) -> Path:
     """Write ``out/index.html`` and every page it links (pages missing or older than their records are drawn
     again; ``redrawn`` collects their folders). Studies come from ``storage_url``, else the default SQLite file."""
-    from cifarlab.report.pages import build_index
+    from cifarlab.report.pages import build_index, study_page_current
 
     url = storage_url
     default_db = Path(out) / "studies" / "studies.db"
@@ -51,5 +52,9 @@ def rebuild(out: Path, storage_url: str | None = None, redrawn: list[Path] | Non
         storage = open_storage(url)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-            studies.append(study_record(optuna.load_study(study_name=summary.study_name, storage=storage)))
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            record = study_record(study, importance=False)
+            if not study_page_current(out, record):  # importance only for a page that will be drawn again
+                record["importance"] = _importance(study)
+            studies.append(record)
     return build_index(Path(out), studies, redrawn)

@@ -14,14 +14,11 @@ import torch
 from torch import nn
 
 from cifarlab import cpu
-from cifarlab.augment import Normalization
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataSplits
 from cifarlab.evaluate import evaluate
-from cifarlab.models.recipe import build_model
-from cifarlab.step import TrainStep
 from cifarlab.timing import Timer, configure_device
-from cifarlab.train import training_batches
+from cifarlab.train import setup_training
 
 EPOCH_IMAGES = 50_000  # the seeds' "epoch" is the whole CIFAR-10 training set
 
@@ -140,14 +137,13 @@ class CaseRun:
         self._memory()
         torch.manual_seed(0)
         gen = torch.Generator().manual_seed(0)
-        self.norm = norm = Normalization.from_images(splits.train_images)
         self.config = config = case_config(case)
-        self.model = build_model(config, splits, norm, device, case.channels_last, generator=gen)
-        self.batches = _Batches(training_batches(config, splits, norm, device, case.channels_last, gen))
         self.steps = max(1, images // case.batch_size)
         # a one-cycle schedule as fit() builds one: its cost is timed, not its LR (a step past the end keeps the last)
-        self.train_step = TrainStep(config, self.model, device, case.precision, total_steps=self.steps * 10,
-                                    num_classes=splits.num_classes, fused=case.fused_optimizer)
+        self.norm, batches, self.train_step = setup_training(config, splits, device, case.precision,
+                                                             case.channels_last, gen, total_steps=self.steps * 10,
+                                                             fused=case.fused_optimizer)
+        self.model, self.batches = self.train_step.model, _Batches(batches)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         self.seconds: list[float] = []

@@ -7,7 +7,7 @@ its end, and where a stop was requested (a signal handler's ``request_stop``); n
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ class EpochProgress:
     compile_seconds: float = 0.0  # of train_seconds: each session compiles on its first step
 
     def sums(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("generator", "flip_now")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("generator", "flip_now")}
 
 
 @dataclass

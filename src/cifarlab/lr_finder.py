@@ -103,11 +103,9 @@ def run_range_test(config: TrainConfig, splits, *, start_lr: float, end_lr: floa
     """The LR range test of ``config``'s model, batch size and optimizer on ``splits``, through the training step
     the recipe trains with (no EMA, no schedule); returns the result and the precision it ran in."""
     from cifarlab import cpu
-    from cifarlab.augment import Normalization
     from cifarlab.choices import resolve_speed
-    from cifarlab.models.recipe import build_model
     from cifarlab.timing import configure_device, resolve_device
-    from cifarlab.train import training_batches
+    from cifarlab.train import setup_training
 
     if config.batch_size > len(splits.train_labels):
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set "
@@ -117,11 +115,8 @@ def run_range_test(config: TrainConfig, splits, *, start_lr: float, end_lr: floa
     speed = resolve_speed(config.arch, device, config.precision, "auto")
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    norm = Normalization.from_images(splits.train_images)
-    model = build_model(config, splits, norm, device, speed.channels_last, generator=gen)
-    step = TrainStep(config, model, device, speed.precision, total_steps=steps, num_classes=splits.num_classes,
-                     schedule=False)
-    source = training_batches(config, splits, norm, device, speed.channels_last, gen)
+    _, source, step = setup_training(config, splits, device, speed.precision, speed.channels_last, gen,
+                                     total_steps=steps, schedule=False)
 
     def batches():
         while True:

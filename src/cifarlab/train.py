@@ -79,11 +79,7 @@ def fit(config: TrainConfig, splits: DataSplits, *, on_epoch: EpochCallback | No
     configure_device(device)  # CUDA: cuDNN's autotuner (fixed shapes) and TF32
     gen = seed_everything(config.seed)
     wall_start = time.perf_counter()
-    norm = Normalization.from_images(splits.train_images)
-    model = build_model(config, splits, norm, device, speed.channels_last, generator=gen)
-    batches = training_batches(config, splits, norm, device, speed.channels_last, gen)
-    step = TrainStep(config, model, device, speed.precision, total_steps=config.epochs * batches.steps,
-                     num_classes=splits.num_classes)
+    norm, batches, step = setup_training(config, splits, device, speed.precision, speed.channels_last, gen)
     result = FitResult(config=config, records=[], model=step.eval_model, device=str(device),
                        precision=speed.precision, channels_last=speed.channels_last, normalization=norm,
                        speed_source=speed.source)
@@ -172,6 +168,21 @@ def epoch_record(epoch: int, progress: EpochProgress, val: EvalResult, lr: float
         lr=lr, epoch_seconds=progress.train_seconds + eval_seconds, train_seconds=progress.train_seconds,
         data_seconds=progress.data_seconds, eval_seconds=eval_seconds,
         images_per_second=progress.seen / compute_seconds if compute_seconds > 0 else float("nan"))
+
+
+def setup_training(config: TrainConfig, splits: DataSplits, device: torch.device, precision: str,
+                   channels_last: bool, gen: torch.Generator, *, total_steps: int | None = None,
+                   fused: bool | None = None,
+                   schedule: bool = True) -> tuple[Normalization, TrainingBatches, TrainStep]:
+    """The input normalisation, the batches and the training step of ``config`` as ``fit()`` builds them;
+    ``bench.devices`` times and the LR range test sweeps exactly these. ``total_steps``: the schedule's length
+    (default: the run's)."""
+    norm = Normalization.from_images(splits.train_images)
+    model = build_model(config, splits, norm, device, channels_last, generator=gen)
+    batches = training_batches(config, splits, norm, device, channels_last, gen)
+    step = TrainStep(config, model, device, precision, total_steps=total_steps or config.epochs * batches.steps,
+                     num_classes=splits.num_classes, fused=fused, schedule=schedule)
+    return norm, batches, step
 
 
 def training_batches(config: TrainConfig, splits: DataSplits, norm: Normalization, device: torch.device,

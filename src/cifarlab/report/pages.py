@@ -305,12 +305,7 @@ def _draw_if_changed(out_dir: Path, key: str, draw, redrawn: list[Path] | None) 
     """``out_dir/index.html``, drawn by ``draw()`` only when ``key`` differs from the one stored beside the page
     when it was last drawn, or a file the page links to is missing."""
     page, key_file = out_dir / "index.html", out_dir / PAGE_KEY
-    try:
-        unchanged = key_file.read_text() == key and all(
-            (out_dir / src).is_file() for src in re.findall(r'(?:src|href)="([^"/:#]+)"', page.read_text()))
-    except OSError:
-        unchanged = False
-    if unchanged:
+    if _current(out_dir, key):
         return page
     key_file.unlink(missing_ok=True)  # a kill while drawing leaves no key, so the next rebuild draws it again
     page = draw()
@@ -318,6 +313,21 @@ def _draw_if_changed(out_dir: Path, key: str, draw, redrawn: list[Path] | None) 
     if redrawn is not None:
         redrawn.append(out_dir)
     return page
+
+
+def _current(out_dir: Path, key: str) -> bool:
+    """Whether ``out_dir``'s page was drawn from ``key`` and every file it links to is there."""
+    try:
+        return (out_dir / PAGE_KEY).read_text() == key and all(
+            (out_dir / src).is_file()
+            for src in re.findall(r'(?:src|href)="([^"/:#]+)"', (out_dir / "index.html").read_text()))
+    except OSError:
+        return False
+
+
+def study_page_current(out: Path, study: dict) -> bool:
+    """Whether the study's page is drawn from the study as it is: its importance need not be computed again."""
+    return _current(Path(out) / "studies" / study_slug(study["name"]), _study_key(study))
 
 
 def _stale(page: Path, record: Path) -> bool:
