@@ -104,6 +104,8 @@ def test_study_page_has_the_tables_and_figures(out):
     assert re.search(r"Optimizer steps per trial: batch \d+: 1[^<]* \(1 epoch of 64 training images\)", text), text
     for fig in ("history.png", "max_lr.png", "by_param.png", "curves.png", "time.png"):
         assert (study_page.parent / fig).is_file()
+    # three complete trials: enough for Optuna's importance, computed for a page that is drawn
+    assert "Hyperparameter importance" in text and (study_page.parent / "importance.png").is_file()
     assert (study_page.parent / "trials.csv").read_text().startswith("trial,state,optimizer,max_lr,batch_size")
 
 
