@@ -17,7 +17,7 @@ RECIPE_BATCH = 512
 def results_summary(root: Path) -> pd.DataFrame:
     """Per machine: the default path's training images/s and share of the matmul peak per architecture (its newest
     benchmark, batch 512 where measured), and the default recipe's 10-epoch custom-ResNet runs: test accuracy with
-    flip TTA over seeds and the median wall time."""
+    flip TTA and wall time over seeds."""
     speed, runs = machines_frame(root), runs_frame(root)
     machines = list(dict.fromkeys([*speed.get("machine", []), *runs.get("machine", [])]))
     rows = []
@@ -39,8 +39,7 @@ def results_summary(root: Path) -> pd.DataFrame:
             row.update({"seeds": len(recipe), "test accuracy (flip TTA) mean": acc.mean(), "min": acc.min(),
                         "max": acc.max(), "wall minutes (median)": recipe["wall_seconds"].median() / 60,
                         "wall minutes (min)": recipe["wall_seconds"].min() / 60,
-                        "wall minutes (max)": recipe["wall_seconds"].max() / 60,
-                        "runs": ", ".join(recipe["run"])})
+                        "wall minutes (max)": recipe["wall_seconds"].max() / 60})
         rows.append(row)
     return pd.DataFrame(rows)
 
