@@ -120,13 +120,20 @@ def test_a_killed_study_resumes_with_nothing_lost(tmp_path):
         assert retried, f"the configuration of interrupted trial {trial.number} was not tried again"
 
 
-def _finished_or_none(out: Path) -> dict[int, tuple] | None:
-    """The study's finished trials, or None while the study does not exist yet."""
-    if not (out / "studies" / "studies.db").exists():
+def _finished_count(out: Path) -> int | None:
+    """How many trials of the running study have finished, or None while the study does not exist yet.
+
+    Read through a read-only SQLite connection: opening it through Optuna would create the tables, racing the study
+    process that is creating them."""
+    db = out / "studies" / "studies.db"
+    if not db.exists():
         return None
     try:
-        return finished_trials(load(out))
-    except KeyError:  # the storage exists, the study not yet
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+            if not con.execute("SELECT count(*) FROM studies").fetchone()[0]:
+                return None
+            return con.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.OperationalError:  # the file exists, its tables not yet (or a writer holds the lock)
         return None
 
 
@@ -141,16 +148,16 @@ def test_sigkill_at_random_moments_then_rerun_completes(tmp_path):
         # that is running and not yet finished.
         wanted, deadline = len(seen) + rng.randint(0, 1), time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
-            now = _finished_or_none(tmp_path)
-            if now is not None and len(now) >= wanted:
+            done = _finished_count(tmp_path)
+            if done is not None and done >= wanted:
                 break
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.5))
-        before = _finished_or_none(tmp_path)
+        before = _finished_count(tmp_path)
         assert proc.poll() is None, "the study ended before the kill: the kill would test nothing"
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == -signal.SIGKILL
-        assert before is not None and len(before) < trials, before  # it landed in a study still running
+        assert before is not None and before < trials, before  # it landed in a study still running
         with sqlite3.connect(tmp_path / "studies" / "studies.db") as con:
             assert con.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         now = finished_trials(load(tmp_path))
