@@ -176,14 +176,13 @@ def test_ablation_ladder_has_each_step_and_its_speedup(tmp_path, capsys):
     rows = [r for r in read_rows(run_dir / "devices.csv") if r["device"] == "cpu"]
     assert [r["step"] for r in rows] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
                                          "+ channels_last", "+ batched in-memory data", "+ fused optimizer",
-                                         "+ freed memory kept", "+ 4x4 convs as GEMMs", "+ the recipe's layers"]
-    assert [r["fused_optimizer"] for r in rows] == ["False"] * 3 + ["True"] * 4
-    assert [r["retain_memory"] for r in rows] == ["False"] * 4 + ["True"] * 3
-    assert [r["matmul_convs"] for r in rows] == ["False"] * 5 + ["True"] * 2
+                                         "+ freed memory kept", "+ the recipe's layers"]
+    assert [r["fused_optimizer"] for r in rows] == ["False"] * 3 + ["True"] * 3
+    assert [r["retain_memory"] for r in rows] == ["False"] * 4 + ["True"] * 2
     # Every rung but the last trains the seed's recipe; the last adds the default recipe's (whitening, frozen BN
     # scales, CELU, ghost batches, EMA, its crop), so the ladder shows their cost apart from the speed techniques.
-    assert [r["seed_layers"] for r in rows] == ["True"] * 6 + ["False"]
-    assert {r["precision"] for r in rows} == {"fp32"} and [r["channels_last"] for r in rows] == ["False"] + ["True"] * 6
+    assert [r["seed_layers"] for r in rows] == ["True"] * 5 + ["False"]
+    assert {r["precision"] for r in rows} == {"fp32"} and [r["channels_last"] for r in rows] == ["False"] + ["True"] * 5
     assert rows[-1]["choice_source"].startswith("rule")  # no --choose measurement stored
     assert float(rows[0]["speedup_vs_baseline"]) == 1.0
     assert rows[0]["data_path"] == "dataloader" and rows[-1]["data_path"] == "batched"
@@ -224,12 +223,12 @@ def test_a_ladder_has_only_the_rungs_of_the_path_training_takes():
     rungs = ablation_ladder("custom_resnet", "cpu", 32, precision="fp32", channels_last=False, with_compile=True)
     assert [r.step for r in rungs] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)",
                                        "+ batched in-memory data", "+ fused optimizer", "+ freed memory kept",
-                                       "+ 4x4 convs as GEMMs", "+ the recipe's layers", "+ torch.compile"]
+                                       "+ the recipe's layers", "+ torch.compile"]
     assert {(r.precision, r.channels_last) for r in rungs} == {("fp32", False)}
     bf16 = ablation_ladder("custom_resnet", "cpu", 32, precision="bf16", channels_last=True, with_compile=False)
     assert [r.step for r in bf16] == ["seed baseline (fp32, NCHW, DataLoader + albumentations)", "+ bf16 autocast",
                                       "+ channels_last", "+ batched in-memory data", "+ fused optimizer",
-                                      "+ freed memory kept", "+ 4x4 convs as GEMMs", "+ the recipe's layers"]
+                                      "+ freed memory kept", "+ the recipe's layers"]
     assert [(r.precision, r.channels_last) for r in bf16[1:3]] == [("bf16", False), ("bf16", True)]
     assert (bf16[-1].precision, bf16[-1].channels_last, bf16[-1].seed_layers) == ("bf16", True, False)
     no_cl = ablation_ladder("custom_resnet", "cpu", 32, precision="bf16", channels_last=False, with_compile=False)
@@ -289,7 +288,7 @@ def test_a_dataloader_repetition_ends_with_its_workers_prefetch_done():
 
     splits = load_splits("synthetic:256:32", val_size=16)
     case = bench.Case("custom_resnet", "cpu", 16, "fp32", False, data_path="dataloader", fused_optimizer=False,
-                      matmul_convs=False, seed_layers=True)
+                      seed_layers=True)
     from cifarlab import cpu as hostmem
 
     retained = hostmem.freed_memory_retained()

@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from cifarlab import cpu
 from cifarlab.breakdown import (
     CATEGORIES,
     DATA_ANNOTATION,
@@ -19,7 +18,6 @@ from cifarlab.breakdown import (
     peak_gap,
     profiling_sentence,
 )
-from cifarlab.cpu import use_cpu_kernels
 from cifarlab.models import create_model
 
 CPU = torch.device("cpu")
@@ -240,35 +238,6 @@ def test_conv_layer_table_has_every_convolution_with_its_passes():
     assert all(r["share_of_peak"] == pytest.approx(r["total_tflops"]) for r in rows)  # peak given as 1 TFLOP/s
     assert all(p.grad is None for p in model.parameters())  # probing the shapes left no gradients behind
     assert {r["kernel"] for r in rows} == {"oneDNN"}
-
-
-def test_gemm_convs_count_as_convolution_not_as_linear():
-    conv = nn.Sequential(nn.Conv2d(64, 128, 3, padding=1, bias=False), nn.Conv2d(128, 64, 3, stride=2, padding=1))
-    x = torch.randn(16, 64, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-
-    def step() -> None:
-        conv(x).sum().backward()
-
-    # 4x4 maps: the first conv runs all-GEMM, the strided one takes its weight gradient as a GEMM.
-    use_cpu_kernels(conv)
-    assert [cpu.conv_kernel(c, x) for c in conv] == ["gemm", "weight-gemm"]
-    step()
-    seconds = {r["category"]: r["seconds_per_step"] for r in op_breakdown(step, CPU, steps=2)}
-    # The GEMMs are aten::mm calls; in their annotated regions they are convolution passes, not "linear".
-    assert seconds["linear + loss"] == 0
-    assert seconds["conv forward"] > 0 and seconds["conv backward"] > 0
-
-
-def test_conv_layer_table_times_the_gemm_path_where_training_takes_it():
-    model = create_model("custom_resnet")
-    use_cpu_kernels(model)
-    rows = conv_layer_table(model, 8, CPU, "fp32", True, repeats=1)  # the GEMM path is the same in bf16
-    kernels = {r["layer"]: r["kernel"] for r in rows}
-    assert kernels["layer3.1.res.0.0"] == kernels["layer3.1.res.1.0"] == "GEMM"  # the two 4x4 convs
-    assert list(kernels.values()).count("GEMM") == 2
-    assert all(r["forward_ms"] > 0 and r["input_grad_ms"] > 0 and r["weight_grad_ms"] > 0
-               for r in rows if r["kernel"] == "GEMM")
-    assert set(kernels.values()) == {"GEMM", "oneDNN"}
 
 
 @pytest.mark.cuda

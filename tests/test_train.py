@@ -532,23 +532,6 @@ def test_crop_pad_bounds_each_training_image_shift(tiny, pad):
     assert (moved > 0) == (pad > 0)
 
 
-def conv_paths(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
-    """The kernel each conv of ``model`` takes in a forward pass of ``x``, in call order ("onednn" for none)."""
-    from cifarlab import cpu
-
-    seen: list[str] = []
-    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    hooks = [m.register_forward_pre_hook(lambda mod, inp: seen.append(cpu.conv_kernel(mod, inp[0]) or "onednn"))
-             for m in convs]
-    try:
-        with torch.no_grad():  # not inference_mode: a parametrised weight is computed from trainable tensors
-            model.eval()(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
-
-
 def test_saved_weights_give_back_the_model_that_was_tested(small, tmp_path):
     # Whitening (a parametrisation) and an EMA: the file must hold the averaged weights, folded to plain convs.
     result = fit(quick(seed=1, epochs=1, precision="fp32", whiten=True, ema=0.9), small, test=True)
@@ -560,11 +543,10 @@ def test_saved_weights_give_back_the_model_that_was_tested(small, tmp_path):
                      logit_scale=result.config.logit_scale)
     assert again.loss == pytest.approx(result.test.loss, rel=1e-4)
     assert np.array_equal(again.predictions, result.test.predictions)
-    # It runs each conv with the kernel the run tested with (the 4x4 convs as GEMMs on the CPU): a stored model
-    # evaluates at the speed of the run's own evaluation. And saving left the run's own model whole: it still runs
-    # (its whitened conv once lost its weight to the save).
-    paths = [conv_paths(m, torch.zeros(2, 3, 32, 32)) for m in (result.model, model)]
-    assert paths[0] == paths[1] and paths[1].count("gemm") == 2 and paths[1][0] == "onednn", paths
+    # Saving left the run's own model whole: it still runs (its whitened conv once lost its weight to the save).
+    with torch.no_grad():
+        assert torch.allclose(result.model.eval()(torch.zeros(2, 3, 32, 32)), model(torch.zeros(2, 3, 32, 32)),
+                              atol=1e-4)
     (tmp_path / "notes.pt").write_text("not weights")
     with pytest.raises(ConfigError, match=r"cannot read weights from .*notes\.pt: not a torch file"):
         load_weights(tmp_path / "notes.pt")

@@ -34,7 +34,6 @@ class Case:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead replays CUDA graphs
     fused_optimizer: bool = True  # the seed's optimizer loops over its tensors; torch's fused kernel does not
-    matmul_convs: bool = True  # CPU: convs into <= 4x4 maps as GEMMs (cifarlab.cpu)
     retain_memory: bool = True  # CPU: freed memory stays in the process (cifarlab.cpu), as fit() keeps it
     seed_layers: bool = False  # the seed's recipe (SEED_RECIPE) instead of the default one
     step: str = ""  # the ablation step's name, when part of a ladder
@@ -219,8 +218,8 @@ def case_config(case: Case) -> TrainConfig:
     """The training config whose step a case times: the default recipe, or the seed's, on the case's path."""
     return TrainConfig(arch=case.arch, batch_size=case.batch_size, precision=case.precision, device=case.device,
                        augment=case.data_path, loader_workers=case.loader_workers, compile=case.compile,
-                       compile_mode=case.compile_mode, matmul_convs=case.matmul_convs,
-                       retain_memory=case.retain_memory, **(SEED_RECIPE if case.seed_layers else {}))
+                       compile_mode=case.compile_mode, retain_memory=case.retain_memory,
+                       **(SEED_RECIPE if case.seed_layers else {}))
 
 
 def time_cases(cases: list[Case], splits: DataSplits, *, images: int, repeats: int = 3, warmup_steps: int = 5,
@@ -275,7 +274,7 @@ def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str =
     path training takes on this device) added in turn; the last rung before ``torch.compile`` is what training runs."""
     on_cpu = torch.device(device).type == "cpu"
     rung = Case(arch, device, batch_size, precision="fp32", channels_last=False, data_path="dataloader",
-                fused_optimizer=False, matmul_convs=False, retain_memory=False, seed_layers=True,
+                fused_optimizer=False, retain_memory=False, seed_layers=True,
                 step="seed baseline (fp32, NCHW, DataLoader + albumentations)")
     ladder = [rung]
     changes = [(precision == "bf16", {"precision": "bf16"}, "+ bf16 autocast"),
@@ -283,7 +282,6 @@ def ablation_ladder(arch: str, device: str, batch_size: int, *, precision: str =
                (True, {"data_path": "batched"}, "+ batched in-memory data"),
                (True, {"fused_optimizer": True}, "+ fused optimizer"),
                (on_cpu, {"retain_memory": True}, "+ freed memory kept"),
-               (on_cpu, {"matmul_convs": True}, "+ 4x4 convs as GEMMs"),
                (recipe_layers_differ(), {"seed_layers": False}, "+ the recipe's layers"),
                (with_compile, {"compile": True}, "+ torch.compile"),
                (with_compile and not on_cpu, {"compile_mode": "reduce-overhead"}, "+ torch.compile, CUDA graphs")]

@@ -12,15 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cifarlab import cpu
-from cifarlab.timing import CONV_BACKWARD_ANNOTATION, CONV_FORWARD_ANNOTATION, synchronize
+from cifarlab.timing import synchronize
 
 CATEGORIES = ("conv forward", "conv backward", "batch norm", "pooling", "activation", "linear + loss", "optimizer",
               "data + augmentation", "casts + copies", "zero fill", "other")
 # Annotations (torch.profiler.record_function) whose operators count as one category whatever they are.
 DATA_ANNOTATION = "cifarlab.data"
-_ANNOTATED = (("Optimizer.step", "optimizer"), (DATA_ANNOTATION, "data + augmentation"),
-              (CONV_FORWARD_ANNOTATION, "conv forward"), (CONV_BACKWARD_ANNOTATION, "conv backward"))
+_ANNOTATED = (("Optimizer.step", "optimizer"), (DATA_ANNOTATION, "data + augmentation"))
 
 
 def categorize(name: str, annotation: str | None = None) -> str:
@@ -123,26 +121,9 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(samples)
 
 
-def _time_gemm_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
-                    device: torch.device, repeats: int) -> tuple[float, float, float]:
-    """The three passes of a conv's CPU GEMM path, each alone: a graph kept per gradient, replayed."""
-
-    def run(x_, w_):
-        return cpu.gemm_conv(conv, x_, w_)
-
-    x, weight = x.detach(), weight.detach()
-    xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    y_x, y_w = run(xg, weight), run(x, wg)  # needs_input_grad: x only, weight only
-    return (_median_seconds(lambda: run(x, weight), device, repeats),
-            _median_seconds(lambda: torch.autograd.grad(y_x, xg, grad, retain_graph=True), device, repeats),
-            _median_seconds(lambda: torch.autograd.grad(y_w, wg, grad, retain_graph=True), device, repeats))
-
-
 def _time_conv(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, device: torch.device,
                repeats: int) -> tuple[float, float, float]:
     """Median seconds of the forward pass, the input gradient and the weight gradient of ``conv``'s shape."""
-    if cpu.conv_kernel(conv, x) is not None:
-        return _time_gemm_conv(conv, x, weight, grad, device, repeats)
     stride, padding, dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
 
     def forward() -> torch.Tensor:
@@ -194,8 +175,7 @@ def conv_layer_table(model: nn.Module, batch_size: int, device: torch.device, pr
         weight = conv.weight.detach().to(device=device, dtype=dtype).contiguous(memory_format=fmt)
         args = (conv.stride, conv.padding, conv.dilation, conv.groups)
         y = F.conv2d(x, weight, None, *args)
-        kernel = {"gemm": "GEMM", "weight-gemm": "oneDNN, ∂weight GEMM"}.get(
-            cpu.conv_kernel(conv, x) or "", "cuDNN" if device.type == "cuda" else "oneDNN")
+        kernel = "cuDNN" if device.type == "cuda" else "oneDNN"
         key = (tuple(x.shape), tuple(weight.shape), args, str(dtype), channels_last, kernel)
         if key not in timed:
             timed[key] = _time_conv(conv, x, weight, torch.randn_like(y).contiguous(memory_format=fmt), device,

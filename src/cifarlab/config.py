@@ -56,8 +56,6 @@ class TrainConfig:
     whiten: bool = field(default=True, metadata={
         "help": "parametrise the first conv through the patch-whitening basis of the training images (Page's "
                 "input whitening; same architecture and parameter count)"})
-    matmul_convs: bool = field(default=True, metadata={
-        "help": "on the CPU, run convs into maps of 4x4 or less as matrix products; no effect on CUDA"})
     retain_memory: bool = field(default=True, metadata={
         "help": "on the CPU, keep freed memory in the process instead of page-faulting it back every step "
                 "(glibc's malloc); changes no result"})

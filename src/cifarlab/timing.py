@@ -17,12 +17,6 @@ from torch import nn
 
 from cifarlab.errors import ConfigError
 
-# Profiler regions (torch.profiler.record_function) around convolutions computed as matrix products
-# (cifarlab.cpu): their aten::mm calls, which bench.devices' breakdown would
-# otherwise count as "linear + loss", count inside these regions as the convolution passes they are.
-CONV_FORWARD_ANNOTATION = "cifarlab.conv_forward"
-CONV_BACKWARD_ANNOTATION = "cifarlab.conv_backward"
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":

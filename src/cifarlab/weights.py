@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from cifarlab import cpu
 from cifarlab.augment import Normalization
 from cifarlab.config import TrainConfig
 from cifarlab.data import atomic_file
@@ -56,7 +55,7 @@ def load_weights(path: Path) -> tuple[nn.Module, Normalization, dict]:
         raise ConfigError(f"{path} is not a cifarlab weights file (format {WEIGHTS_FORMAT})")
     known = {f.name for f in fields(TrainConfig)}
     config = TrainConfig(**{k: v for k, v in doc["config"].items() if k in known})
-    model = cpu.use_cpu_kernels(recipe_model(config, len(doc["classes"])), config.matmul_convs)
+    model = recipe_model(config, len(doc["classes"]))
     model.load_state_dict(doc["state_dict"])
     norm = Normalization(tuple(doc["normalization"]["mean"]), tuple(doc["normalization"]["std"]))
     return model.eval(), norm, doc

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cifarlab import cpu
 from cifarlab.config import TrainConfig
 from cifarlab.models.layers import use_activation, use_ghost_batch_norm
 from cifarlab.models.registry import create_model
@@ -15,8 +14,7 @@ from cifarlab.whitening import whiten_first_conv
 
 
 def recipe_model(config: TrainConfig, num_classes: int) -> nn.Module:
-    """``config.arch`` with the recipe's layers, on the CPU: what ``studies.train`` prints as the layer table.
-    ``build_model`` and a stored model's reader add the CPU conv kernels to it (``cifarlab.cpu``)."""
+    """``config.arch`` with the recipe's layers, on the CPU: what ``studies.train`` prints as the layer table."""
     model = create_model(config.arch, num_classes=num_classes)
     use_activation(model, config.activation)
     if config.ghost_batch:
@@ -30,7 +28,7 @@ def build_model(config: TrainConfig, splits, norm, device: torch.device, channel
                 generator: torch.Generator | None = None) -> nn.Module:
     """The model ``config`` trains on ``device``: the recipe's layers, the first conv whitened from ``splits``'
     training images."""
-    model = cpu.use_cpu_kernels(recipe_model(config, splits.num_classes), config.matmul_convs).to(device)
+    model = recipe_model(config, splits.num_classes).to(device)
     if config.whiten:
         whiten_first_conv(model, splits.train_images, norm, generator=generator)
     return model.to(memory_format=torch.channels_last) if channels_last else model

@@ -220,10 +220,9 @@ def _breakdown_section(ops: pd.DataFrame, convs: pd.DataFrame | None, run_dir: P
         out += (html.figure("conv_layers.png", "TFLOP/s of each convolution by pass")
                 + html.table(convs[cols].rename(columns=names))
                 + '<p class="note">Each convolution timed alone at the training batch size, precision and memory '
-                  'format (median of 3 after a warm-up call), by the kernel training uses: oneDNN or cuDNN, or GEMM '
-                  'for the 3x3 convs on 4x4 maps that cifarlab runs as matrix products on the CPU. The first '
-                  'convolution sees the data, which needs no '
-'gradient, so it has no input-gradient pass. <a href="breakdown.csv">breakdown.csv</a>, '
+                  'format (median of 3 after a warm-up call), by the kernel training uses (oneDNN or cuDNN). The '
+                  'first convolution sees the data, which needs no gradient, so it has no input-gradient pass. '
+                  '<a href="breakdown.csv">breakdown.csv</a>, '
                   '<a href="conv_layers.csv">conv_layers.csv</a></p>')
     return out
 
