@@ -223,7 +223,8 @@ def console():
 
 
 def rebuild_reports(out: Path, console, storage_url: str | None = None) -> None:
-    """Redraw ``<out>/index.html`` after a command stored results; a drawing fault never loses those results."""
+    """Redraw ``<out>/index.html`` after a command stored results; a drawing fault never loses those results.
+    ``console`` None: a redraw while a study runs, which says nothing and whose fault never stops the study."""
     from studies._reports import rebuild
 
     try:
@@ -231,7 +232,12 @@ def rebuild_reports(out: Path, console, storage_url: str | None = None) -> None:
     except CifarlabError as exc:
         print(f"reports not rebuilt: {exc}", file=sys.stderr)
         return
-    console.print(f"reports: {index}")
+    except Exception:
+        if console is None:
+            return
+        raise
+    if console is not None:
+        console.print(f"reports: {index}")
 
 
 def run(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:

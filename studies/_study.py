@@ -1,6 +1,6 @@
-"""The study logic of ``studies.onecycle``, apart from its command line: search space and budgets, sampler and
-pruner, objective, worker loop and final retraining. Trial 0 of every study is the seed's configuration; a trial
-returns its last epoch's validation accuracy, and the test set is never seen by the sampler or the pruner."""
+"""The study logic of ``studies.onecycle``, apart from its command line: search space and ladder of budgets,
+sampler, objective and worker loop. Trial 0 of every study is the seed's configuration; a trial returns its last
+epoch's validation accuracy at its rung's budget, and the test set is never seen by the sampler or the pruner."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from studies._ladder import PRESETS, Run, Rung, best_run, due_promotions, make_ladder
 from studies._storage import mark_stale_trials
 
 ARCHS = ("custom_resnet", "resnet18")
@@ -25,32 +26,48 @@ SEED_CONFIG = {"optimizer": "adam", "batch_size": 512}
 
 @dataclass(frozen=True)
 class Budget:
+    """The study's ladder: its rungs (the last is the run the answer is for), their factor, the validation split."""
+
     name: str
-    epochs: int
-    train_subset: int | float | None  # None: the whole training split
-    val_size: int | float
+    rungs: tuple[Rung, ...]
+    eta: float
+    val_size: int
     lrfind_steps: int
 
+    @property
+    def top(self) -> Rung:
+        return self.rungs[-1]
 
-BUDGETS = {
-    # smoke: seconds per trial, for tests and a first look.
-    "smoke": Budget("smoke", epochs=1, train_subset=256, val_size=256, lrfind_steps=8),
-    # quick: sized for a 2-core CPU: 30 trials per architecture in about an hour for both.
-    "quick": Budget("quick", epochs=3, train_subset=2048, val_size=1000, lrfind_steps=30),
-    # full: the recipe's real length on the whole training split, for a GPU.
-    "full": Budget("full", epochs=10, train_subset=None, val_size=5000, lrfind_steps=100),
-}
+    def describe(self) -> str:
+        return " → ".join(f"{r.epochs} ep × {r.train_images:,}" for r in self.rungs)
 
 
-def resolve_budget(args, device) -> Budget:
-    name = args.budget
-    if name == "auto":
-        name = "full" if device.type == "cuda" else "quick"
-    b = BUDGETS[name]
-    return Budget(name, epochs=args.epochs or b.epochs,
-                  train_subset=args.train_subset if args.train_subset is not None else b.train_subset,
-                  val_size=args.val_size if args.val_size is not None else b.val_size,
-                  lrfind_steps=b.lrfind_steps)
+def budget_name(args, device) -> str:
+    return ("full" if device.type == "cuda" else "quick") if args.budget == "auto" else args.budget
+
+
+def val_size(args, name: str, train_images: int) -> int | float:
+    """--val-size, else the preset's, at most a fifth of the training images (a small data set keeps most)."""
+    if args.val_size is not None:
+        return args.val_size
+    return max(1, min(PRESETS[name].val_size, train_images // 5))
+
+
+def resolve_budget(args, name: str, available: int, val_images: int) -> tuple[Budget, str]:
+    """The ladder for ``available`` training images, and a sentence when the data capped it (else "")."""
+    from cifarlab.data import resolve_count
+
+    preset = PRESETS[name]
+    epochs = args.epochs or preset.epochs
+    if args.train_subset is not None:
+        top = resolve_count(args.train_subset, available, what="--train-subset")
+    else:
+        top = min(preset.train_images or available, available)
+    capped = "" if args.train_subset is not None or (preset.train_images or available) <= available else (
+        f"the training split holds {available:,} images, fewer than the {name} budget's {preset.train_images:,}: "
+        "the rungs are capped at what is there")
+    rungs = make_ladder(epochs, top, args.rungs or preset.rungs, args.eta)
+    return Budget(name, tuple(rungs), args.eta, val_images, preset.lrfind_steps), capped
 
 
 def study_spec(args, budget: Budget, arch: str) -> dict:
@@ -95,14 +112,28 @@ def make_pruner(kind: str, epochs: int, pct_start: float):
 def seed_first_sampler(seed: int, make_base):
     """The study's sampler: trial 0 gets the seed configuration stored on the study, every later trial the sampler
     ``make_base(s)`` seeded from (``seed``, its number): one process's study is reproducible, and machines running
-    the same command draw different configurations (trial numbers come from the storage)."""
+    the same command draw different configurations (trial numbers come from the storage). It samples for the
+    lowest rung only (promotions are enqueued with their parameters) and learns from that rung's trials alone: a
+    copy of them in memory stands for the study, so a promoted run's larger score never reads as a sample's."""
     import numpy as np
     import optuna
+    from optuna.trial import TrialState
 
     class SeedFirstSampler(optuna.samplers.BaseSampler):
         def __init__(self):
             self._number: int | None = None
             self._base = make_base(seed)
+            self._view, self._view_key = None, None
+
+        def _lowest_rung(self, study):
+            trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+                      if t.user_attrs.get("rung", 0) == 0]
+            key = tuple(t.number for t in trials)
+            if key != self._view_key:
+                self._view = optuna.create_study(direction="maximize")  # in memory
+                self._view.add_trials(trials)
+                self._view_key = key
+            return self._view
 
         def _for(self, trial):
             if trial.number != self._number:
@@ -111,16 +142,19 @@ def seed_first_sampler(seed: int, make_base):
             return self._base
 
         def infer_relative_search_space(self, study, trial):
-            return self._for(trial).infer_relative_search_space(study, trial)
+            return self._for(trial).infer_relative_search_space(self._lowest_rung(study), trial)
 
         def sample_relative(self, study, trial, search_space):
-            return {} if trial.number == 0 else self._for(trial).sample_relative(study, trial, search_space)
+            if trial.number == 0:
+                return {}
+            return self._for(trial).sample_relative(self._lowest_rung(study), trial, search_space)
 
         def sample_independent(self, study, trial, param_name, param_distribution):
             first = study.user_attrs.get("seed_trial") if trial.number == 0 else None
             if first is not None and param_name in first:
                 return first[param_name]
-            return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+            return self._for(trial).sample_independent(self._lowest_rung(study), trial, param_name,
+                                                       param_distribution)
 
         def before_trial(self, study, trial):
             self._for(trial).before_trial(study, trial)
@@ -155,7 +189,7 @@ def load_study(storage, name: str, args, spec: dict, *, create: bool):
     from cifarlab.errors import ConfigError
 
     sampler = seed_first_sampler(args.seed, lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=8))
-    pruner = make_pruner(args.pruner, spec["budget"]["epochs"], args.pct_start)
+    pruner = make_pruner(args.pruner, spec["budget"]["rungs"][0]["epochs"], args.pct_start)
     if create:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,
                                     pruner=pruner, load_if_exists=True)
@@ -175,13 +209,56 @@ def load_study(storage, name: str, args, spec: dict, *, create: bool):
 
 
 def counts(study) -> dict[str, int]:
+    """Trials by state, ``finished`` (complete or pruned), and ``rung N`` (finished at rung N)."""
     from optuna.trial import TrialState
 
     out = {s.name.lower(): 0 for s in TrialState}
     for t in study.get_trials(deepcopy=False):
         out[t.state.name.lower()] += 1
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            key = f"rung {t.user_attrs.get('rung', 0)}"
+            out[key] = out.get(key, 0) + 1
     out["finished"] = out["complete"] + out["pruned"]
     return out
+
+
+def ladder_runs(study) -> list[Run]:
+    """The study's trials as the ladder sees them."""
+    return [Run(t.number, t.user_attrs.get("rung", 0), t.state.name.lower(), t.value, t.user_attrs.get("promoted_from"))
+            for t in study.get_trials(deepcopy=False)]
+
+
+def best_trial(study):
+    """The best trial at the highest rung reached, or None before one completes."""
+    best = best_run(ladder_runs(study))
+    return None if best is None else next(t for t in study.get_trials(deepcopy=False) if t.number == best.number)
+
+
+def expected_trials(target: int, budget: Budget) -> int:
+    """Trials of a whole ladder when every trial completes: ``target`` at rung 0, 1/eta of them each rung up."""
+    total, n = target, target
+    for _ in budget.rungs[1:]:
+        n = int(n // budget.eta)
+        total += n
+    return total
+
+
+RUNG_ATTRS = ("rung", "budget", "promoted_from", "seed_config")
+
+
+def promote(study, budget: Budget) -> tuple[int, int] | None:
+    """Enqueue the first promotion due (highest rung first): the configuration of a trial in the top 1/eta of its
+    rung, to be trained again from scratch at the next rung's budget. Returns (trial, rung) or None."""
+    due = due_promotions(ladder_runs(study), len(budget.rungs), budget.eta)
+    if not due:
+        return None
+    number, rung = due[0]
+    source = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    study.enqueue_trial(source.params, user_attrs={"rung": rung, "budget": budget.rungs[rung].budget,
+                                                   "promoted_from": number,
+                                                   "seed_config": bool(source.user_attrs.get("seed_config"))},
+                        skip_if_exists=False)
+    return number, rung
 
 
 def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> tuple[float, str]:
@@ -223,17 +300,24 @@ def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> 
     return float(lr), f"LR range test {run_dir.name}"
 
 
-def surplus(trial, target: int) -> bool:
-    """Whether the study already has ``target`` trials finished, or running and started before this one: two workers
-    can pass the loop's check at once, and the later trial then stands down."""
+def stand_down(trial, rung: int, promoted_from: int | None, target: int | None) -> str | None:
+    """Why this trial is not needed, or None: two workers can pass the loop's checks at once, and the later trial
+    then stands down. At the lowest rung: ``target`` trials are finished there, or running and started before this
+    one. Above it: another live trial runs the same promotion and is older."""
     from optuna.trial import TrialState
 
-    n = 0
-    for t in trial.study.get_trials(deepcopy=False):
-        finished = t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        if finished or (t.state == TrialState.RUNNING and t.number < trial.number):
-            n += 1
-    return n >= target
+    trials = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
+    if promoted_from is not None:
+        if any(t.user_attrs.get("rung") == rung and t.user_attrs.get("promoted_from") == promoted_from
+               and t.number < trial.number and t.state != TrialState.FAIL for t in trials):
+            return f"not needed: trial {promoted_from}'s promotion to rung {rung} runs in an older trial"
+        return None
+    if target is None:
+        return None
+    finished = (TrialState.COMPLETE, TrialState.PRUNED)
+    n = sum(1 for t in trials if t.user_attrs.get("rung", 0) == 0 and (
+        t.state in finished or (t.state == TrialState.RUNNING and t.number < trial.number)))
+    return f"not needed: the study already reached {target} trials at rung 0" if n >= target else None
 
 
 WORKER = f"{socket.gethostname()}:{os.getpid()}"
@@ -249,9 +333,14 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
     from cifarlab.train import fit
 
     def objective(trial: optuna.Trial) -> float:
-        if target is not None and surplus(trial, target):
-            trial.set_user_attr("fail_reason", f"not needed: the study already reached {target} trials")
+        rung, promoted_from = trial.user_attrs.get("rung", 0), trial.user_attrs.get("promoted_from")
+        reason = stand_down(trial, rung, promoted_from, target)
+        if reason:
+            trial.set_user_attr("fail_reason", reason)
             return float("nan")
+        step = budget.rungs[rung]
+        trial.set_user_attr("rung", rung)
+        trial.set_user_attr("budget", step.budget)
         optimizer = trial.suggest_categorical("optimizer", list(LR_RANGES))
         lo, hi = LR_RANGES[optimizer]
         max_lr = trial.suggest_float("max_lr", lo, hi, log=True)
@@ -262,12 +351,13 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
             retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
         if trial.number == 0 or retry_of == 0:
             trial.set_user_attr("seed_config", True)
-        config = TrainConfig(arch=arch, epochs=budget.epochs, batch_size=batch_size, optimizer=optimizer,
+        config = TrainConfig(arch=arch, epochs=step.epochs, batch_size=batch_size, optimizer=optimizer,
                              max_lr=max_lr, weight_decay=args.weight_decay, pct_start=args.pct_start,
                              label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,
                              seed=args.seed + trial.number)
         trial.set_user_attr("config", config.to_dict())
-        trial.set_user_attr("train_images", len(splits.train_labels))
+        data = splits.with_train_subset(step.train_images, seed=args.seed)  # nested: a rung's holds the one below's
+        trial.set_user_attr("train_images", len(data.train_labels))
         trial.set_user_attr("worker", WORKER)  # host:pid, to tell machines and processes apart in a shared study
         records: list[dict] = []
 
@@ -277,18 +367,19 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
             faults.point("epoch")
             trial.report(rec.val_accuracy, rec.epoch)
             if progress_cb:
-                progress_cb(trial.number, rec.epoch, budget.epochs, rec.val_accuracy)
+                progress_cb(trial.number, rung, rec.epoch, step.epochs, rec.val_accuracy)
             # A trial that ran its last epoch has its answer: pruning it then would only throw that away.
-            return rec.epoch < budget.epochs and trial.should_prune()
+            return rec.epoch < step.epochs and trial.should_prune()
 
         try:
-            result = fit(config, splits, on_epoch=on_epoch)
+            result = fit(config, data, on_epoch=on_epoch)
         except TrainingDiverged as exc:
             trial.set_user_attr("pruned_reason", f"diverged: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
         except KeyboardInterrupt:
             trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the command to resume")
-            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            kept = {k: trial.user_attrs[k] for k in RUNG_ATTRS if k in trial.user_attrs}
+            trial.study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number})
             raise
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
@@ -309,21 +400,28 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
     return objective
 
 
-def run_worker(study, storage, objective, target: int, *, heartbeat: int, on_trial_done=None,
+def run_worker(study, storage, objective, target: int, budget: Budget, *, heartbeat: int, on_trial_done=None,
                deadline: float | None = None) -> bool:
-    """Run trials until the study holds ``target`` finished ones (running trials, here or elsewhere, count while they
-    run); never start one past it, nor after ``deadline`` (``time.time()``). Returns whether the deadline stopped it."""
+    """Run trials until the ladder is done: ``target`` finished at the lowest rung and every promotion due run
+    (promotions first, then waiting retries, then new configurations; trials running elsewhere count while they
+    run). Never start one past the ladder, nor after ``deadline`` (``time.time()``). Returns whether the deadline
+    stopped it."""
+    from optuna.trial import TrialState
+
     while True:
         mark_stale_trials(study, storage)
-        c = counts(study)
-        if c["finished"] >= target:
-            return False
         if deadline is not None and time.time() >= deadline:
             return True
-        if c["finished"] + c["running"] >= target:
-            time.sleep(min(heartbeat, 5))  # others are finishing the last trials; wait for them or their staleness
-            continue
-
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if not waiting and promote(study, budget) is None:
+            c = counts(study)
+            lowest = c.get("rung 0", 0) + sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                                              if t.user_attrs.get("rung", 0) == 0)
+            if lowest >= target:
+                if c["running"] == 0:
+                    return False
+                time.sleep(min(heartbeat, 5))  # running trials may earn promotions, or go stale and be retried
+                continue
         study.optimize(objective, n_trials=1, catch=(), gc_after_trial=True,
                        callbacks=[on_trial_done] if on_trial_done else None)
 

@@ -10,11 +10,14 @@ import time
 
 from studies import _cli
 from studies._final import final_retrain
+from studies._ladder import PRESETS
 from studies._storage import default_url, mask_url, open_storage, scrub
 from studies._study import (
     ARCHS,
-    BUDGETS,
+    best_trial,
+    budget_name,
     counts,
+    expected_trials,
     left_text,
     load_study,
     make_objective,
@@ -24,6 +27,7 @@ from studies._study import (
     share_of_time,
     study_spec,
     time_left,
+    val_size,
 )
 from studies._study import LR_RANGES as LR_RANGES
 from studies._study import SEED_CONFIG as SEED_CONFIG
@@ -41,13 +45,22 @@ def build_parser():
     d = TrainConfig()
     p = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=_cli.positive_int, default=30,
-                   help="finished (complete or pruned) trials per architecture (default: 30)")
+                   help="configurations sampled at the lowest rung per architecture, finished (complete or pruned); "
+                        "promotions to the rungs above come on top (default: 30)")
     p.add_argument("--arch", default=",".join(ARCHS), help="comma-separated architectures (default: both)")
-    p.add_argument("--budget", default="auto", choices=(*BUDGETS, "auto"),
-                   help="trial cost preset; auto: full on CUDA, quick on CPU (default: auto)")
-    p.add_argument("--epochs", type=_cli.positive_int, default=None, help="epochs per trial (overrides the budget)")
+    p.add_argument("--budget", default="auto", choices=(*PRESETS, "auto"),
+                   help="ladder of budgets: smoke, quick (sized for a CPU) or full (the default recipe's 10 epochs on "
+                        "the whole training split on top); auto: full on CUDA, quick on CPU (default: auto)")
+    p.add_argument("--epochs", type=_cli.positive_int, default=None,
+                   help="epochs of the top rung (overrides the budget's)")
     p.add_argument("--train-subset", type=_cli.count_or_fraction, default=None,
-                   help="training images per trial: a count or a fraction (overrides the budget)")
+                   help="training images of the top rung: a count or a fraction (overrides the budget's)")
+    p.add_argument("--rungs", type=_cli.positive_int, default=None,
+                   help="rungs of the ladder, the top one included; 1: every trial at the top budget "
+                        "(default: the budget's, 3)")
+    p.add_argument("--eta", type=_cli.positive_float, default=3.0,
+                   help="factor between adjacent rungs' budgets (epochs x images); the top 1/eta of a rung's "
+                        "configurations are promoted (default: 3)")
     p.add_argument("--val-size", type=_cli.count_or_fraction, default=None,
                    help="validation hold-out: a count or a fraction (default: from the budget)")
     p.add_argument("--weight-decay", type=_cli.finite_float, default=d.weight_decay,
@@ -62,8 +75,9 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of the TPE sampler and of every trial (default: 0)")
     p.add_argument("--seed-max-lr", type=_cli.positive_float, default=None,
                    help="max LR of the seed trial (default: the newest stored Adam LR range test, else run one)")
-    p.add_argument("--pruner", default="median", choices=("none", "median", "hyperband"),
-                   help="prune weak trials once the LR peak has passed (default: median)")
+    p.add_argument("--pruner", default="none", choices=("none", "median", "hyperband"),
+                   help="also prune weak trials within a rung once the LR peak has passed (default: none: a one-cycle "
+                        "run's intermediate epochs are not the results of shorter runs)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL, e.g. postgresql://user:pw@host/db for several machines "
                         "(default: sqlite file <out>/studies/studies.db)")
@@ -115,7 +129,7 @@ def _main(args, raw_argv: list[str]) -> int:
     archs = _cli.parse_archs(args.arch)
     device = resolve_device(args.device)
     _check(args)
-    budget = resolve_budget(args, device)
+    name = budget_name(args, device)
     out = check_writable(args.out)
     url = args.storage or default_url(out)
     try:
@@ -124,12 +138,14 @@ def _main(args, raw_argv: list[str]) -> int:
         raise ConfigError(scrub(str(exc), url)) from None
     is_worker = args.worker_index is not None
 
+    splits = _load(args, name)
+    budget, capped = resolve_budget(args, name, len(splits.train_labels), len(splits.val_labels))
     if not is_worker:
-        console.print(f"budget: {budget.name}{' (auto: ' + device.type + ')' if args.budget == 'auto' else ''} — "
-                      f"{budget.epochs} epoch{'s' if budget.epochs != 1 else ''} on {budget.train_subset or 'all'} "
-                      "training images, "
-                      f"validation {budget.val_size}; storage {mask_url(url)}")
-    splits = _load(args, budget)
+        console.print(f"budget: {name}{' (auto: ' + device.type + ')' if args.budget == 'auto' else ''} — rungs "
+                      f"{budget.describe()} training images (η {budget.eta:g}), validation {budget.val_size:,}; "
+                      f"storage {mask_url(url)}")
+        if capped:
+            console.print(f"note: {capped}")
 
     deadline = args.deadline if is_worker else (started + args.timeout if args.timeout else None)
     for i, arch in enumerate(archs):
@@ -146,20 +162,21 @@ def _main(args, raw_argv: list[str]) -> int:
             timed_out = arch_deadline is not None and time.time() >= arch_deadline
         else:
             timed_out = _run_here(study, storage, arch, splits, budget, args, console, quiet=args.quiet or is_worker,
-                                  deadline=arch_deadline)
-        finished = counts(study)["finished"]
+                                  storage_url=url, deadline=arch_deadline)
+        finished = counts(study).get("rung 0", 0)
         if timed_out and not is_worker and finished < args.trials:
             setup = f"; setting up the seed trial took {prepared:.0f} s of it" if prepared >= 1 else ""
             console.print(f"{arch}: --timeout: no trial starts after {_clock(arch_deadline)}{setup}; {finished} of "
-                          f"{args.trials} trials finished (the same command tops the study up)")
+                          f"{args.trials} trials finished at rung 0 (the same command tops the study up)")
     if is_worker:
         return 0
     for arch in archs:
         study = load_study(storage, f"{args.study_name}-{arch}", args, study_spec(args, budget, arch), create=False)
-        _summary(study, arch, console)
+        _summary(study, arch, budget, args.trials, console)
     if args.final:
         final_retrain(args, archs, storage, budget, out, console)
-    console.print(f"storage: {mask_url(url)} (optuna studies --storage {mask_url(url)})")
+    console.print(f"storage: {mask_url(url)} (optuna studies --storage {mask_url(url)}; a live view: "
+                  f"optuna-dashboard {mask_url(url)})", soft_wrap=True)
     if not args.no_report:
         _cli.rebuild_reports(out, console, url)
     return 0
@@ -190,14 +207,13 @@ def _clock(timestamp: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(timestamp))
 
 
-def _load(args, budget):
-    from cifarlab.data import load_splits
+def _load(args, name: str):
+    """The study's splits: its validation split fixed for every rung (a fifth of the training images at most, unless
+    --val-size says), the rest the training images the rungs take their subsets from."""
+    from cifarlab.data import load_raw, load_splits
 
-    splits = load_splits(args.data, val_size=budget.val_size, seed=args.seed, cache_dir=args.cache_dir)
-    subset = budget.train_subset
-    if args.train_subset is None and isinstance(subset, int) and subset > len(splits.train_labels):
-        subset = None  # a preset's subset on a smaller data set: take it all (a user's count is checked)
-    return splits.with_train_subset(subset, seed=args.seed)
+    total = len(load_raw(args.data, cache_dir=args.cache_dir).train_labels)
+    return load_splits(args.data, val_size=val_size(args, name, total), seed=args.seed, cache_dir=args.cache_dir)
 
 
 def _prepare(study, args, arch, splits, budget, out, console) -> None:
@@ -211,7 +227,7 @@ def _prepare(study, args, arch, splits, budget, out, console) -> None:
     console.print(f"{arch}: seed trial (trial 0): adam, batch 512, max LR {clipped:.3g} (from {source})")
 
 
-def _run_here(study, storage, arch, splits, budget, args, console, *, quiet: bool,
+def _run_here(study, storage, arch, splits, budget, args, console, *, quiet: bool, storage_url: str,
               deadline: float | None = None) -> bool:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
     from rich.text import Text
@@ -226,42 +242,49 @@ def _run_here(study, storage, arch, splits, budget, args, console, *, quiet: boo
             return Text(left_text(max(0.0, end - time.monotonic()), task.fields["by_deadline"]),
                         style="progress.remaining")
 
-    target = args.trials
+    target, total = args.trials, expected_trials(args.trials, budget)
     progress = Progress(TextColumn(f"{arch}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[best]}  {task.fields[current]}"), TimeElapsedColumn(),
                         TimeLeftColumn(), console=console, disable=quiet)
     started, finished_before = time.monotonic(), counts(study)["finished"]
-    task = progress.add_task(arch, total=target, completed=min(finished_before, target),
+    task = progress.add_task(arch, total=total, completed=min(finished_before, total),
                              best=_best_text(study), current="", end=None, by_deadline=False)
+    redrawn = [time.monotonic()]
 
-    def on_epoch(number, epoch, epochs, val):
-        progress.update(task, current=f"trial {number}: epoch {epoch}/{epochs}, val {val:.1%}")
+    def on_epoch(number, rung, epoch, epochs, val):
+        progress.update(task, current=f"trial {number} (rung {rung}): epoch {epoch}/{epochs}, val {val:.1%}")
 
     def on_done(study_, trial_):
         finished, now = counts(study_)["finished"], time.monotonic()
-        left = time_left(now - started, finished - finished_before, target - finished,
+        left = time_left(now - started, finished - finished_before, total - finished,
                          None if deadline is None else deadline - time.time())
-        progress.update(task, completed=min(finished, target), best=_best_text(study_),
+        progress.update(task, completed=min(finished, total), best=_best_text(study_),
                         end=None if left is None else now + left[0], by_deadline=left is not None and left[1])
+        if not args.no_report and now - redrawn[0] >= LIVE_PAGE_EVERY:  # a live page for a user browsing reports/
+            redrawn[0] = now
+            _cli.rebuild_reports(args.out, None, storage_url)
         state = trial_.state.name.lower()
         value = f" val {trial_.value:.2%}" if trial_.value is not None else ""
         reason = trial_.user_attrs.get("pruned_reason") or trial_.user_attrs.get("fail_reason") or ""
         p = trial_.params
+        rung = trial_.user_attrs.get("rung", 0)
+        origin = f", promoted from trial {trial_.user_attrs['promoted_from']}" if rung else ""
         progress.console.print(
-            f"{arch} trial {trial_.number}: {state}{value} — {p.get('optimizer')}, max LR {p.get('max_lr', 0):.3g}, "
-            f"batch {p.get('batch_size')}{' — ' + reason if reason else ''}")
+            f"{arch} trial {trial_.number} (rung {rung}{origin}): {state}{value} — {p.get('optimizer')}, "
+            f"max LR {p.get('max_lr', 0):.3g}, batch {p.get('batch_size')}{' — ' + reason if reason else ''}")
 
     objective = make_objective(arch, splits, budget, args, progress_cb=on_epoch, target=target)
     with progress:
-        return run_worker(study, storage, objective, target, heartbeat=args.heartbeat, on_trial_done=on_done,
+        return run_worker(study, storage, objective, target, budget, heartbeat=args.heartbeat, on_trial_done=on_done,
                           deadline=deadline)
 
 
+LIVE_PAGE_EVERY = 30.0  # seconds between redraws of the study's page while it runs
+
+
 def _best_text(study) -> str:
-    try:
-        return f"best {study.best_value:.2%}"
-    except ValueError:
-        return "best —"
+    best = best_trial(study)
+    return "best —" if best is None else f"best {best.value:.2%} (rung {best.user_attrs.get('rung', 0)})"
 
 
 def worker_argv(raw_argv: list[str], arch: str, index: int, deadline: float | None) -> list[str]:
@@ -317,31 +340,46 @@ def _strip_flags(argv: list[str], names: set[str]) -> list[str]:
     return out
 
 
-def _summary(study, arch, console) -> None:
+def _summary(study, arch, budget, target: int, console) -> None:
+    """Trials per rung, the best at the highest rung reached against the seed's configuration there, and how far
+    each rung's ranking held at the next; every score with its standard error on the validation split."""
     from rich.table import Table
 
     from cifarlab.config import train_argv
+    from studies._ladder import fidelity, rung_pairs, standard_error
+    from studies._reports import study_record
 
     c = counts(study)
-    trials = study.get_trials(deepcopy=False)
-    seed = next((t for t in trials if t.user_attrs.get("seed_config") and t.value is not None), None)
+    record = study_record(study, importance=False)
+    trials, n_val = record["trials"], budget.val_size
+    promoted = sum(c.get(f"rung {k}", 0) for k in range(1, len(budget.rungs)))
     # The counts go on a line of their own: as the table's title, rich wrapped them to the table's width.
     console.print(f"{study.study_name}: {c['finished']} finished ({c['complete']} complete, {c['pruned']} pruned), "
-                  f"{c['fail']} failed")
+                  f"{c['fail']} failed; {c.get('rung 0', 0)} of {target} configurations at rung 0, "
+                  f"{promoted} promotions above it")
     table = Table()
-    for col in ("", "optimizer", "max LR", "batch", "val accuracy"):
+    for col in ("rung", "budget", "finished", "best", "optimizer", "max LR", "batch", "val accuracy ± SE"):
         table.add_column(col, justify="right")
-    best = None
-    try:
-        best = study.best_trial
-        table.add_row("best", best.params["optimizer"], f"{best.params['max_lr']:.3g}",
-                      str(best.params["batch_size"]), f"{best.value:.2%}")
-    except ValueError:
-        table.add_row("best", "—", "—", "—", "no complete trial")
-    if seed is not None:
-        table.add_row("seed", seed.params["optimizer"], f"{seed.params['max_lr']:.3g}", str(seed.params["batch_size"]),
-                      f"{seed.value:.2%}")
+    for rung in budget.rungs:
+        done = [t for t in trials if t["state"] == "complete" and t["user_attrs"].get("rung", 0) == rung.index]
+        best = max(done, key=lambda t: t["value"], default=None)
+        cells = ["—"] * 5 if best is None else [
+            f"#{best['number']}", best["params"]["optimizer"], f"{best['params']['max_lr']:.3g}",
+            str(best["params"]["batch_size"]), f"{best['value']:.2%} ± {standard_error(best['value'], n_val):.2%}"]
+        table.add_row(str(rung.index), f"{rung.epochs} ep × {rung.train_images:,}",
+                      str(c.get(f"rung {rung.index}", 0)), *cells)
     console.print(table)
+    best = best_trial(study)
+    if best is not None:
+        rung = best.user_attrs.get("rung", 0)
+        seed = next((t for t in trials if t["user_attrs"].get("seed_config") and t["state"] == "complete"
+                     and t["user_attrs"].get("rung", 0) == rung), None)
+        versus = (f"; the seed's configuration there: {seed['value']:.2%} (trial {seed['number']})" if seed
+                  else "; the seed's configuration was not promoted to it")
+        console.print(f"best at the highest rung reached (rung {rung}): trial {best.number}, {best.value:.2%} ± "
+                      f"{standard_error(best.value, n_val):.2%}{versus}", highlight=False)
+    for row in fidelity(rung_pairs(trials)):
+        console.print(row["sentence"], highlight=False)
     if best is not None and best.user_attrs.get("config"):
         console.print("the best as one run (--epochs for a longer one): python -m studies.train "
                       + " ".join(train_argv(best.user_attrs["config"])), highlight=False, soft_wrap=True)

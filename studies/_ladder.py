@@ -1,0 +1,157 @@
+"""The study's ladder of budgets: successive halving in which every rung is a complete one-cycle run at its own
+budget (epochs x training images), promotions in the manner of ASHA, and the check of how far a ranking transfers
+from one rung to the next. Plain data in, plain data out: the Optuna side is ``studies._study``."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Rung:
+    index: int
+    epochs: int
+    train_images: int
+
+    @property
+    def budget(self) -> dict:
+        return {"epochs": self.epochs, "train_images": self.train_images}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named budget: the top rung (the run the answer is for), how many rungs below it, the validation split."""
+
+    epochs: int
+    train_images: int | None  # None: the whole training split
+    rungs: int
+    val_size: int
+    lrfind_steps: int
+
+
+PRESETS = {
+    # smoke: seconds a trial, for tests and a first look.
+    "smoke": Preset(epochs=3, train_images=288, rungs=3, val_size=256, lrfind_steps=8),
+    # quick: sized for a 2-core CPU (both architectures, 30 configurations, within about 75 minutes); its top rung
+    # trains 9x the images its bottom rung does.
+    "quick": Preset(epochs=6, train_images=4608, rungs=3, val_size=1000, lrfind_steps=30),
+    # full: the default recipe's run (10 epochs on the whole training split) on top, for a GPU.
+    "full": Preset(epochs=10, train_images=None, rungs=3, val_size=5000, lrfind_steps=100),
+}
+
+
+def make_ladder(epochs: int, train_images: int, rungs: int, eta: float) -> list[Rung]:
+    """``rungs`` budgets rising by ``eta`` to ``epochs`` x ``train_images``: epochs and images each grow by about
+    the square root of ``eta`` a rung, so that the lower rungs are neither one-epoch runs nor tiny subsets."""
+    ladder = []
+    for k in range(rungs):
+        share = eta ** -(rungs - 1 - k)  # of the top rung's images seen
+        e = min(epochs, max(1, round(epochs * math.sqrt(share))))
+        n = min(train_images, max(1, round(epochs * train_images * share / e)))
+        ladder.append(Rung(k, e, n))
+    return ladder
+
+
+# ------------------------------------------------------------------------------------------------- promotion
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trial as the ladder sees it: its number, rung, state, score and the trial it was promoted from."""
+
+    number: int
+    rung: int
+    state: str  # complete, pruned, fail, running, waiting
+    value: float | None = None
+    promoted_from: int | None = None
+
+
+def due_promotions(runs: list[Run], rungs: int, eta: float) -> list[tuple[int, int]]:
+    """(trial, rung it goes to) of every promotion due, the highest rung first: a complete trial in the top
+    1/eta of its rung's complete trials that has not been promoted yet (ASHA: no rung waits to fill)."""
+    tried = {(r.rung, r.promoted_from) for r in runs if r.promoted_from is not None}
+    due = []
+    for k in reversed(range(rungs - 1)):
+        done = sorted((r for r in runs if r.rung == k and r.state == "complete" and r.value is not None),
+                      key=lambda r: (-r.value, r.number))
+        due += [(r.number, k + 1) for r in done[: int(len(done) // eta)] if (k + 1, r.number) not in tried]
+    return due
+
+
+def best_run(runs: list[Run]) -> Run | None:
+    """The best complete trial of the highest rung any trial completed."""
+    done = [r for r in runs if r.state == "complete" and r.value is not None]
+    if not done:
+        return None
+    top = max(r.rung for r in done)
+    return max((r for r in done if r.rung == top), key=lambda r: (r.value, -r.number))
+
+
+# ------------------------------------------------------------------------------------------------- fidelity
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on ``n`` validation images."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n else float("nan")
+
+
+def tied_with_best(scores: pd.Series, n: int) -> pd.Series:
+    """Whether each score lies within two standard errors (on ``n`` images, at the best's accuracy) of the best."""
+    best = scores.max()
+    return scores >= best - 2 * standard_error(best, n)
+
+
+def fidelity(pairs: pd.DataFrame) -> list[dict]:
+    """For each pair of adjacent rungs: how the scores of the configurations run at both rank alike.
+
+    ``pairs`` holds one row per configuration and rung pair: ``rung`` (the lower), ``config`` (a label),
+    ``lower`` and ``upper`` (its scores). Pairs with fewer than 3 configurations get no correlation."""
+    out = []
+    for rung, grp in pairs.groupby("rung", sort=True):
+        n = len(grp)
+        row = {"rung": int(rung), "configurations": n, "spearman": None, "kendall": None,
+               "same_best": bool(grp["lower"].idxmax() == grp["upper"].idxmax())}
+        if n >= 3:
+            row["spearman"] = float(grp["lower"].corr(grp["upper"], method="spearman"))
+            with contextlib.suppress(ImportError):  # Kendall's tau needs scipy
+                row["kendall"] = float(grp["lower"].corr(grp["upper"], method="kendall"))
+        row["sentence"] = fidelity_sentence(row)
+        out.append(row)
+    return out
+
+
+HELD = 0.5  # Spearman at or above which a ranking is said to hold
+
+
+def fidelity_sentence(row: dict) -> str:
+    k, n, rho = row["rung"], row["configurations"], row["spearman"]
+    if rho is None or math.isnan(rho):
+        return f"rung {k} to rung {k + 1}: {n} configuration{'s' if n != 1 else ''} run at both, too few to rank"
+    best = "the same best" if row["same_best"] else "another best"
+    if rho >= HELD:
+        return (f"the ranking held from rung {k} to rung {k + 1}: Spearman {rho:.2f} over {n} configurations "
+                f"({best})")
+    return (f"the ranking changed from rung {k} to rung {k + 1}: Spearman {rho:.2f} over {n} configurations "
+            f"({best}): the lower budget's ranking is not a guide here")
+
+
+def rung_pairs(trials: list[dict]) -> pd.DataFrame:
+    """One row per promotion that completed: ``rung`` (the lower), ``config`` (labelled by its lowest-rung trial),
+    its scores at the ``lower`` and ``upper`` rung. ``trials`` as a study record holds them (number, state, value,
+    user_attrs)."""
+    by_number = {t["number"]: t for t in trials}
+    rows = []
+    for t in trials:
+        source = by_number.get(t["user_attrs"].get("promoted_from"))
+        if t["state"] != "complete" or source is None or source["state"] != "complete":
+            continue
+        root = source
+        while root["user_attrs"].get("promoted_from") in by_number:
+            root = by_number[root["user_attrs"]["promoted_from"]]
+        rows.append({"rung": source["user_attrs"].get("rung", 0), "config": f"#{root['number']}",
+                     "lower": source["value"], "upper": t["value"]})
+    return pd.DataFrame(rows, columns=["rung", "config", "lower", "upper"])
