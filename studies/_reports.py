@@ -17,7 +17,17 @@ def study_record(study, importance: bool = True) -> dict:
                "completed": t.datetime_complete.isoformat() if t.datetime_complete else ""}
               for t in study.get_trials(deepcopy=False)]
     return {"name": study.study_name, "user_attrs": study.user_attrs, "trials": trials,
-            "importance": _importance(study) if importance else {}}
+            "importance": _importance(study) if importance else {}, "ladder": ladder_record(study.user_attrs, trials)}
+
+
+def ladder_record(attrs: dict, trials: list[dict]) -> dict:
+    """The study's rungs, its validation size, every completed promotion's pair of scores and the fidelity check."""
+    from studies._ladder import fidelity, rung_pairs
+
+    budget = (attrs.get("spec") or {}).get("budget") or {}
+    pairs = rung_pairs(trials)
+    return {"rungs": budget.get("rungs", []), "val_size": budget.get("val_size"),
+            "pairs": pairs.to_dict("records"), "fidelity": fidelity(pairs)}
 
 
 def _importance(study) -> dict[str, float]:

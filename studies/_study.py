@@ -4,6 +4,7 @@ epoch's validation accuracy at its rung's budget, and the test set is never seen
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -72,7 +73,7 @@ def resolve_budget(args, name: str, available: int, val_images: int) -> tuple[Bu
 
 def study_spec(args, budget: Budget, arch: str) -> dict:
     """What defines a study; a stored study with another spec is refused rather than mixed."""
-    return {
+    spec = {
         "arch": arch,
         "search_space": {"optimizer": list(LR_RANGES), "max_lr": {k: list(v) for k, v in LR_RANGES.items()},
                          "batch_size": list(BATCH_SIZES)},
@@ -80,6 +81,7 @@ def study_spec(args, budget: Budget, arch: str) -> dict:
         "fixed": {"weight_decay": args.weight_decay, "pct_start": args.pct_start,
                   "label_smoothing": args.label_smoothing, "seed": args.seed, "recipe": recipe_defaults()},
     }
+    return json.loads(json.dumps(spec))  # as the storage gives it back: lists, not tuples
 
 
 # TrainConfig fields that every trial takes from the defaults: a study stores them, so that a later change of the
@@ -188,7 +190,10 @@ def load_study(storage, name: str, args, spec: dict, *, create: bool):
 
     from cifarlab.errors import ConfigError
 
-    sampler = seed_first_sampler(args.seed, lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=8))
+    # No constant liar: the sampler sees a copy of the lowest rung's finished trials, in which it cannot write its lie
+    # into the running trial; the workers' seeds, drawn from their trial numbers, keep their samples apart.
+    sampler = seed_first_sampler(args.seed, lambda s: optuna.samplers.TPESampler(seed=s, n_startup_trials=8,
+                                                                                  constant_liar=False))
     pruner = make_pruner(args.pruner, spec["budget"]["rungs"][0]["epochs"], args.pct_start)
     if create:
         study = optuna.create_study(study_name=name, storage=storage, direction="maximize", sampler=sampler,

@@ -35,7 +35,7 @@ from studies._study import SEED_CONFIG as SEED_CONFIG
 PROG = "python -m studies.onecycle"
 
 # What the --final-* flags mean when not given; they parse to None, so that one given without --final is told
-FINAL_DEFAULTS = {"final_holdout": False, "final_epochs": 24, "final_seeds": 1}
+FINAL_DEFAULTS = {"final_holdout": False, "final_epochs": None, "final_seeds": 1}  # epochs None: the top rung's
 FINAL_FLAGS = [f"--{k.replace('_', '-')}" for k in FINAL_DEFAULTS]
 
 
@@ -89,15 +89,16 @@ def build_parser():
     p.add_argument("--workers", type=_cli.positive_int, default=1,
                    help="worker processes on this machine sharing each study (default: 1)")
     p.add_argument("--final", action="store_true",
-                   help="retrain each architecture's best configuration on every training image; test accuracy")
+                   help="retrain each architecture's best configuration and the seed's on every training image; "
+                        "test accuracy of both and their difference")
     p.add_argument("--final-holdout", action=_cli.argparse.BooleanOptionalAction, default=None,
                    help="keep the study's validation split out of the --final retrains, so that their per-epoch "
                         "validation accuracy compares with the trials' (default: train on all of it, as published "
                         "test figures do)")
     p.add_argument("--final-epochs", type=_cli.positive_int, default=None,
-                   help=f"epochs of --final runs (default: {FINAL_DEFAULTS['final_epochs']})")
+                   help="epochs of --final runs (default: the top rung's)")
     p.add_argument("--final-seeds", type=_cli.positive_int, default=None,
-                   help=f"--final runs per architecture (default: {FINAL_DEFAULTS['final_seeds']})")
+                   help=f"--final runs of each of the two configurations (default: {FINAL_DEFAULTS['final_seeds']})")
     p.add_argument("--heartbeat", type=_cli.positive_int, default=15,
                    help="seconds between trial heartbeats; a trial silent for 3x this is failed and retried "
                         "(default: %(default)s)")

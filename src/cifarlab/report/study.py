@@ -1,5 +1,6 @@
-"""A study's page, drawn from a plain study record (never an Optuna object): its trials, the best against the
-seed configuration, the figures of the search, and the final retrains."""
+"""A study's page, drawn from a plain study record (never an Optuna object): its ladder of budgets and how far each
+rung's ranking held at the next, its trials, the best against the seed configuration, the figures of the search,
+and the final retrains."""
 
 from __future__ import annotations
 
@@ -24,23 +25,102 @@ def study_slug(name: str) -> str:
     return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
 
 
+def standard_error(accuracy, n) -> float:
+    """Binomial standard error of an accuracy measured on ``n`` images."""
+    return float(np.sqrt(accuracy * (1 - accuracy) / n)) if n and pd.notna(accuracy) else float("nan")
+
+
 def study_frame(study: dict) -> pd.DataFrame:
-    """One row per trial of a study record (built from the storage by ``studies``)."""
+    """One row per trial of a study record (built from the storage by ``studies``): with its rung, the standard error
+    of its score on the validation split, and whether that score is within two of them of its rung's best."""
+    n_val = (study.get("ladder") or {}).get("val_size")
     rows = []
     for t in study["trials"]:
         attrs = t["user_attrs"]
         rows.append({
-            "trial": t["number"], "state": t["state"], "optimizer": t["params"].get("optimizer"),
+            "trial": t["number"], "rung": attrs.get("rung", 0), "promoted_from": attrs.get("promoted_from"),
+            "state": t["state"], "optimizer": t["params"].get("optimizer"),
             "max_lr": t["params"].get("max_lr"), "batch_size": t["params"].get("batch_size"),
             "val_accuracy": t["value"], "epochs_run": len(attrs.get("epochs", [])), "seconds": t["seconds"],
             "images_per_second": attrs.get("images_per_second"), "train_images": attrs.get("train_images"),
             "seed_config": bool(attrs.get("seed_config")),
             "reason": attrs.get("pruned_reason") or attrs.get("fail_reason") or "",
         })
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    if len(frame):
+        frame["se"] = [standard_error(v, n_val) for v in frame["val_accuracy"]]
+        done = frame["state"] == "complete"
+        best = frame[done].groupby("rung")["val_accuracy"].transform("max")  # each complete trial's rung's best
+        frame["tied_with_best"] = False
+        if n_val:
+            frame.loc[done, "tied_with_best"] = frame.loc[done, "val_accuracy"] >= best - 2 * best.map(
+                lambda b: standard_error(b, n_val))
+    return frame
 
 
 COMPARED = ("trial", "optimizer", "max_lr", "batch_size", "val_accuracy")
+
+
+def _ladder_section(study: dict, frame: pd.DataFrame, out_dir: Path) -> str:
+    """The rungs with their best score and its standard error, and for each pair of adjacent rungs a scatter of the
+    configurations run at both, its rank correlation and the sentence that says whether the ranking held."""
+    ladder = study.get("ladder") or {}
+    rungs, n_val = ladder.get("rungs") or [], ladder.get("val_size")
+    if not rungs:
+        return ""
+    rows = []
+    for r in rungs:
+        at = frame[(frame["rung"] == r["index"]) & (frame["state"] == "complete")] if len(frame) else frame
+        best = at.loc[at["val_accuracy"].idxmax()] if len(at) else None
+        rows.append({"rung": r["index"], "epochs": r["epochs"], "training images": f"{r['train_images']:,}",
+                     "complete": len(at), "best trial": "—" if best is None else int(best["trial"]),
+                     "best val acc (%)": "—" if best is None else
+                     f"{best['val_accuracy']:.2%} ± {best['se']:.2%}".replace("%", ""),
+                     "tied with the best": int(at["tied_with_best"].sum()) if len(at) else 0})
+    out = ("<h2>Ladder of budgets</h2>" + html.table(pd.DataFrame(rows))
+           + f'<p class="note">Every trial is a complete one-cycle run at its rung\'s budget, scored on the same '
+             f"{n_val:,} validation images; ± is the standard error of that score, and a trial within two of them of "
+             "its rung's best is marked tied with it: the split cannot tell them apart. The top 1/η of a rung is "
+             "trained again from scratch at the next rung.</p>")
+    pairs = pd.DataFrame(ladder.get("pairs") or [], columns=["rung", "config", "lower", "upper"])
+    checks = ladder.get("fidelity") or []
+    if len(pairs):
+        shown = sorted(pairs["rung"].unique())
+        fig, axes = plt.subplots(1, len(shown), figsize=(4.6 * len(shown), 4), squeeze=False)
+        for ax, k in zip(axes[0], shown):
+            grp = pairs[pairs["rung"] == k]
+            ax.scatter(grp["lower"] * 100, grp["upper"] * 100, s=30)
+            for _, p in grp.iterrows():
+                ax.annotate(p["config"], (p["lower"] * 100, p["upper"] * 100), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+            rho = next((c["spearman"] for c in checks if c["rung"] == k), None)
+            ax.set(title=f"rung {k} → {k + 1}" + (f": Spearman {rho:.2f}, n={len(grp)}" if rho is not None else
+                                                 f": n={len(grp)}"),
+                   xlabel=f"val acc at rung {k} (%)", ylabel=f"val acc at rung {k + 1} (%)")
+        save(fig, out_dir / "fidelity.png")
+        out += html.figure("fidelity.png", "Each promoted configuration's score at its rung against the next "
+                                           "(labels: the configuration's rung-0 trial)")
+    out += "".join(f"<p><b>{html.esc(c['sentence'][0].upper() + c['sentence'][1:])}.</b></p>" for c in checks)
+    return out
+
+
+def _final_section(final: dict | None) -> str:
+    """--final: the best configuration and the seed's, each retrained on every training image over seeds."""
+    if not final or "configs" not in final:
+        return ""
+    rows = [{"configuration": name, "optimizer": c["params"]["optimizer"], "max LR": f"{c['params']['max_lr']:.3g}",
+             "batch": c["params"]["batch_size"], "seeds": len(c["runs"]),
+             "test accuracy": f"{c['mean']:.2%} ± {c['std']:.2%}"}
+            for name, c in (("best", final["configs"]["best"]), ("seed's", final["configs"].get("seed")))
+            if c is not None]
+    verdict = ""
+    if "difference" in final:
+        verdict = (f"<p>The best less the seed's configuration: <b>{final['difference']:+.2%}</b>, "
+                   + ("more than the spread over seeds" if final["exceeds_spread"] else
+                      "within the spread over seeds" if rows[0]["seeds"] > 1 else "one seed each: no spread to judge "
+                      "it by") + ".</p>")
+    return (f"<h2>Final retrains ({final['epochs']} epochs, {final.get('train_images', 0):,} training images)</h2>"
+            + html.table(pd.DataFrame(rows)) + verdict)
 
 
 def study_page(study: dict, out_dir: Path) -> Path:
@@ -52,25 +132,22 @@ def study_page(study: dict, out_dir: Path) -> Path:
     counts = frame["state"].value_counts().to_dict() if len(frame) else {}
     parts = [f'<p class="note">{len(frame)} trials: ' + html.esc(", ".join(f"{v} {k}" for k, v in counts.items()))
              + "</p>"]
+    parts.append(_ladder_section(study, frame, out_dir))
     if len(done):
-        best = done.loc[done["val_accuracy"].idxmax()]
-        seed = done[done["seed_config"]]
+        top = done[done["rung"] == done["rung"].max()]  # the best is the best at the highest rung reached
+        best = top.loc[top["val_accuracy"].idxmax()]
+        seed = top[top["seed_config"]]
         table = pd.DataFrame([{"": "best", **{k: best[k] for k in COMPARED}}]
                              + [{"": "seed configuration", **{k: seed.iloc[0][k] for k in COMPARED}}] * bool(len(seed)))
         table["val_accuracy"] = (table["val_accuracy"] * 100).round(2)
-        parts.append("<h2>Best against the seed</h2>"
+        parts.append(f"<h2>Best against the seed (rung {best['rung']})</h2>"
                      + html.table(table.rename(columns={"val_accuracy": "val acc (%)"})))
         config = next(t for t in study["trials"] if t["number"] == best["trial"])["user_attrs"].get("config")
         if config:
             command = " ".join(["python -m studies.train", *train_argv(config)])
             parts.append(f'<p class="note">The best as one run (<code>--epochs</code> for a longer one): '
                          f"<code>{html.esc(command)}</code></p>")
-        final = study["user_attrs"].get("final")
-        if final:
-            images = {r["train_images"] for r in final["runs"]}
-            trained_on = f", {images.pop():,} training images" if len(images) == 1 else ""
-            parts.append(f"<p>Final retrain ({final['epochs']} epochs, {len(final['runs'])} seed(s){trained_on}): "
-                         f"test accuracy <b>{final['mean']:.2%} ± {final['std']:.2%}</b></p>")
+        parts.append(_final_section(study["user_attrs"].get("final")))
         done = done.assign(**{"val acc (%)": done["val_accuracy"] * 100})
         sns.set_theme(style="whitegrid")
         parts += ["<h2>Figures</h2>" + _history(frame, done, out_dir), _by_parameter(done, out_dir),
