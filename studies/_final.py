@@ -37,15 +37,16 @@ def final_retrain(args, archs: list[str], storage, budget: Budget, out: Path, co
             same = stored.get("epochs") == epochs and stored.get("holdout") == holdout
             before = (stored.get("configs") or {}).get(label) or {}
             done = {r["seed"]: r for r in before.get("runs", [])} if same and before.get("params") == params else {}
-            if label == "seed" and params == best.params:
-                done = {r["seed"]: r for r in final["configs"]["best"]["runs"]}  # the best is the seed's: reused
+            reused = label == "seed" and params == best.params  # the best is the seed's: its runs count for both
+            if reused:
+                done = {r["seed"]: r for r in final["configs"]["best"]["runs"]}
             runs = []
             for k in range(args.final_seeds):
                 tag = f"{arch} final {NAMES[label]}, seed {k + 1}/{args.final_seeds}"
                 run = done.get(args.seed + 1000 + k)
                 if run is not None:
-                    console.print(f"{tag}: trained before, test {run['test_accuracy']:.2%} ({run['run']})",
-                                  soft_wrap=True)
+                    console.print(f"{tag}: {'the best' + chr(39) + 's run' if reused else 'trained before'}, test "
+                                  f"{run['test_accuracy']:.2%} ({run['run']})", soft_wrap=True)
                 else:
                     run = _final_seed(args, arch, k, study, params, epochs, splits, holdout, out, console, tag)
                 runs.append(run)
@@ -53,7 +54,7 @@ def final_retrain(args, archs: list[str], storage, budget: Budget, out: Path, co
                 study.set_user_attr("final", final)  # a stop in the next seed keeps this one
         compare(final)
         study.set_user_attr("final", final)
-        console.print(final_sentence(arch, final), highlight=False)
+        console.print(final_sentence(arch, final), highlight=False, soft_wrap=True)
 
 
 NAMES = {"best": "best", "seed": "seed's configuration"}

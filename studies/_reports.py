@@ -31,15 +31,19 @@ def ladder_record(attrs: dict, trials: list[dict]) -> dict:
 
 
 def _importance(study) -> dict[str, float]:
+    """Optuna's importance over the lowest rung's complete trials (every configuration at one budget), on a copy of
+    them in memory: a promoted run's larger score would otherwise read as its parameters' doing."""
     import optuna
 
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
-    if len(complete) < 3:
+    from studies._study import lowest_rung_copy
+
+    view = lowest_rung_copy(study, (optuna.trial.TrialState.COMPLETE,))
+    if len(view.trials) < 3:
         return {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return dict(optuna.importance.get_param_importances(study))  # PED-ANOVA, Optuna's default
+            return dict(optuna.importance.get_param_importances(view))  # PED-ANOVA, Optuna's default
     except (RuntimeError, ValueError):  # e.g. a parameter that never varied
         return {}
 

@@ -128,13 +128,10 @@ def seed_first_sampler(seed: int, make_base):
             self._view, self._view_key = None, None
 
         def _lowest_rung(self, study):
-            trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
-                      if t.user_attrs.get("rung", 0) == 0]
-            key = tuple(t.number for t in trials)
-            if key != self._view_key:
-                self._view = optuna.create_study(direction="maximize")  # in memory
-                self._view.add_trials(trials)
-                self._view_key = key
+            key = tuple(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                                                   TrialState.PRUNED)))
+            if key != self._view_key:  # a new copy only when a trial has finished
+                self._view, self._view_key = lowest_rung_copy(study, (TrialState.COMPLETE, TrialState.PRUNED)), key
             return self._view
 
         def _for(self, trial):
@@ -168,6 +165,15 @@ def seed_first_sampler(seed: int, make_base):
             self._base.reseed_rng()
 
     return SeedFirstSampler()
+
+
+def lowest_rung_copy(study, states):
+    """An in-memory study holding ``study``'s lowest-rung trials in ``states``: every configuration at one budget."""
+    import optuna
+
+    copy = optuna.create_study(direction="maximize")
+    copy.add_trials([t for t in study.get_trials(deepcopy=False, states=states) if t.user_attrs.get("rung", 0) == 0])
+    return copy
 
 
 def _spec_differences(stored: dict, spec: dict) -> list[str]:

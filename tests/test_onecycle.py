@@ -32,39 +32,59 @@ def finished(study) -> int:
 
 
 @pytest.mark.realdata
-def test_smoke_study_on_real_subset_end_to_end(real_data_path, tmp_path, capsys):
-    # half the smoke budget's 256 + 256 images a trial: the test is about the study on real files, not its figures
-    argv = ["--data", str(real_data_path), "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet",
+def test_smoke_ladder_on_real_subset_runs_the_promotions_the_rule_dictates(real_data_path, tmp_path, capsys):
+    # 9 configurations on the smoke ladder (1 epoch x 43 images, 2 x 64, 3 x 128): the top third of each rung goes
+    # up, as soon as it is known: 9 -> 3 -> 1. Real files; the figures are not the point.
+    argv = ["--data", str(real_data_path), "--budget", "smoke", "--trials", "9", "--arch", "custom_resnet",
             "--train-subset", "128", "--val-size", "128", "--seed-max-lr", "0.002", "--out", str(tmp_path), "--quiet"]
     assert onecycle.main(argv) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^onecycle-custom_resnet: 3 finished \(\d complete, \d pruned\), 0 failed$", out, re.M), out
-    assert "seed" in out and "1 epoch on 128 training images" in out
+    assert re.search(r"^onecycle-custom_resnet: 13 finished \(\d+ complete, \d pruned\), 0 failed; 9 of 9 "
+                     r"configurations at rung 0, 4 promotions above it$", out, re.M), out
+    assert "rungs 1 ep × 43 → 2 ep × 64 → 3 ep × 128 training images (η 3), validation 128" in out
     study = load(tmp_path)
     trials = study.get_trials(deepcopy=False)
-    assert len(trials) == 3 and finished(study) == 3
+    by_number = {t.number: t for t in trials}
+    rungs = [t.user_attrs["rung"] for t in trials]
+    assert [rungs.count(k) for k in range(3)] == [9, 3, 1] and finished(study) == 13
+    spec_rungs = study.user_attrs["spec"]["budget"]["rungs"]
+    for t in trials:
+        rung = spec_rungs[t.user_attrs["rung"]]
+        assert t.user_attrs["budget"] == {"epochs": rung["epochs"], "train_images": rung["train_images"]}
+        assert len(t.user_attrs["epochs"]) == rung["epochs"] and t.user_attrs["train_images"] == rung["train_images"]
+        assert t.user_attrs["epochs"][-1]["val_accuracy"] == pytest.approx(t.value)
+        assert t.user_attrs["images_per_second"] > 0 and t.user_attrs["device"] == "cpu"
+    promoted = [t for t in trials if t.user_attrs["rung"] > 0]
+    sources = [(t.user_attrs["rung"], t.user_attrs["promoted_from"]) for t in promoted]
+    assert len(set(sources)) == len(sources)  # no configuration promoted twice to a rung, nor run twice there
+    for t in promoted:
+        source = by_number[t.user_attrs["promoted_from"]]
+        assert t.params == source.params and source.user_attrs["rung"] == t.user_attrs["rung"] - 1
+        # promoted the moment it was in the top third of the trials its rung had completed before
+        peers = [p for p in trials if p.user_attrs["rung"] == source.user_attrs["rung"] and p.number < t.number
+                 and p.state.name == "COMPLETE"]
+        assert sorted(peers, key=lambda p: -p.value).index(source) < len(peers) // 3
+    # the first promotion comes straight after the third configuration: the best of the first three
+    assert trials[3].user_attrs.get("promoted_from") == max(trials[:3], key=lambda t: (t.value, -t.number)).number
     first = trials[0]
     assert first.params == {"optimizer": "adam", "batch_size": 512, "max_lr": 0.002}
     assert first.user_attrs["seed_config"] is True
-    for t in trials:
-        assert len(t.user_attrs["epochs"]) == 1
-        assert t.user_attrs["epochs"][0]["val_accuracy"] == pytest.approx(t.value)
-        assert t.user_attrs["images_per_second"] > 0 and t.user_attrs["device"] == "cpu"
-        assert t.intermediate_values == {1: t.value}
+    # the best is the best of the highest rung, and the summary says so and ends with its command
+    (top,) = [t for t in trials if t.user_attrs["rung"] == 2]
+    assert _study.best_trial(study).number == top.number
+    assert f"best at the highest rung reached (rung 2): trial {top.number}, {top.value:.2%} ± " in out
+    assert re.search(r"^(the ranking (held|changed) from rung 0 to rung 1: Spearman -?[\d.]+ over 3 configurations"
+                     r"|rung 0 to rung 1: 3 configurations run at both, too few to rank)", out, re.M), out
+    command = re.search(r"^the best as one run .*: python -m studies\.train (.*)$", out, re.M)
+    argv = command.group(1).split()
+    assert argv[argv.index("--optimizer") + 1] == top.params["optimizer"]
+    assert argv[argv.index("--epochs") + 1] == "3"
     spec = study.user_attrs["spec"]
     assert spec["budget"]["name"] == "smoke" and spec["search_space"]["batch_size"] == [128, 256, 512, 1024]
     # the default recipe's fixed parts are part of what defines the study
     trial_config = study.trials[0].user_attrs["config"]
     assert spec["fixed"]["recipe"] == {k: trial_config[k] for k in spec["fixed"]["recipe"]}
     assert {"ema", "cutout_p", "logit_scale"} <= set(spec["fixed"]["recipe"])
-    # the summary ends with the command that trains the best configuration as one run
-    best = study.best_trial
-    command = re.search(r"^the best as one run .*: python -m studies\.train (.*)$", out, re.M)
-    assert command, out
-    argv = command.group(1).split()
-    assert argv[argv.index("--optimizer") + 1] == best.params["optimizer"]
-    assert float(argv[argv.index("--max-lr") + 1]) == pytest.approx(best.params["max_lr"], rel=1e-5)
-    assert ("--batch-size" in argv) == (best.params["batch_size"] != 512) and "--epochs" in argv
 
 
 def test_resume_tops_up_and_never_overshoots(tmp_path):
@@ -73,10 +93,11 @@ def test_resume_tops_up_and_never_overshoots(tmp_path):
     first = [t.params for t in load(tmp_path).trials]
     assert onecycle.main([*base, "--trials", "3"]) == 0
     study = load(tmp_path)
-    assert finished(study) == 3 and len(study.trials) == 3
+    # a third configuration, and the promotion of the best of three that it makes due
+    assert finished(study) == 4 and [t.user_attrs["rung"] for t in study.trials] == [0, 0, 0, 1]
     assert [t.params for t in study.trials[:2]] == first  # the stored trials were kept, not redone
     assert onecycle.main([*base, "--trials", "3"]) == 0  # already complete: nothing runs
-    assert len(load(tmp_path).trials) == 3
+    assert len(load(tmp_path).trials) == 4
 
 
 def test_diverging_trial_is_pruned_with_its_reason_and_the_study_goes_on(tmp_path, monkeypatch):
@@ -211,10 +232,11 @@ def test_timeout_starts_no_trial_after_its_deadline_and_says_so(tmp_path, capsys
     assert len(deadlines) == 1 and before + 2 <= deadlines[0] < before + 2 + 30
     assert launched and len(launched) == len(trials) and max(launched) < deadlines[0], (launched, deadlines)
     assert all(t.state != optuna.trial.TrialState.RUNNING for t in trials)  # the last one ran to its end
-    assert finished(study) < 20
+    lowest = sum(1 for t in trials if t.user_attrs["rung"] == 0 and t.state.name in ("COMPLETE", "PRUNED"))
+    assert lowest < 20
     line = re.search(r"^custom_resnet: --timeout: no trial starts after \d\d:\d\d:\d\d; (\d+) of 20 trials finished "
-                     r"\(the same command tops the study up\)$", out, re.M)
-    assert line and int(line.group(1)) == finished(study), out
+                     r"at rung 0 \(the same command tops the study up\)$", out, re.M)
+    assert line and int(line.group(1)) == lowest, out
 
 
 def test_durations_and_the_time_each_architecture_gets():
@@ -263,7 +285,8 @@ def test_pruned_trials_keep_their_records(tmp_path, monkeypatch):
     # A pruner that prunes every trial as soon as its warm-up (the LR peak) has passed.
     monkeypatch.setattr(_study, "make_pruner",
                         lambda kind, epochs, pct: optuna.pruners.ThresholdPruner(lower=1.1, n_warmup_steps=1))
-    argv = [*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--epochs", "3", "--out", str(tmp_path)]
+    # one rung: its trials' intermediate epochs are what epoch-level pruning compares
+    argv = [*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--epochs", "3", "--rungs", "1", "--out", str(tmp_path)]
     assert onecycle.main(argv) == 0
     study = load(tmp_path)
     assert states(study) == {"PRUNED": 2}
@@ -272,13 +295,19 @@ def test_pruned_trials_keep_their_records(tmp_path, monkeypatch):
         assert "pruned after epoch 1" in t.user_attrs["pruned_reason"]
 
 
-def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_path, capsys, monkeypatch):
+def test_final_retrains_the_best_and_the_seed_configuration_and_compares_them(tmp_path, capsys, monkeypatch):
     from cifarlab.checkpoint import Checkpointing
 
-    # 120 training images: the trials train on a subset with 20 held out, the final runs on all 120, twice
-    base = [*SYNTH, "--data", "synthetic:120:20", "--arch", "custom_resnet", "--trials", "2", "--out", str(tmp_path)]
+    # 120 training images: the trials train on a subset with 20 held out, the final runs on all 120, twice each
+    base = [*SYNTH, "--data", "synthetic:120:20", "--arch", "custom_resnet", "--trials", "1", "--out", str(tmp_path)]
     final = ["--final", "--final-epochs", "2", "--final-seeds", "2"]
-    # A Ctrl-C just after the second seed saved its first checkpoint: the first seed is finished and stored.
+    # the seed's trial, then a configuration stored as scoring better: the best and the seed's then differ
+    assert onecycle.main(base) == 0
+    study = load(tmp_path)
+    study.add_trial(optuna.trial.create_trial(
+        params={"optimizer": "adamw", "max_lr": 0.001, "batch_size": 128}, distributions=study.trials[0].distributions,
+        value=0.99, user_attrs={"rung": 0}))
+    # A Ctrl-C just after the best's second seed saved its first checkpoint: its first seed is finished and stored.
     save, saves = Checkpointing.save, []
 
     def save_then_ctrl_c_on_the_second(*args, **kw):
@@ -290,58 +319,71 @@ def test_final_retrains_the_best_configuration_and_reports_test_accuracy(tmp_pat
     monkeypatch.setattr(_final, "FINAL_CHECKPOINT_EVERY", 0.0)
     monkeypatch.setattr(Checkpointing, "save", save_then_ctrl_c_on_the_second)
     assert onecycle.main([*base, *final]) == 130
-    assert len(load(tmp_path).user_attrs["final"]["runs"]) == 1
+    assert len(load(tmp_path).user_attrs["final"]["configs"]["best"]["runs"]) == 1
     capsys.readouterr()
     # the same command again: the first seed is not trained again, the second resumes from its checkpoint
     monkeypatch.setattr(Checkpointing, "save", save)
     assert onecycle.main([*base, *final]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"custom_resnet final seed 1/2: trained before, test \d", out), out
-    assert re.search(r"custom_resnet final seed 2/2: resuming .*-final after epoch 1 of 2$", out, re.M), out
-    assert "test accuracy" in out and "over 2 seed(s), trained on 120 images" in out
-    assert re.search(r"final seed 2/2 epoch 2/2: train loss [\d.]+ \| train acc \d", out), out  # no "nan%"
+    assert re.search(r"custom_resnet final best, seed 1/2: trained before, test \d", out), out
+    assert re.search(r"custom_resnet final best, seed 2/2: resuming .*-final after epoch 1 of 2$", out, re.M), out
+    assert re.search(r"final best, seed 2/2 epoch 2/2: train loss [\d.]+ \| train acc \d", out), out  # no "nan%"
+    assert re.search(r"^custom_resnet: 2 epochs on 120 images, 2 seed\(s\) each: best [\d.]+% ± [\d.]+%, seed's "
+                     r"configuration [\d.]+% ± [\d.]+%; difference [+-][\d.]+% \((more than|within) the spread over "
+                     r"seeds\)$", out, re.M), out
     assert not list((tmp_path / "runs").glob("*/checkpoint.pt"))
     study = load(tmp_path)
     final = study.user_attrs["final"]
-    assert final["params"] == study.best_trial.params and len(final["runs"]) == 2
-    assert final["holdout"] == 0 and [r["train_images"] for r in final["runs"]] == [120, 120]
-    assert 0 <= final["mean"] <= 1 and final["std"] >= 0
+    best, seed = final["configs"]["best"], final["configs"]["seed"]
+    assert best["params"] == {"optimizer": "adamw", "max_lr": 0.001, "batch_size": 128}
+    assert best["params"] == _study.best_trial(study).params
+    assert seed["params"] == study.trials[0].params != best["params"]
+    assert [len(best["runs"]), len(seed["runs"])] == [2, 2]
+    assert final["holdout"] == 0 and [r["train_images"] for r in best["runs"] + seed["runs"]] == [120] * 4
+    assert final["difference"] == pytest.approx(best["mean"] - seed["mean"])
+    spread = max(max(r["test_accuracy"] for r in c["runs"]) - min(r["test_accuracy"] for r in c["runs"])
+                 for c in (best, seed))
+    assert final["exceeds_spread"] == (abs(final["difference"]) > spread)
     runs = sorted((tmp_path / "runs").glob("*-custom_resnet-final*/run.json"))
-    assert len(runs) == 2 and len(list((tmp_path / "runs").iterdir())) == 2  # one folder a seed, resumed or not
-    # each keeps its weights, and they rebuild the best trial's batch size and optimizer in their config
-    _, _, doc = load_weights(runs[0].with_name("model.pt"))
-    assert doc["config"]["batch_size"] == final["params"]["batch_size"]
-    assert doc["config"]["optimizer"] == final["params"]["optimizer"]
-    assert json.loads(runs[0].read_text())["data"]["train"] == 120
+    assert len(runs) == 4 == len(list((tmp_path / "runs").iterdir()))  # a folder a seed of each
+    # each keeps its weights, and they rebuild their configuration's batch size and optimizer
+    for path in runs:
+        _, _, doc = load_weights(path.with_name("model.pt"))
+        params = json.loads(path.read_text())["study"]["params"]
+        assert (doc["config"]["batch_size"], doc["config"]["optimizer"]) == (params["batch_size"],
+                                                                              params["optimizer"])
+        assert json.loads(path.read_text())["data"]["train"] == 120
 
     # --final-holdout keeps the study's 20 validation images out: not the retrains stored, so it trains again
     assert onecycle.main([*base, "--final", "--final-epochs", "2", "--final-holdout"]) == 0
     out = capsys.readouterr().out
-    assert "trained before" not in out and "over 1 seed(s), trained on 100 images" in out, out
-    assert re.search(r"final seed 1/1 epoch 2/2: train loss [\d.]+ \| val acc \d", out), out
+    assert "trained before" not in out and "2 epochs on 100 images, 1 seed(s) each" in out, out
+    assert "one seed each: no spread to judge it by" in out
+    assert re.search(r"final best, seed 1/1 epoch 2/2: train loss [\d.]+ \| val acc \d", out), out
     study = load(tmp_path)
     final = study.user_attrs["final"]
-    assert final["holdout"] == 20 and [r["train_images"] for r in final["runs"]] == [100]
+    assert final["holdout"] == 20 and [r["train_images"] for r in final["configs"]["seed"]["runs"]] == [100]
     from cifarlab.report.study import study_page
     from studies._reports import study_record
 
     text = study_page(study_record(study), tmp_path / "page").read_text()
-    assert "Final retrain (2 epochs, 1 seed(s), 100 training images): test accuracy <b>" in text
+    assert "Final retrains (2 epochs, 100 training images)" in text and "The best less the seed" in text
     # the same command again keeps what it stored
     assert onecycle.main([*base, "--final", "--final-epochs", "2", "--final-holdout"]) == 0
-    assert "final seed 1/1: trained before" in capsys.readouterr().out
+    assert "final best, seed 1/1: trained before" in capsys.readouterr().out
 
 
 def test_a_trial_that_ran_its_last_epoch_is_never_pruned(tmp_path, monkeypatch):
     monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)  # the strictest pruner there is
-    argv = [*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--epochs", "2", "--out", str(tmp_path)]
+    argv = [*SYNTH, "--arch", "custom_resnet", "--trials", "2", "--epochs", "2", "--rungs", "1", "--out", str(tmp_path)]
     assert onecycle.main(argv) == 0
     trials = load(tmp_path).trials
     assert [len(t.user_attrs["epochs"]) for t in trials] == [1, 1]  # pruned after epoch 1 of 2
-    assert onecycle.main([*argv[:-6], "--trials", "1", "--study-name", "last", "--out", str(tmp_path)]) == 0
+    assert onecycle.main([*SYNTH, "--arch", "custom_resnet", "--trials", "1", "--epochs", "1", "--rungs", "1",
+                          "--study-name", "last", "--out", str(tmp_path)]) == 0
     (last,) = optuna.load_study(study_name="last-custom_resnet",
                                 storage=f"sqlite:///{tmp_path / 'studies' / 'studies.db'}").trials
-    assert last.state.name == "COMPLETE" and len(last.user_attrs["epochs"]) == 1  # smoke budget: 1 epoch, its last
+    assert last.state.name == "COMPLETE" and len(last.user_attrs["epochs"]) == 1  # one epoch: its last
 
 
 def test_a_study_of_another_default_recipe_is_refused_not_mixed(tmp_path, capsys, monkeypatch):

@@ -97,16 +97,20 @@ def test_study_name_with_markup_is_inert(out):
 def test_study_page_has_the_tables_and_figures(out):
     (study_page,) = [p for p in pages(out) if p.parent.parent.name == "studies"]
     text = study_page.read_text()
-    assert "Best against the seed" in text and "seed configuration" in text
-    assert re.search(r"<code>python -m studies\.train --epochs 1 [^<]*--max-lr [0-9.e-]+", text), text
-    assert "Trade-off between accuracy and time" in text
-    # 64 training images, one epoch: every batch size tried holds them all in one step
-    assert re.search(r"Optimizer steps per trial: batch \d+: 1[^<]* \(1 epoch of 64 training images\)", text), text
-    for fig in ("history.png", "max_lr.png", "by_param.png", "curves.png", "time.png"):
+    # three configurations at rung 0 and the best of them at rung 1 (2 epochs): the best is rung 1's
+    assert "Best against the seed (rung 1)" in text
+    assert ("seed configuration" in text) != ("did not earn a promotion to this rung" in text)
+    assert re.search(r"<code>python -m studies\.train --epochs 2 [^<]*--max-lr [0-9.e-]+", text), text
+    assert "Trade-off between accuracy and time" in text and "Ladder of budgets" in text
+    assert "Rung 0 to rung 1: 1 configuration run at both, too few to rank" in text.replace("&#x27;", "'")
+    # rung 0 trains 21 of the 64 images for one epoch: every batch size tried holds them all in one step
+    assert re.search(r"Optimizer steps per trial: batch \d+: 1[^<]* \(1 epoch of 21 training images at rung 0\)",
+                     text), text
+    for fig in ("history.png", "max_lr.png", "by_param.png", "curves.png", "time.png", "fidelity.png"):
         assert (study_page.parent / fig).is_file()
     # three complete trials: enough for Optuna's importance, computed for a page that is drawn
     assert "Hyperparameter importance" in text and (study_page.parent / "importance.png").is_file()
-    assert (study_page.parent / "trials.csv").read_text().startswith("trial,state,optimizer,max_lr,batch_size")
+    assert (study_page.parent / "trials.csv").read_text().startswith("trial,rung,promoted_from,state,optimizer,max_lr")
 
 
 def test_steps_per_trial_by_batch_size():
@@ -226,7 +230,7 @@ def test_a_study_page_is_redrawn_only_when_its_study_or_a_file_of_it_changed(out
         value=0.5))
     redrawn.clear()
     _reports.rebuild(copy, redrawn=redrawn)
-    assert redrawn == [study_dir] and "4 trials" in (study_dir / "index.html").read_text()  # the study changed
+    assert redrawn == [study_dir] and "5 trials" in (study_dir / "index.html").read_text()  # the study changed
 
 
 def test_the_results_summary_has_a_row_per_machine_with_speed_and_seed_spread(out, tmp_path, capsys):

@@ -137,11 +137,13 @@ def study_page(study: dict, out_dir: Path) -> Path:
         top = done[done["rung"] == done["rung"].max()]  # the best is the best at the highest rung reached
         best = top.loc[top["val_accuracy"].idxmax()]
         seed = top[top["seed_config"]]
-        table = pd.DataFrame([{"": "best", **{k: best[k] for k in COMPARED}}]
-                             + [{"": "seed configuration", **{k: seed.iloc[0][k] for k in COMPARED}}] * bool(len(seed)))
+        rows = [("best", best)] + [("seed configuration", r) for _, r in seed.head(1).iterrows()]
+        table = pd.DataFrame([{"": name, **{k: r[k] for k in COMPARED}} for name, r in rows])
         table["val_accuracy"] = (table["val_accuracy"] * 100).round(2)
         parts.append(f"<h2>Best against the seed (rung {best['rung']})</h2>"
-                     + html.table(table.rename(columns={"val_accuracy": "val acc (%)"})))
+                     + html.table(table.rename(columns={"val_accuracy": "val acc (%)"}))
+                     + ("" if len(seed) else '<p class="note">The seed\'s configuration did not earn a promotion to '
+                                             "this rung.</p>"))
         config = next(t for t in study["trials"] if t["number"] == best["trial"])["user_attrs"].get("config")
         if config:
             command = " ".join(["python -m studies.train", *train_argv(config)])
@@ -150,8 +152,9 @@ def study_page(study: dict, out_dir: Path) -> Path:
         parts.append(_final_section(study["user_attrs"].get("final")))
         done = done.assign(**{"val acc (%)": done["val_accuracy"] * 100})
         sns.set_theme(style="whitegrid")
-        parts += ["<h2>Figures</h2>" + _history(frame, done, out_dir), _by_parameter(done, out_dir),
-                  _against_time(done, out_dir), _curves_and_importance(study, done, out_dir)]
+        lowest = done[done["rung"] == 0]  # every configuration, at one budget: what the sampler learns from
+        parts += ["<h2>Figures</h2>" + _history(frame, lowest, out_dir), _by_parameter(lowest, out_dir),
+                  _against_time(done, out_dir), _curves_and_importance(study, top, out_dir)]
     view = frame.copy()
     if len(view):
         view["val_accuracy"] = (view["val_accuracy"] * 100).round(2)
@@ -165,13 +168,14 @@ def study_page(study: dict, out_dir: Path) -> Path:
 
 
 def _history(frame: pd.DataFrame, done: pd.DataFrame, out_dir: Path) -> str:
-    """Validation accuracy by trial with the running best; max LR against accuracy."""
+    """Validation accuracy by trial (colour: rung) with the lowest rung's running best; the lowest rung's max LR
+    against accuracy."""
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    sns.scatterplot(data=frame.assign(**{"val acc (%)": frame["val_accuracy"] * 100}), x="trial", y="val acc (%)",
-                    hue="state", ax=ax)
+    shown = frame.assign(**{"val acc (%)": frame["val_accuracy"] * 100, "rung": frame["rung"].astype(str)})
+    sns.scatterplot(data=shown, x="trial", y="val acc (%)", hue="rung", style="state", ax=ax)
     ordered = done.sort_values("trial")
     ax.plot(ordered["trial"], ordered["val acc (%)"].cummax(), color="black", drawstyle="steps-post",
-            label="running best")
+            label="running best, rung 0")
     ax.legend(fontsize=8)
     ax.set(title="optimisation history", xlabel="trial number", ylabel="validation accuracy (%)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -179,13 +183,13 @@ def _history(frame: pd.DataFrame, done: pd.DataFrame, out_dir: Path) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 4))
     sns.scatterplot(data=done, x="max_lr", y="val acc (%)", hue="optimizer", size="batch_size", sizes=(30, 200), ax=ax)
     ax.set_xscale("log")
-    ax.set(title="max learning rate against validation accuracy", xlabel="max LR (log scale)",
+    ax.set(title="max learning rate against validation accuracy (rung 0)", xlabel="max LR (log scale)",
            ylabel="validation accuracy (%)")
     ax.legend(fontsize=7, loc="best")
     save(fig, out_dir / "max_lr.png")
     return (html.figure("history.png", "Validation accuracy by trial, with the running best")
-            + html.figure("max_lr.png", "Max LR (log axis) against validation accuracy; colour: optimizer, size: "
-                                        "batch size"))
+            + html.figure("max_lr.png", "Max LR (log axis) against validation accuracy at rung 0; colour: optimizer, "
+                                        "size: batch size"))
 
 
 def _by_parameter(done: pd.DataFrame, out_dir: Path) -> str:
@@ -196,19 +200,18 @@ def _by_parameter(done: pd.DataFrame, out_dir: Path) -> str:
     sns.stripplot(data=done, x="batch_size", y="val acc (%)", order=order, ax=axes[0], size=6)
     axes[0].set_xticks(range(len(order)), [f"{b:.0f}\n{steps[b]} step{'s' if steps[b] != 1 else ''}" if b in steps
                                            else f"{b:.0f}" for b in order])
-    axes[0].set(title="by batch size", xlabel="batch size (images), optimizer steps per trial",
+    axes[0].set(title="by batch size (rung 0)", xlabel="batch size (images), optimizer steps per trial",
                 ylabel="validation accuracy (%)")
     sns.stripplot(data=done, x="optimizer", y="val acc (%)", ax=axes[1], size=6)
-    axes[1].set(title="by optimizer", xlabel="optimizer", ylabel="validation accuracy (%)")
+    axes[1].set(title="by optimizer (rung 0)", xlabel="optimizer", ylabel="validation accuracy (%)")
     save(fig, out_dir / "by_param.png")
     out = html.figure("by_param.png", "Validation accuracy by batch size and by optimizer")
     if steps:
         out += ('<p class="note">Optimizer steps per trial: '
                 + html.esc(", ".join(f"batch {b:.0f}: {n}" for b, n in steps.items()))
-                + f" ({epochs} epoch{'s' if epochs != 1 else ''} of {images:,} training images). At a fixed number "
-                "of epochs a larger batch takes fewer steps, so a short budget favours small batches: this study "
-                "ranks batch sizes at its own length, and whether the best one wins at full length is for "
-                "<code>--budget full</code> or <code>--final</code> to show.</p>")
+                + f" ({epochs} epoch{'s' if epochs != 1 else ''} of {images:,} training images at rung 0). At a fixed "
+                "number of epochs a larger batch takes fewer steps, so a short budget favours small batches: the "
+                "rungs above and the fidelity check show whether the ranking holds as the budget grows.</p>")
     return out
 
 
@@ -239,7 +242,8 @@ def _against_time(done: pd.DataFrame, out_dir: Path) -> str:
 
 
 def _curves_and_importance(study: dict, done: pd.DataFrame, out_dir: Path) -> str:
-    """Learning curves of the top five trials; hyperparameter importance where the study record has it."""
+    """Learning curves of the top five trials of the highest rung; hyperparameter importance where the study record
+    has it."""
     top = done.nlargest(5, "val_accuracy")["trial"].tolist()
     curves = [{"trial": str(t["number"]), "epoch": e["epoch"], "val acc (%)": e["val_accuracy"] * 100}
               for t in study["trials"] if t["number"] in top for e in t["user_attrs"].get("epochs", [])]
@@ -247,7 +251,8 @@ def _curves_and_importance(study: dict, done: pd.DataFrame, out_dir: Path) -> st
     if curves:
         fig, ax = plt.subplots(figsize=(7.5, 3.8))
         sns.lineplot(data=pd.DataFrame(curves), x="epoch", y="val acc (%)", hue="trial", marker="o", ax=ax)
-        ax.set(title="learning curves of the top trials", xlabel="epoch", ylabel="validation accuracy (%)")
+        ax.set(title="learning curves of the top trials (highest rung)", xlabel="epoch",
+               ylabel="validation accuracy (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         save(fig, out_dir / "curves.png")
         out += html.figure("curves.png", "Validation accuracy by epoch, top five trials")
