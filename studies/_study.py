@@ -298,7 +298,12 @@ def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> 
                          max_lr=1e-5, label_smoothing=0.0, logit_scale=0.125, precision=args.precision,
                          device=args.device, seed=args.seed)
     started = time.perf_counter()
-    result, precision = run_range_test(config, splits, start_lr=1e-5, end_lr=1.0, steps=steps)
+    try:
+        result, precision = run_range_test(config, splits, start_lr=1e-5, end_lr=1.0, steps=steps)
+    except (RuntimeError, ValueError) as exc:  # torch's own errors run to paragraphs: their first line says it
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"the LR range test for the seed trial of {arch} failed ({first}); pass --seed-max-lr") \
+            from None
     lr = result.suggestions.get("steepest") or result.suggestions.get("min_div_10")
     if lr is None:
         raise ConfigError(f"the LR range test for the seed trial of {arch} diverged before it could suggest a max LR; "
@@ -376,6 +381,8 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
             records.append(rec.to_dict())
             trial.set_user_attr("epochs", records)  # stored every epoch: a pruned or killed trial keeps them
             faults.point("epoch")
+            if rung:
+                faults.point("promoted")
             trial.report(rec.val_accuracy, rec.epoch)
             if progress_cb:
                 progress_cb(trial.number, rung, rec.epoch, step.epochs, rec.val_accuracy)

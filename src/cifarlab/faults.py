@@ -2,7 +2,8 @@
 
 ``CIFARLAB_FAULT=<point>:<n>[:<signal>]`` sends this process ``signal`` (default ``KILL``; ``INT`` for Ctrl-C)
 the ``n``-th time it passes ``point``: ``step`` (end of a training step), ``epoch`` (a trial's epoch stored),
-``store`` (a trial's attributes stored, its value not yet), ``report`` (while the pages are written)."""
+``promoted`` (an epoch of a trial above the lowest rung stored, after ``epoch``), ``store`` (a trial's attributes
+stored, its value not yet), ``report`` (while the pages are written)."""
 
 from __future__ import annotations
 
