@@ -38,7 +38,7 @@ PRESETS = {
     "smoke": Preset(epochs=3, train_images=288, rungs=3, val_size=256, lrfind_steps=8),
     # quick: sized for a 2-core CPU (both architectures, 30 configurations, within about 75 minutes); its top rung
     # trains 9x the images its bottom rung does.
-    "quick": Preset(epochs=6, train_images=4608, rungs=3, val_size=1000, lrfind_steps=30),
+    "quick": Preset(epochs=6, train_images=4096, rungs=3, val_size=1000, lrfind_steps=30),
     # full: the default recipe's run (10 epochs on the whole training split) on top, for a GPU.
     "full": Preset(epochs=10, train_images=None, rungs=3, val_size=5000, lrfind_steps=100),
 }
@@ -70,10 +70,20 @@ class Run:
     promoted_from: int | None = None
 
 
+PROMOTION_ATTEMPTS = 5  # failed runs of one promotion (workers killed under it) before it is given up
+
+
 def due_promotions(runs: list[Run], rungs: int, eta: float) -> list[tuple[int, int]]:
     """(trial, rung it goes to) of every promotion due, the highest rung first: a complete trial in the top
-    1/eta of its rung's complete trials that has not been promoted yet (ASHA: no rung waits to fill)."""
-    tried = {(r.rung, r.promoted_from) for r in runs if r.promoted_from is not None}
+    1/eta of its rung's complete trials that has not been promoted yet (ASHA: no rung waits to fill). A promotion
+    is made once a run of it waits, runs or has finished; one whose runs all failed is made again, up to
+    ``PROMOTION_ATTEMPTS`` times, so that a worker killed under it loses no promotion."""
+    attempts: dict[tuple[int, int], list[str]] = {}
+    for r in runs:
+        if r.promoted_from is not None:
+            attempts.setdefault((r.rung, r.promoted_from), []).append(r.state)
+    tried = {key for key, states in attempts.items()
+             if any(s != "fail" for s in states) or len(states) >= PROMOTION_ATTEMPTS}
     due = []
     for k in reversed(range(rungs - 1)):
         done = sorted((r for r in runs if r.rung == k and r.state == "complete" and r.value is not None),

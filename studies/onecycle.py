@@ -359,14 +359,19 @@ def _summary(study, arch, budget, target: int, console) -> None:
                   f"{c['fail']} failed; {c.get('rung 0', 0)} of {target} configurations at rung 0, "
                   f"{promoted} promotions above it")
     table = Table()
-    for col in ("rung", "budget", "finished", "best", "optimizer", "max LR", "batch", "val accuracy ± SE"):
+    for col in ("rung", "budget", "finished", "best", "optimizer", "max LR", "batch", "val accuracy ± SE",
+                "tied with it"):
         table.add_column(col, justify="right")
     for rung in budget.rungs:
         done = [t for t in trials if t["state"] == "complete" and t["user_attrs"].get("rung", 0) == rung.index]
         best = max(done, key=lambda t: t["value"], default=None)
-        cells = ["—"] * 5 if best is None else [
+        # within two standard errors of the rung's best: the validation split cannot rank them apart
+        tied = None if best is None else sum(
+            t["value"] >= best["value"] - 2 * standard_error(best["value"], n_val) for t in done) - 1
+        cells = ["—"] * 6 if best is None else [
             f"#{best['number']}", best["params"]["optimizer"], f"{best['params']['max_lr']:.3g}",
-            str(best["params"]["batch_size"]), f"{best['value']:.2%} ± {standard_error(best['value'], n_val):.2%}"]
+            str(best["params"]["batch_size"]), f"{best['value']:.2%} ± {standard_error(best['value'], n_val):.2%}",
+            str(tied)]
         table.add_row(str(rung.index), f"{rung.epochs} ep × {rung.train_images:,}",
                       str(c.get(f"rung {rung.index}", 0)), *cells)
     console.print(table)

@@ -28,9 +28,9 @@ def test_presets_rise_by_eta_to_their_top_rung():
     full = make_ladder(PRESETS["full"].epochs, 45_000, PRESETS["full"].rungs, 3)
     assert [(r.epochs, r.train_images) for r in full] == [(3, 16_667), (6, 25_000), (10, 45_000)]
     quick = make_ladder(PRESETS["quick"].epochs, PRESETS["quick"].train_images, PRESETS["quick"].rungs, 3)
-    assert [(r.epochs, r.train_images) for r in quick] == [(2, 1536), (3, 3072), (6, 4608)]
+    assert [(r.epochs, r.train_images) for r in quick] == [(2, 1365), (3, 2731), (6, 4096)]
     seen = [r.epochs * r.train_images for r in quick]
-    assert seen[-1] >= 8 * seen[0] and seen == [3072, 9216, 27648]  # 3x a rung
+    assert seen[-1] >= 8 * seen[0] and seen == [2730, 8193, 24576]  # about 3x a rung
     assert [(r.epochs, r.train_images) for r in make_ladder(10, 100, 1, 3)] == [(10, 100)]
     # a ladder on few images never asks for more than the top rung has
     assert all(r.train_images <= 50 and r.epochs >= 1 for r in make_ladder(2, 50, 4, 3))
@@ -54,9 +54,12 @@ def test_promotion_takes_the_top_third_of_each_rung_once_highest_rung_first():
     more = [*ladder, Run(11, 2, "running", None, 10), Run(12, 0, "complete", 0.3)]
     assert due_promotions(more, 3, 3) == []
     assert due_promotions([*more, Run(13, 0, "complete", 0.9)], 3, 3) == [(13, 1)]
-    # a promotion tried and failed is not tried again (the stale-trial retry carries it on)
-    assert due_promotions(runs((0, 0, "complete", 0.5), (1, 0, "complete", 0.4), (2, 0, "complete", 0.3),
-                               (3, 1, "fail", None, 0)), 2, 3) == []
+    # a promotion whose runs all failed (its workers killed) is made again, up to five times
+    three = [(0, 0, "complete", 0.5), (1, 0, "complete", 0.4), (2, 0, "complete", 0.3)]
+    failed = [(3 + k, 1, "fail", None, 0) for k in range(5)]
+    assert due_promotions(runs(*three, *failed[:4]), 2, 3) == [(0, 1)]
+    assert due_promotions(runs(*three, *failed[:4], (7, 1, "waiting", None, 0)), 2, 3) == []  # a retry waits
+    assert due_promotions(runs(*three, *failed), 2, 3) == []
     # the top rung promotes nowhere
     assert due_promotions(runs((0, 0, "complete", 0.5), (1, 0, "complete", 0.4), (2, 0, "complete", 0.3)), 1, 3) == []
 
@@ -104,14 +107,14 @@ def test_rung_pairs_follow_each_promotion_to_its_lowest_rung_trial():
 
 
 def test_a_study_on_fewer_images_than_its_budget_caps_its_rungs_and_completes(tmp_path, capsys):
-    # 5 classes of 30 images: fewer than the quick budget's 4,608; the seed trial's LR range test runs on them
+    # 5 classes of 30 images: fewer than the quick budget's 4,096; the seed trial's LR range test runs on them
     data = write_image_folder(tmp_path / "small", [f"c{i}" for i in range(5)], per_class=30)
     argv = ["--data", str(data), "--budget", "quick", "--trials", "3", "--arch", "custom_resnet", "--quiet",
             "--no-report", "--out", str(tmp_path / "out")]
     assert onecycle.main(argv) == 0
     out = capsys.readouterr().out
     assert "validation 30;" in out  # a fifth of the 150 training images, not the budget's 1,000
-    assert ("note: the training split holds 120 images, fewer than the quick budget's 4,608: the rungs are capped "
+    assert ("note: the training split holds 120 images, fewer than the quick budget's 4,096: the rungs are capped "
             "at what is there") in out
     assert re.search(r"rungs 2 ep × 40 → 3 ep × 80 → 6 ep × 120 training images", out), out
     assert re.search(r"LR range test done in \d+ s", out), out
