@@ -367,12 +367,15 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
             retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
         if trial.number == 0 or retry_of == 0:
             trial.set_user_attr("seed_config", True)
+        data = splits.with_train_subset(step.train_images, seed=args.seed)  # nested: a rung's holds the one below's
+        steps = step.epochs * max(1, len(data.train_labels) // batch_size)
+        # A low rung gives a large batch few steps; OneCycleLR cannot warm up in one, so the warm-up is 2 at least.
+        pct_start = max(args.pct_start, 2 / steps) if steps >= 4 else args.pct_start
         config = TrainConfig(arch=arch, epochs=step.epochs, batch_size=batch_size, optimizer=optimizer,
-                             max_lr=max_lr, weight_decay=args.weight_decay, pct_start=args.pct_start,
+                             max_lr=max_lr, weight_decay=args.weight_decay, pct_start=pct_start,
                              label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,
                              seed=args.seed + trial.number)
         trial.set_user_attr("config", config.to_dict())
-        data = splits.with_train_subset(step.train_images, seed=args.seed)  # nested: a rung's holds the one below's
         trial.set_user_attr("train_images", len(data.train_labels))
         trial.set_user_attr("worker", WORKER)  # host:pid, to tell machines and processes apart in a shared study
         records: list[dict] = []
