@@ -7,7 +7,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from studies._study import Budget, best_trial, load_study, study_spec
+from studies._ladder import Budget
+from studies._study import best_trial, load_study, study_spec
 
 # A final run saves a checkpoint at the end of the first step this many seconds after the last save.
 FINAL_CHECKPOINT_EVERY = 60.0

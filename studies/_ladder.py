@@ -56,6 +56,67 @@ def make_ladder(epochs: int, train_images: int, rungs: int, eta: float) -> list[
     return ladder
 
 
+@dataclass(frozen=True)
+class Budget:
+    """The study's ladder: its rungs (the last is the run the answer is for), their factor, the validation split."""
+
+    name: str
+    rungs: tuple[Rung, ...]
+    eta: float
+    val_size: int
+    lrfind_steps: int
+
+    @property
+    def top(self) -> Rung:
+        return self.rungs[-1]
+
+    def describe(self) -> str:
+        return " → ".join(f"{r.epochs} ep × {r.train_images:,}" for r in self.rungs)
+
+
+def budget_name(args, device) -> str:
+    return ("full" if device.type == "cuda" else "quick") if args.budget == "auto" else args.budget
+
+
+def val_size(args, name: str, train_images: int) -> int | float:
+    """--val-size, else the preset's, at most a fifth of the training images (a small data set keeps most)."""
+    if args.val_size is not None:
+        return args.val_size
+    return max(1, min(PRESETS[name].val_size, train_images // 5))
+
+
+def resolve_budget(args, name: str, available: int, val_images: int) -> tuple[Budget, str]:
+    """The ladder for ``available`` training images, and a sentence when the data capped it (else "")."""
+    from cifarlab.data import resolve_count
+
+    preset = PRESETS[name]
+    epochs = args.epochs or preset.epochs
+    if args.train_subset is not None:
+        top = resolve_count(args.train_subset, available, what="--train-subset")
+    else:
+        top = min(preset.train_images or available, available)
+    capped = "" if args.train_subset is not None or (preset.train_images or available) <= available else (
+        f"the training split holds {available:,} images, fewer than the {name} budget's {preset.train_images:,}: "
+        "the rungs are capped at what is there")
+    rungs = make_ladder(epochs, top, args.rungs or preset.rungs, args.eta)
+    return Budget(name, tuple(rungs), args.eta, val_images, preset.lrfind_steps), capped
+
+
+def expected_trials(target: int, budget: Budget) -> int:
+    """Trials of a whole ladder when every trial completes: ``target`` at rung 0, 1/eta of them each rung up."""
+    total, n = target, target
+    for _ in budget.rungs[1:]:
+        n = int(n // budget.eta)
+        total += n
+    return total
+
+
+def warmup_share(pct_start: float, steps: int) -> float:
+    """The one-cycle warm-up share of a trial of ``steps`` optimizer steps: a low rung gives a large batch few steps,
+    and OneCycleLR cannot warm up in exactly one, so from 4 steps on the warm-up takes 2 at least."""
+    return max(pct_start, 2 / steps) if steps >= 4 else pct_start
+
+
 # ------------------------------------------------------------------------------------------------- promotion
 
 

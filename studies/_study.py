@@ -11,10 +11,10 @@ import socket
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from studies._ladder import PRESETS, Run, Rung, best_run, due_promotions, make_ladder
+from studies._ladder import Budget, Run, best_run, due_promotions, warmup_share
 from studies._storage import mark_stale_trials
 
 ARCHS = ("custom_resnet", "resnet18")
@@ -23,52 +23,6 @@ BATCH_SIZES = (128, 256, 512, 1024)
 # logit scale) up to its divergence; Adam's the seed projects' LR finder results.
 LR_RANGES = {"sgd": (0.02, 2.0), "adam": (1e-4, 3e-2), "adamw": (1e-4, 3e-2)}
 SEED_CONFIG = {"optimizer": "adam", "batch_size": 512}
-
-
-@dataclass(frozen=True)
-class Budget:
-    """The study's ladder: its rungs (the last is the run the answer is for), their factor, the validation split."""
-
-    name: str
-    rungs: tuple[Rung, ...]
-    eta: float
-    val_size: int
-    lrfind_steps: int
-
-    @property
-    def top(self) -> Rung:
-        return self.rungs[-1]
-
-    def describe(self) -> str:
-        return " → ".join(f"{r.epochs} ep × {r.train_images:,}" for r in self.rungs)
-
-
-def budget_name(args, device) -> str:
-    return ("full" if device.type == "cuda" else "quick") if args.budget == "auto" else args.budget
-
-
-def val_size(args, name: str, train_images: int) -> int | float:
-    """--val-size, else the preset's, at most a fifth of the training images (a small data set keeps most)."""
-    if args.val_size is not None:
-        return args.val_size
-    return max(1, min(PRESETS[name].val_size, train_images // 5))
-
-
-def resolve_budget(args, name: str, available: int, val_images: int) -> tuple[Budget, str]:
-    """The ladder for ``available`` training images, and a sentence when the data capped it (else "")."""
-    from cifarlab.data import resolve_count
-
-    preset = PRESETS[name]
-    epochs = args.epochs or preset.epochs
-    if args.train_subset is not None:
-        top = resolve_count(args.train_subset, available, what="--train-subset")
-    else:
-        top = min(preset.train_images or available, available)
-    capped = "" if args.train_subset is not None or (preset.train_images or available) <= available else (
-        f"the training split holds {available:,} images, fewer than the {name} budget's {preset.train_images:,}: "
-        "the rungs are capped at what is there")
-    rungs = make_ladder(epochs, top, args.rungs or preset.rungs, args.eta)
-    return Budget(name, tuple(rungs), args.eta, val_images, preset.lrfind_steps), capped
 
 
 def study_spec(args, budget: Budget, arch: str) -> dict:
@@ -245,15 +199,6 @@ def best_trial(study):
     return None if best is None else next(t for t in study.get_trials(deepcopy=False) if t.number == best.number)
 
 
-def expected_trials(target: int, budget: Budget) -> int:
-    """Trials of a whole ladder when every trial completes: ``target`` at rung 0, 1/eta of them each rung up."""
-    total, n = target, target
-    for _ in budget.rungs[1:]:
-        n = int(n // budget.eta)
-        total += n
-    return total
-
-
 RUNG_ATTRS = ("rung", "budget", "promoted_from", "seed_config")
 
 
@@ -368,9 +313,7 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
         if trial.number == 0 or retry_of == 0:
             trial.set_user_attr("seed_config", True)
         data = splits.with_train_subset(step.train_images, seed=args.seed)  # nested: a rung's holds the one below's
-        steps = step.epochs * max(1, len(data.train_labels) // batch_size)
-        # A low rung gives a large batch few steps; OneCycleLR cannot warm up in one, so the warm-up is 2 at least.
-        pct_start = max(args.pct_start, 2 / steps) if steps >= 4 else args.pct_start
+        pct_start = warmup_share(args.pct_start, step.epochs * max(1, len(data.train_labels) // batch_size))
         config = TrainConfig(arch=arch, epochs=step.epochs, batch_size=batch_size, optimizer=optimizer,
                              max_lr=max_lr, weight_decay=args.weight_decay, pct_start=pct_start,
                              label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,

@@ -10,24 +10,20 @@ import time
 
 from studies import _cli
 from studies._final import final_retrain
-from studies._ladder import PRESETS
+from studies._ladder import PRESETS, budget_name, expected_trials, resolve_budget, val_size
 from studies._storage import default_url, mask_url, open_storage, scrub
 from studies._study import (
     ARCHS,
     best_trial,
-    budget_name,
     counts,
-    expected_trials,
     left_text,
     load_study,
     make_objective,
-    resolve_budget,
     run_worker,
     seed_max_lr,
     share_of_time,
     study_spec,
     time_left,
-    val_size,
 )
 from studies._study import LR_RANGES as LR_RANGES
 from studies._study import SEED_CONFIG as SEED_CONFIG

@@ -10,17 +10,20 @@ import pytest
 from conftest import load_study_at as load
 from conftest import write_image_folder
 
-from studies import _study, onecycle
+from studies import onecycle
 from studies._ladder import (
     PRESETS,
+    Budget,
     Run,
     best_run,
     due_promotions,
+    expected_trials,
     fidelity,
     make_ladder,
     rung_pairs,
     standard_error,
     tied_with_best,
+    warmup_share,
 )
 
 
@@ -34,6 +37,27 @@ def test_presets_rise_by_eta_to_their_top_rung():
     assert [(r.epochs, r.train_images) for r in make_ladder(10, 100, 1, 3)] == [(10, 100)]
     # a ladder on few images never asks for more than the top rung has
     assert all(r.train_images <= 50 and r.epochs >= 1 for r in make_ladder(2, 50, 4, 3))
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_rung_of_every_preset_schedules_every_batch_size(preset):
+    import torch
+
+    from cifarlab.config import TrainConfig
+    from cifarlab.step import build_scheduler
+
+    p = PRESETS[preset]
+    assert [warmup_share(0.25, n) for n in (2, 4, 6, 8, 20)] == [0.25, 0.5, 2 / 6, 0.25, 0.25]
+    for rung in make_ladder(p.epochs, p.train_images or 45_000, p.rungs, 3):
+        for batch in (128, 256, 512, 1024):
+            steps = rung.epochs * max(1, rung.train_images // batch)
+            optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            # the quick ladder's bottom rung gives batch 512 exactly 4 steps: a one-step warm-up at 0.25
+            config = TrainConfig(epochs=rung.epochs, pct_start=warmup_share(0.25, steps))
+            scheduler = build_scheduler(config, optimizer, steps)
+            for _ in range(steps):
+                optimizer.step()
+                scheduler.step()
 
 
 def runs(*rows) -> list[Run]:
@@ -140,5 +164,5 @@ def test_a_failing_lr_range_test_is_a_short_error(tmp_path, capsys, monkeypatch)
 
 
 def test_expected_trials_of_a_whole_ladder():
-    budget = _study.Budget("smoke", tuple(make_ladder(3, 288, 3, 3)), 3.0, 80, 8)
-    assert [_study.expected_trials(n, budget) for n in (1, 3, 9, 30)] == [1, 4, 13, 43]
+    budget = Budget("smoke", tuple(make_ladder(3, 288, 3, 3)), 3.0, 80, 8)
+    assert [expected_trials(n, budget) for n in (1, 3, 9, 30)] == [1, 4, 13, 43]
