@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import statistics
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-from studies._ladder import Budget, Run, best_run, due_promotions, warmup_share
+from studies._ladder import Budget, Run, best_run, due_promotions
 from studies._storage import mark_stale_trials
 
 ARCHS = ("custom_resnet", "resnet18")
@@ -259,109 +255,6 @@ def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> 
     run_dir = write_lrfind_record(out, doc, result)
     console.print(f"{arch}: LR range test done in {time.perf_counter() - started:.0f} s")
     return float(lr), f"LR range test {run_dir.name}"
-
-
-def stand_down(trial, rung: int, promoted_from: int | None, target: int | None) -> str | None:
-    """Why this trial is not needed, or None: two workers can pass the loop's checks at once, and the later trial
-    then stands down. At the lowest rung: ``target`` trials are finished there, or running and started before this
-    one. Above it: another live trial runs the same promotion and is older."""
-    from optuna.trial import TrialState
-
-    trials = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
-    if promoted_from is not None:
-        if any(t.user_attrs.get("rung") == rung and t.user_attrs.get("promoted_from") == promoted_from
-               and t.number < trial.number and t.state != TrialState.FAIL for t in trials):
-            return f"not needed: trial {promoted_from}'s promotion to rung {rung} runs in an older trial"
-        return None
-    if target is None:
-        return None
-    finished = (TrialState.COMPLETE, TrialState.PRUNED)
-    n = sum(1 for t in trials if t.user_attrs.get("rung", 0) == 0 and (
-        t.state in finished or (t.state == TrialState.RUNNING and t.number < trial.number)))
-    return f"not needed: the study already reached {target} trials at rung 0" if n >= target else None
-
-
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, target: int | None = None):
-    import optuna
-    import torch
-
-    from cifarlab import faults
-    from cifarlab.config import TrainConfig
-    from cifarlab.errors import TrainingDiverged
-    from cifarlab.train import fit
-
-    def objective(trial: optuna.Trial) -> float:
-        rung, promoted_from = trial.user_attrs.get("rung", 0), trial.user_attrs.get("promoted_from")
-        reason = stand_down(trial, rung, promoted_from, target)
-        if reason:
-            trial.set_user_attr("fail_reason", reason)
-            return float("nan")
-        step = budget.rungs[rung]
-        trial.set_user_attr("rung", rung)
-        trial.set_user_attr("budget", step.budget)
-        optimizer = trial.suggest_categorical("optimizer", list(LR_RANGES))
-        lo, hi = LR_RANGES[optimizer]
-        max_lr = trial.suggest_float("max_lr", lo, hi, log=True)
-        batch_size = trial.suggest_categorical("batch_size", list(BATCH_SIZES))
-        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-        with warnings.catch_warnings():  # heartbeats' retry has been "experimental" since Optuna 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
-        if trial.number == 0 or retry_of == 0:
-            trial.set_user_attr("seed_config", True)
-        data = splits.with_train_subset(step.train_images, seed=args.seed)  # nested: a rung's holds the one below's
-        pct_start = warmup_share(args.pct_start, step.epochs * max(1, len(data.train_labels) // batch_size))
-        config = TrainConfig(arch=arch, epochs=step.epochs, batch_size=batch_size, optimizer=optimizer,
-                             max_lr=max_lr, weight_decay=args.weight_decay, pct_start=pct_start,
-                             label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,
-                             seed=args.seed + trial.number)
-        trial.set_user_attr("config", config.to_dict())
-        trial.set_user_attr("train_images", len(data.train_labels))
-        trial.set_user_attr("worker", WORKER)  # host:pid, to tell machines and processes apart in a shared study
-        records: list[dict] = []
-
-        def on_epoch(rec) -> bool:
-            records.append(rec.to_dict())
-            trial.set_user_attr("epochs", records)  # stored every epoch: a pruned or killed trial keeps them
-            faults.point("epoch")
-            if rung:
-                faults.point("promoted")
-            trial.report(rec.val_accuracy, rec.epoch)
-            if progress_cb:
-                progress_cb(trial.number, rung, rec.epoch, step.epochs, rec.val_accuracy)
-            # A trial that ran its last epoch has its answer: pruning it then would only throw that away.
-            return rec.epoch < step.epochs and trial.should_prune()
-
-        try:
-            result = fit(config, data, on_epoch=on_epoch)
-        except TrainingDiverged as exc:
-            trial.set_user_attr("pruned_reason", f"diverged: {exc}")
-            raise optuna.TrialPruned(str(exc)) from None
-        except KeyboardInterrupt:
-            trial.set_user_attr("fail_reason", "interrupted (Ctrl-C); rerun the command to resume")
-            kept = {k: trial.user_attrs[k] for k in RUNG_ATTRS if k in trial.user_attrs}
-            trial.study.enqueue_trial(trial.params, user_attrs={**kept, "retry_of": trial.number})
-            raise
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            trial.set_user_attr("fail_reason", f"out of memory at batch size {batch_size}")
-            return float("nan")  # Optuna records a FAIL; the study goes on
-        epoch_seconds = [r["epoch_seconds"] for r in records]
-        trial.set_user_attr("epoch_seconds", epoch_seconds)
-        trial.set_user_attr("images_per_second", statistics.median(r["images_per_second"] for r in records))
-        trial.set_user_attr("device", result.device)
-        trial.set_user_attr("precision", result.precision)
-        if result.stopped_early:
-            trial.set_user_attr("pruned_reason", f"pruned after epoch {len(records)} by the {args.pruner} pruner "
-                                                 f"(val accuracy {records[-1]['val_accuracy']:.3f})")
-            raise optuna.TrialPruned()
-        faults.point("store")
-        return records[-1]["val_accuracy"]
-
-    return objective
 
 
 def run_worker(study, storage, objective, target: int, budget: Budget, *, heartbeat: int, on_trial_done=None,

@@ -18,7 +18,6 @@ from studies._study import (
     counts,
     left_text,
     load_study,
-    make_objective,
     run_worker,
     seed_max_lr,
     share_of_time,
@@ -27,6 +26,7 @@ from studies._study import (
 )
 from studies._study import LR_RANGES as LR_RANGES
 from studies._study import SEED_CONFIG as SEED_CONFIG
+from studies._trial import make_objective
 
 PROG = "python -m studies.onecycle"
 
@@ -84,6 +84,9 @@ def build_parser():
     p.add_argument("--deadline", type=float, default=None, help=_cli.argparse.SUPPRESS)  # a worker's, time.time()
     p.add_argument("--workers", type=_cli.positive_int, default=1,
                    help="worker processes on this machine sharing each study (default: 1)")
+    p.add_argument("--workers-per-gpu", type=_cli.positive_int, default=None,
+                   help="K worker processes on each visible GPU instead of --workers: a small trial leaves a GPU "
+                        "mostly idle; each worker sees one device of the CUDA_VISIBLE_DEVICES the command was given")
     p.add_argument("--final", action="store_true",
                    help="retrain each architecture's best configuration and the seed's on every training image; "
                         "test accuracy of both and their difference")
@@ -154,7 +157,7 @@ def _main(args, raw_argv: list[str]) -> int:
         if not is_worker:
             _prepare(study, args, arch, splits, budget, out, console)
         prepared = time.time() - prepared
-        if args.workers > 1 and not is_worker:
+        if (args.workers > 1 or args.workers_per_gpu) and not is_worker:
             _spawn_workers(args, raw_argv, arch, study, console, arch_deadline)
             timed_out = arch_deadline is not None and time.time() >= arch_deadline
         else:
@@ -287,29 +290,48 @@ def _best_text(study) -> str:
 def worker_argv(raw_argv: list[str], arch: str, index: int, deadline: float | None) -> list[str]:
     """A worker's flags: the command's, for one architecture, with the architecture's deadline in place of
     ``--timeout`` (each worker would otherwise start the clock again)."""
-    argv = _strip_flags(raw_argv, {"--workers", "--arch", "--final", "--worker-index", "--timeout", "--deadline",
-                                   *FINAL_FLAGS, "--no-final-holdout"})
+    argv = _strip_flags(raw_argv, {"--workers", "--workers-per-gpu", "--arch", "--final", "--worker-index",
+                                   "--timeout", "--deadline", *FINAL_FLAGS, "--no-final-holdout"})
     argv += ["--arch", arch, "--workers", "1", "--worker-index", str(index)]
     return argv + (["--deadline", repr(deadline)] if deadline is not None else [])
 
 
+def worker_devices(workers: int, per_gpu: int | None, gpus: int, visible: str | None) -> list[str | None]:
+    """Each worker's ``CUDA_VISIBLE_DEVICES``: one entry of the mask the command was given (``visible``; every
+    device when unset), in turn, never renumbered (``2,3`` gives workers 2 and 3, not 0 and 1). ``per_gpu`` workers
+    on each of the ``gpus`` visible, else ``workers`` spread over them; None (the environment as it is) without a
+    GPU."""
+    if not gpus:
+        return [None] * workers
+    mask = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpus)]
+    mask = mask[:gpus]
+    return [mask[i % len(mask)] for i in range(per_gpu * len(mask) if per_gpu else workers)]
+
+
 def _spawn_workers(args, raw_argv, arch, study, console, deadline: float | None = None) -> None:
-    """K processes on this machine, one study; on several GPUs each worker sees only its own."""
+    """K processes on this machine, one study; with GPUs each worker sees only its own."""
     import torch
 
+    from cifarlab.errors import ConfigError
     from cifarlab.timing import threads_per_worker
 
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
-    threads = threads_per_worker(args.workers)
+    if args.workers_per_gpu and not gpus:
+        raise ConfigError("--workers-per-gpu needs a CUDA device, and this machine has none visible; use --workers")
+    devices = worker_devices(args.workers, args.workers_per_gpu, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    threads = threads_per_worker(len(devices))
     procs = []
-    for i in range(args.workers):
+    for i, device in enumerate(devices):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        if gpus > 1:
-            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = device
         cmd = [sys.executable, "-m", "studies.onecycle", *worker_argv(raw_argv, arch, i, deadline)]
         procs.append(subprocess.Popen(cmd, env=env))
-    console.print(f"{arch}: {args.workers} workers started ({threads} thread{'s' if threads != 1 else ''} each"
-                  f"{', one GPU each' if gpus > 1 else ''})")
+    shared = {d: devices.count(d) for d in devices if d is not None}
+    on_gpus = ("" if not shared else ", one GPU each" if max(shared.values()) == 1 else
+               ", " + ", ".join(f"{n} on GPU {d}" for d, n in shared.items()))
+    console.print(f"{arch}: {len(devices)} workers started ({threads} thread{'s' if threads != 1 else ''} each"
+                  f"{on_gpus})", highlight=False)
     try:
         while any(p.poll() is None for p in procs):
             time.sleep(2)
@@ -319,7 +341,7 @@ def _spawn_workers(args, raw_argv, arch, study, console, deadline: float | None 
         raise
     bad = [p.returncode for p in procs if p.returncode != 0]
     if bad:
-        raise RuntimeError(f"{len(bad)} of {args.workers} workers failed (exit {bad}); rerun to resume")
+        raise RuntimeError(f"{len(bad)} of {len(devices)} workers failed (exit {bad}); rerun to resume")
 
 
 def _strip_flags(argv: list[str], names: set[str]) -> list[str]:

@@ -166,3 +166,24 @@ def test_a_failing_lr_range_test_is_a_short_error(tmp_path, capsys, monkeypatch)
 def test_expected_trials_of_a_whole_ladder():
     budget = Budget("smoke", tuple(make_ladder(3, 288, 3, 3)), 3.0, 80, 8)
     assert [expected_trials(n, budget) for n in (1, 3, 9, 30)] == [1, 4, 13, 43]
+
+
+def test_the_pages_are_redrawn_while_the_study_runs(tmp_path, monkeypatch, capsys):
+    from studies import _cli
+
+    redraws = []
+
+    def recording(out, console, url=None):
+        if console is None:  # a live redraw, not the one at the end
+            redraws.append(sorted(p.name for p in (out / "studies").glob("*/index.html")))
+        return real(out, console, url)
+
+    real = _cli.rebuild_reports
+    monkeypatch.setattr(_cli, "rebuild_reports", recording)
+    monkeypatch.setattr(onecycle, "LIVE_PAGE_EVERY", 0.0)  # every trial: the throttle is 30 s
+    argv = ["--data", "synthetic:200:40", "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet",
+            "--seed-max-lr", "0.003", "--quiet", "--out", str(tmp_path)]
+    assert onecycle.main(argv) == 0
+    assert len(redraws) == 4  # after each of the 3 configurations and the promotion
+    assert redraws[0] == [] and redraws[1] == ["index.html"]  # the study's page exists from the first redraw on
+    assert "a live view: optuna-dashboard sqlite:///" in capsys.readouterr().out

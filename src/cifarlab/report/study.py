@@ -43,6 +43,8 @@ def study_frame(study: dict) -> pd.DataFrame:
             "max_lr": t["params"].get("max_lr"), "batch_size": t["params"].get("batch_size"),
             "val_accuracy": t["value"], "epochs_run": len(attrs.get("epochs", [])), "seconds": t["seconds"],
             "images_per_second": attrs.get("images_per_second"), "train_images": attrs.get("train_images"),
+            "epochs_seconds": sum(attrs.get("epoch_seconds") or []) or None,
+            "overhead_seconds": attrs.get("overhead_seconds"),
             "seed_config": bool(attrs.get("seed_config")),
             "reason": attrs.get("pruned_reason") or attrs.get("fail_reason") or "",
         })
@@ -104,6 +106,20 @@ def _ladder_section(study: dict, frame: pd.DataFrame, out_dir: Path) -> str:
     return out
 
 
+def _overhead(done: pd.DataFrame) -> str:
+    """Per rung, what the trials spent in their epochs against what they spent around them (data subset, whitening
+    basis, model build, first-step warm-up, storage): the share a worker could save by keeping them."""
+    timed = done.dropna(subset=["overhead_seconds", "epochs_seconds"])
+    if timed.empty:
+        return ""
+    table = timed.groupby("rung").agg(trials=("trial", "count"), epochs=("epochs_seconds", "sum"),
+                                      overhead=("overhead_seconds", "sum")).reset_index()
+    table["overhead share"] = (table["overhead"] / (table["overhead"] + table["epochs"])).map("{:.1%}".format)
+    table[["epochs", "overhead"]] = table[["epochs", "overhead"]].round(1)
+    return ("<h3>Time per rung: training epochs against per-trial overhead</h3>"
+            + html.table(table.rename(columns={"epochs": "in epochs (s)", "overhead": "around them (s)"})))
+
+
 def _final_section(final: dict | None) -> str:
     """--final: the best configuration and the seed's, each retrained on every training image over seeds."""
     if not final or "configs" not in final:
@@ -150,6 +166,7 @@ def study_page(study: dict, out_dir: Path) -> Path:
             parts.append(f'<p class="note">The best as one run (<code>--epochs</code> for a longer one): '
                          f"<code>{html.esc(command)}</code></p>")
         parts.append(_final_section(study["user_attrs"].get("final")))
+        parts.append(_overhead(done))
         done = done.assign(**{"val acc (%)": done["val_accuracy"] * 100})
         sns.set_theme(style="whitegrid")
         lowest = done[done["rung"] == 0]  # every configuration, at one budget: what the sampler learns from

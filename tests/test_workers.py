@@ -1,0 +1,75 @@
+"""Worker processes and devices: each worker's GPU from the mask the user set, several workers per GPU, and an
+out-of-memory trial that fails with its reason and comes back once at a smaller batch."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import load_study_at as load
+
+from studies import onecycle
+
+
+@pytest.mark.parametrize(("workers", "per_gpu", "gpus", "mask", "expected"), [
+    (3, None, 0, None, [None, None, None]),  # no GPU: the environment as it is
+    (2, None, 2, None, ["0", "1"]),
+    (2, None, 2, "2,3", ["2", "3"]),  # the user's mask, never renumbered to 0 and 1
+    (3, None, 2, "2,3", ["2", "3", "2"]),  # more workers than GPUs: in turn
+    (1, 2, 2, "2,3", ["2", "3", "2", "3"]),  # two per GPU
+    (1, 3, 1, "GPU-5f1e", ["GPU-5f1e"] * 3),  # a UUID mask, three workers on its one GPU
+    (1, 2, 1, "1,4", ["1", "1"]),  # torch sees one of the two (the other taken): only that one
+])
+def test_each_worker_sees_one_device_of_the_users_mask(workers, per_gpu, gpus, mask, expected):
+    assert onecycle.worker_devices(workers, per_gpu, gpus, mask) == expected
+
+
+def test_workers_per_gpu_without_a_gpu_is_refused(tmp_path, capsys):
+    argv = ["--data", "synthetic:200:40", "--budget", "smoke", "--trials", "1", "--workers-per-gpu", "2",
+            "--seed-max-lr", "0.003", "--device", "cpu", "--quiet", "--no-report", "--out", str(tmp_path)]
+    assert onecycle.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--workers-per-gpu needs a CUDA device" in err and len(err.strip().splitlines()) <= 2
+
+
+def test_an_out_of_memory_trial_fails_with_its_reason_and_comes_back_once_at_a_smaller_batch(tmp_path, monkeypatch):
+    import cifarlab.train
+
+    real = cifarlab.train.fit
+
+    def fit(config, *args, **kw):
+        # cuDNN's allocation failure is a plain RuntimeError, not torch's OutOfMemoryError
+        if config.batch_size >= 512:
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED\n(while building the conv plan)")
+        return real(config, *args, **kw)
+
+    monkeypatch.setattr(cifarlab.train, "fit", fit)
+    argv = ["--data", "synthetic:200:40", "--budget", "smoke", "--trials", "2", "--arch", "custom_resnet",
+            "--rungs", "1", "--seed-max-lr", "0.003", "--quiet", "--no-report", "--out", str(tmp_path)]
+    assert onecycle.main(argv) == 0
+    trials = load(tmp_path).trials
+    seed, retry = trials[0], trials[1]  # the seed's batch 512 runs out; its retry runs next
+    assert seed.state.name == "FAIL" and seed.params["batch_size"] == 512
+    assert seed.user_attrs["fail_reason"] == "out of memory at batch size 512: cuDNN error: CUDNN_STATUS_ALLOC_FAILED"
+    assert retry.state.name == "COMPLETE" and retry.user_attrs["oom_retry_of"] == 0
+    assert retry.params == {**seed.params, "batch_size": 256} and not retry.user_attrs.get("seed_config")
+    # every other trial that ran out came back once, at the next smaller batch, and a retry never again
+    for t in trials:
+        again = [r for r in trials if r.user_attrs.get("oom_retry_of") == t.number]
+        if t.state.name == "FAIL" and t.user_attrs.get("oom_retry_of") is None:
+            assert [r.params["batch_size"] for r in again] == [t.params["batch_size"] // 2]
+        else:
+            assert again == []
+    assert sum(t.state.name == "COMPLETE" for t in trials) == 2
+    assert all(t.user_attrs["overhead_seconds"] >= 0 for t in trials if t.state.name == "COMPLETE")
+
+
+def test_an_error_that_is_not_out_of_memory_still_stops_the_study(tmp_path, monkeypatch):
+    import cifarlab.train
+
+    def fit(config, *args, **kw):
+        raise RuntimeError("expected scalar type Float but found Half")
+
+    monkeypatch.setattr(cifarlab.train, "fit", fit)
+    argv = ["--data", "synthetic:200:40", "--budget", "smoke", "--trials", "1", "--arch", "custom_resnet",
+            "--seed-max-lr", "0.003", "--quiet", "--no-report", "--out", str(tmp_path)]
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        onecycle.main(argv)
