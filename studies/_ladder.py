@@ -200,8 +200,10 @@ HELD = 0.5  # Spearman at or above which a ranking is said to hold
 
 def fidelity_sentence(row: dict) -> str:
     k, n, rho = row["rung"], row["configurations"], row["spearman"]
-    if rho is None or math.isnan(rho):
+    if rho is None:
         return f"rung {k} to rung {k + 1}: {n} configuration{'s' if n != 1 else ''} run at both, too few to rank"
+    if math.isnan(rho):
+        return f"rung {k} to rung {k + 1}: the {n} configurations score alike at one of the two, so neither ranks them"
     best = "the same best" if row["same_best"] else "another best"
     if rho >= HELD:
         return (f"the ranking held from rung {k} to rung {k + 1}: Spearman {rho:.2f} over {n} configurations "

@@ -118,6 +118,9 @@ def test_fidelity_on_hand_made_scores_gives_the_hand_computed_correlation():
     (row,) = fidelity(reversed_)
     assert row["spearman"] == pytest.approx(-1.0) and row["sentence"].startswith("the ranking changed from rung 0")
     assert row["sentence"].endswith("the lower budget's ranking is not a guide here")
+    (flat,) = fidelity(reversed_.assign(lower=0.1))  # 4 equal scores rank nothing
+    assert flat["sentence"] == ("rung 0 to rung 1: the 4 configurations score alike at one of the two, so neither "
+                                "ranks them")
 
 
 def test_rung_pairs_follow_each_promotion_to_its_lowest_rung_trial():

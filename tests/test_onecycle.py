@@ -12,6 +12,7 @@ from conftest import load_study_at as load
 
 from cifarlab.weights import load_weights
 from studies import _final, _study, onecycle
+from studies._ladder import Run, due_promotions
 from studies._storage import mask_url, open_storage, scrub
 
 # 64 training images: these tests are about the study runner, not about learning (test_train.py covers that).
@@ -33,20 +34,20 @@ def finished(study) -> int:
 
 @pytest.mark.realdata
 def test_smoke_ladder_on_real_subset_runs_the_promotions_the_rule_dictates(real_data_path, tmp_path, capsys):
-    # 9 configurations on the smoke ladder (1 epoch x 43 images, 2 x 64, 3 x 128): the top third of each rung goes
-    # up, as soon as it is known: 9 -> 3 -> 1. Real files; the figures are not the point.
+    # 9 configurations on the smoke ladder (1 epoch x 43 images, 2 x 64, 3 x 128): a trial in the top third of its
+    # rung goes up as soon as it is known to be (ASHA). Real files; the figures are not the point.
     argv = ["--data", str(real_data_path), "--budget", "smoke", "--trials", "9", "--arch", "custom_resnet",
             "--train-subset", "128", "--val-size", "128", "--seed-max-lr", "0.002", "--out", str(tmp_path), "--quiet"]
     assert onecycle.main(argv) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^onecycle-custom_resnet: 13 finished \(\d+ complete, \d pruned\), 0 failed; 9 of 9 "
-                     r"configurations at rung 0, 4 promotions above it$", out, re.M), out
+    assert re.search(r"^onecycle-custom_resnet: \d+ finished \(\d+ complete, \d pruned\), 0 failed; 9 of 9 "
+                     r"configurations at rung 0, \d+ promotions above it$", out, re.M), out
     assert "rungs 1 ep × 43 → 2 ep × 64 → 3 ep × 128 training images (η 3), validation 128" in out
     study = load(tmp_path)
     trials = study.get_trials(deepcopy=False)
     by_number = {t.number: t for t in trials}
     rungs = [t.user_attrs["rung"] for t in trials]
-    assert [rungs.count(k) for k in range(3)] == [9, 3, 1] and finished(study) == 13
+    assert rungs.count(0) == 9 and rungs.count(1) >= 3 and rungs.count(2) >= 1 and finished(study) == len(trials)
     spec_rungs = study.user_attrs["spec"]["budget"]["rungs"]
     for t in trials:
         rung = spec_rungs[t.user_attrs["rung"]]
@@ -60,21 +61,25 @@ def test_smoke_ladder_on_real_subset_runs_the_promotions_the_rule_dictates(real_
     for t in promoted:
         source = by_number[t.user_attrs["promoted_from"]]
         assert t.params == source.params and source.user_attrs["rung"] == t.user_attrs["rung"] - 1
-        # promoted the moment it was in the top third of the trials its rung had completed before
-        peers = [p for p in trials if p.user_attrs["rung"] == source.user_attrs["rung"] and p.number < t.number
-                 and p.state.name == "COMPLETE"]
-        assert sorted(peers, key=lambda p: -p.value).index(source) < len(peers) // 3
+    # One worker: each trial was the first promotion due when it started (the highest rung first, the best of
+    # the top third not yet promoted), or, none being due, a new configuration.
+    for t in trials:
+        before = [Run(p.number, p.user_attrs["rung"], p.state.name.lower(), p.value, p.user_attrs.get("promoted_from"))
+                  for p in trials if p.number < t.number]
+        due = due_promotions(before, 3, 3)
+        assert (t.user_attrs["rung"], t.user_attrs.get("promoted_from")) == ((due[0][1], due[0][0]) if due
+                                                                             else (0, None)), t.number
     # the first promotion comes straight after the third configuration: the best of the first three
     assert trials[3].user_attrs.get("promoted_from") == max(trials[:3], key=lambda t: (t.value, -t.number)).number
     first = trials[0]
     assert first.params == {"optimizer": "adam", "batch_size": 512, "max_lr": 0.002}
     assert first.user_attrs["seed_config"] is True
     # the best is the best of the highest rung, and the summary says so and ends with its command
-    (top,) = [t for t in trials if t.user_attrs["rung"] == 2]
+    top = max((t for t in trials if t.user_attrs["rung"] == 2), key=lambda t: (t.value, -t.number))
     assert _study.best_trial(study).number == top.number
     assert f"best at the highest rung reached (rung 2): trial {top.number}, {top.value:.2%} ± " in out
-    assert re.search(r"^(the ranking (held|changed) from rung 0 to rung 1: Spearman -?[\d.]+ over 3 configurations"
-                     r"|rung 0 to rung 1: 3 configurations run at both, too few to rank)", out, re.M), out
+    assert re.search(r"^(the ranking (held|changed) from rung 0 to rung 1: Spearman -?[\d.]+ over \d+ configurations"
+                     r"|rung 0 to rung 1: the \d+ configurations score alike)", out, re.M), out
     command = re.search(r"^the best as one run .*: python -m studies\.train (.*)$", out, re.M)
     argv = command.group(1).split()
     assert argv[argv.index("--optimizer") + 1] == top.params["optimizer"]
