@@ -255,10 +255,13 @@ def _run_here(study, storage, arch, splits, budget, args, console, *, quiet: boo
         progress.update(task, current=f"trial {number} (rung {rung}): epoch {epoch}/{epochs}, val {val:.1%}")
 
     def on_done(study_, trial_):
-        finished, now = counts(study_)["finished"], time.monotonic()
-        left = time_left(now - started, finished - finished_before, total - finished,
+        c, now = counts(study_), time.monotonic()
+        finished = c["finished"]
+        # ASHA promotes every trial that enters its rung's top third: the ladder may grow past its expected size
+        expected = max(total, finished + c["running"] + c["waiting"])
+        left = time_left(now - started, finished - finished_before, expected - finished,
                          None if deadline is None else deadline - time.time())
-        progress.update(task, completed=min(finished, total), best=_best_text(study_),
+        progress.update(task, total=expected, completed=min(finished, expected), best=_best_text(study_),
                         end=None if left is None else now + left[0], by_deadline=left is not None and left[1])
         if not args.no_report and now - redrawn[0] >= LIVE_PAGE_EVERY:  # a live page for a user browsing reports/
             redrawn[0] = now
