@@ -31,7 +31,8 @@ def pytest_configure(config):
 # after these, in the usual order.
 FILE_COST = {"test_faults.py": 250, "test_train.py": 210, "test_onecycle.py": 150, "test_bench.py": 85,
              "test_hardening.py": 80, "test_cli.py": 70, "test_reports.py": 68, "test_micro_bench.py": 40,
-             "test_whitening.py": 35, "test_choices.py": 32, "test_lr_finder.py": 14, "test_layers.py": 12}
+             "test_whitening.py": 35, "test_choices.py": 32, "test_ladder.py": 45, "test_workers.py": 15,
+             "test_lr_finder.py": 14, "test_layers.py": 12}
 
 
 def pytest_collection_modifyitems(config, items):
