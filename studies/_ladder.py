@@ -136,7 +136,8 @@ PROMOTION_ATTEMPTS = 5  # failed runs of one promotion (workers killed under it)
 
 def due_promotions(runs: list[Run], rungs: int, eta: float) -> list[tuple[int, int]]:
     """(trial, rung it goes to) of every promotion due, the highest rung first: a complete trial in the top
-    1/eta of its rung's complete trials that has not been promoted yet (ASHA: no rung waits to fill). A promotion
+    1/eta of its rung's complete trials that has not been promoted yet, while the rung has sent up fewer than 1/eta of
+    them (ASHA's asynchronous promotion, no rung waits to fill, with a rung's share capped). A promotion
     is made once a run of it waits, runs or has finished; one whose runs all failed is made again, up to
     ``PROMOTION_ATTEMPTS`` times, so that a worker killed under it loses no promotion."""
     attempts: dict[tuple[int, int], list[str]] = {}
@@ -149,7 +150,11 @@ def due_promotions(runs: list[Run], rungs: int, eta: float) -> list[tuple[int, i
     for k in reversed(range(rungs - 1)):
         done = sorted((r for r in runs if r.rung == k and r.state == "complete" and r.value is not None),
                       key=lambda r: (-r.value, r.number))
-        due += [(r.number, k + 1) for r in done[: int(len(done) // eta)] if (k + 1, r.number) not in tried]
+        top = int(len(done) // eta)
+        # A rung sends up 1/eta of its trials, no more: a sampler that keeps improving would otherwise promote each
+        # new best, and the ladder's cost would grow past its budget. Each slot goes to the best not yet promoted.
+        slots = top - sum(1 for rung, _ in tried if rung == k + 1)
+        due += [(r.number, k + 1) for r in done[:top] if (k + 1, r.number) not in tried][: max(0, slots)]
     return due
 
 
