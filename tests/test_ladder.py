@@ -65,19 +65,21 @@ def runs(*rows) -> list[Run]:
 
 
 def test_promotion_takes_the_top_third_of_each_rung_once_highest_rung_first():
-    # rung 0: six complete (two promotable), one running, one failed; rung 1: three complete (one promotable)
-    ladder = runs((0, 0, "complete", 0.50), (1, 0, "complete", 0.70), (2, 0, "complete", 0.60),
-                  (3, 0, "complete", 0.20), (4, 0, "complete", 0.65), (5, 0, "complete", 0.10),
-                  (6, 0, "running"), (7, 0, "fail"),
-                  (8, 1, "complete", 0.80, 1), (9, 1, "complete", 0.75, 4), (10, 1, "complete", 0.85, 2))
-    # rung 1's best (trial 10) goes first; rung 0's top two (1 and 4) are promoted already, 2 is not in the top third
-    assert due_promotions(ladder, 3, 3) == [(10, 2)]
-    assert due_promotions([*ladder, Run(11, 2, "waiting", None, 10)], 3, 3) == []  # a waiting promotion counts
-    # a seventh complete at rung 0 below the top two opens no slot (7 // 3 == 2); an eighth that enters the top two
-    # is promoted at once, though the two it passed went up before it (ASHA never takes a promotion back)
-    more = [*ladder, Run(11, 2, "running", None, 10), Run(12, 0, "complete", 0.3)]
-    assert due_promotions(more, 3, 3) == []
-    assert due_promotions([*more, Run(13, 0, "complete", 0.9)], 3, 3) == [(13, 1)]
+    # rung 0: nine complete, whose top three (1, 4, 2) went up; one running, one failed. Rung 1: those three.
+    scores = [0.50, 0.70, 0.60, 0.20, 0.65, 0.10, 0.30, 0.40, 0.45]
+    ladder = runs(*[(n, 0, "complete", v) for n, v in enumerate(scores)],
+                  (9, 1, "complete", 0.80, 1), (10, 1, "complete", 0.75, 4), (11, 1, "complete", 0.85, 2),
+                  (12, 0, "running"), (13, 0, "fail"))
+    assert due_promotions(ladder, 3, 3) == [(11, 2)]  # rung 1's one slot, to its best
+    ladder.append(Run(14, 2, "waiting", None, 11))
+    assert due_promotions(ladder, 3, 3) == []  # a waiting promotion holds its slot
+    # A tenth at rung 0, the best of all: in the top third, but the rung has sent up its third (10 // 3 == 3)
+    # already. The twelfth opens a fourth slot, and the best not yet promoted takes it.
+    ladder.append(Run(15, 0, "complete", 0.90))
+    assert due_promotions(ladder, 3, 3) == []
+    ladder.append(Run(16, 0, "complete", 0.05))
+    assert due_promotions(ladder, 3, 3) == []
+    assert due_promotions([*ladder, Run(17, 0, "complete", 0.06)], 3, 3) == [(15, 1)]
     # a promotion whose runs all failed (its workers killed) is made again, up to five times
     three = [(0, 0, "complete", 0.5), (1, 0, "complete", 0.4), (2, 0, "complete", 0.3)]
     failed = [(3 + k, 1, "fail", None, 0) for k in range(5)]
