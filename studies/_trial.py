@@ -14,17 +14,22 @@ from studies._ladder import Budget, warmup_share
 from studies._study import BATCH_SIZES, LR_RANGES, RUNG_ATTRS
 
 
-def stand_down(trial, rung: int, promoted_from: int | None, target: int | None) -> str | None:
+def stand_down(trial, rung: int, promoted_from: int | None, target: int | None, eta: float) -> str | None:
     """Why this trial is not needed, or None: two workers can pass the loop's checks at once, and the later trial
     then stands down. At the lowest rung: ``target`` trials are finished there, or running and started before this
-    one. Above it: another live trial runs the same promotion and is older."""
+    one. Above it: an older live trial runs the same promotion, or older ones hold the rung's share of promotions
+    (1/eta of the rung below's complete trials)."""
     from optuna.trial import TrialState
 
     trials = [t for t in trial.study.get_trials(deepcopy=False) if t.number != trial.number]
     if promoted_from is not None:
-        if any(t.user_attrs.get("rung") == rung and t.user_attrs.get("promoted_from") == promoted_from
-               and t.number < trial.number and t.state != TrialState.FAIL for t in trials):
+        older = [t for t in trials if t.user_attrs.get("rung") == rung and t.user_attrs.get("promoted_from") is not None
+                 and t.number < trial.number and t.state != TrialState.FAIL]
+        if any(t.user_attrs["promoted_from"] == promoted_from for t in older):
             return f"not needed: trial {promoted_from}'s promotion to rung {rung} runs in an older trial"
+        below = sum(1 for t in trials if t.user_attrs.get("rung", 0) == rung - 1 and t.state == TrialState.COMPLETE)
+        if len(older) >= int(below // eta):
+            return f"not needed: older trials hold rung {rung}'s {len(older)} promotions"
         return None
     if target is None:
         return None
@@ -47,7 +52,7 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
 
     def objective(trial: optuna.Trial) -> float:
         rung, promoted_from = trial.user_attrs.get("rung", 0), trial.user_attrs.get("promoted_from")
-        reason = stand_down(trial, rung, promoted_from, target)
+        reason = stand_down(trial, rung, promoted_from, target, budget.eta)
         if reason:
             trial.set_user_attr("fail_reason", reason)
             return float("nan")
