@@ -249,7 +249,7 @@ def _run_here(study, storage, arch, splits, budget, args, console, *, quiet: boo
     started, finished_before = time.monotonic(), counts(study)["finished"]
     task = progress.add_task(arch, total=total, completed=min(finished_before, total),
                              best=_best_text(study), current="", end=None, by_deadline=False)
-    redrawn = [time.monotonic()]
+    redrawn = [time.monotonic() + LIVE_PAGE_EVERY]  # when the pages may be drawn next
 
     def on_epoch(number, rung, epoch, epochs, val):
         progress.update(task, current=f"trial {number} (rung {rung}): epoch {epoch}/{epochs}, val {val:.1%}")
@@ -263,9 +263,12 @@ def _run_here(study, storage, arch, splits, budget, args, console, *, quiet: boo
                          None if deadline is None else deadline - time.time())
         progress.update(task, total=expected, completed=min(finished, expected), best=_best_text(study_),
                         end=None if left is None else now + left[0], by_deadline=left is not None and left[1])
-        if not args.no_report and now - redrawn[0] >= LIVE_PAGE_EVERY:  # a live page for a user browsing reports/
-            redrawn[0] = now
+        if not args.no_report and now >= redrawn[0]:  # a live page for a user browsing reports/
             _cli.rebuild_reports(args.out, None, storage_url)
+            # at most every 30 s, and drawing for no more than a twentieth of the time: on 2 cores a page's
+            # figures take seconds that the trials would otherwise have
+            drawing = time.monotonic() - now
+            redrawn[0] = time.monotonic() + max(LIVE_PAGE_EVERY, (1 / LIVE_PAGE_SHARE - 1) * drawing)
         state = trial_.state.name.lower()
         value = f" val {trial_.value:.2%}" if trial_.value is not None else ""
         reason = trial_.user_attrs.get("pruned_reason") or trial_.user_attrs.get("fail_reason") or ""
@@ -282,7 +285,8 @@ def _run_here(study, storage, arch, splits, budget, args, console, *, quiet: boo
                           deadline=deadline)
 
 
-LIVE_PAGE_EVERY = 30.0  # seconds between redraws of the study's page while it runs
+LIVE_PAGE_EVERY = 30.0  # seconds between redraws of the study's page while it runs, at least
+LIVE_PAGE_SHARE = 0.05  # of the study's time, at most
 
 
 def _best_text(study) -> str:

@@ -186,6 +186,7 @@ def test_the_pages_are_redrawn_while_the_study_runs(tmp_path, monkeypatch, capsy
     real = _cli.rebuild_reports
     monkeypatch.setattr(_cli, "rebuild_reports", recording)
     monkeypatch.setattr(onecycle, "LIVE_PAGE_EVERY", 0.0)  # every trial: the throttle is 30 s
+    monkeypatch.setattr(onecycle, "LIVE_PAGE_SHARE", 1.0)  # and a twentieth of the time
     argv = ["--data", "synthetic:200:40", "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet",
             "--seed-max-lr", "0.003", "--quiet", "--out", str(tmp_path)]
     assert onecycle.main(argv) == 0
