@@ -191,7 +191,9 @@ def fidelity(pairs: pd.DataFrame) -> list[dict]:
         n = len(grp)
         row = {"rung": int(rung), "configurations": n, "spearman": None, "kendall": None,
                "same_best": bool(grp["lower"].idxmax() == grp["upper"].idxmax())}
-        if n >= 3:
+        if n >= 3 and min(grp["lower"].nunique(), grp["upper"].nunique()) < 2:
+            row["spearman"] = float("nan")  # equal scores at one rung rank nothing
+        elif n >= 3:
             row["spearman"] = float(grp["lower"].corr(grp["upper"], method="spearman"))
             with contextlib.suppress(ImportError):  # Kendall's tau needs scipy
                 row["kendall"] = float(grp["lower"].corr(grp["upper"], method="kendall"))
