@@ -1,9 +1,10 @@
 """Optuna storages for studies: an embedded SQLite file (WAL mode) by default, any Optuna RDB URL with ``--storage``.
 
 Trials send heartbeats; a trial whose worker died is failed with a reason and its configuration enqueued again.
-Two things here reach below Optuna's public API, and nothing else in cifarlab does: the stale-trial query is
-extended to write each trial's reason (``_storage_class``), and the heartbeat table is read to find trials that
-never sent one (``_trial_ids_with_heartbeat``)."""
+Three things here reach below Optuna's public API, and nothing else in cifarlab does: a waiting (enqueued) trial is
+taken by one conditional UPDATE, the stale-trial query is extended to write each trial's reason (both in
+``_storage_class``), and the heartbeat table is read to find trials that never sent one
+(``_trial_ids_with_heartbeat``)."""
 
 from __future__ import annotations
 
@@ -55,9 +56,30 @@ def _storage_class():
     """Optuna's RDBStorage, writing why a stale trial fails, whoever fails it: the reason is written where the
     stale-trial query finds it, while it is still RUNNING and so writable (Optuna's ``fail_stale_trials`` runs in
     every worker before each trial)."""
+    import datetime
+
     import optuna
+    from optuna.trial import TrialState
 
     class StudyStorage(optuna.storages.RDBStorage):
+        def set_trial_state_values(self, trial_id, state, values=None) -> bool:
+            """A waiting trial is taken by one worker only: Optuna reads it, then writes RUNNING, and on SQLite (no
+            row locks) two workers could both read WAITING and run one enqueued trial twice. Here the write is one
+            conditional UPDATE, which only the first worker's changes."""
+            if state != TrialState.RUNNING or values is not None:
+                return super().set_trial_state_values(trial_id, state, values)
+            from optuna.storages._rdb import models
+            from optuna.storages._rdb.storage import _create_scoped_session
+
+            with _create_scoped_session(self.scoped_session) as session:
+                taken = (session.query(models.TrialModel)
+                         .filter(models.TrialModel.trial_id == trial_id,
+                                 models.TrialModel.state == TrialState.WAITING)
+                         .update({models.TrialModel.state: TrialState.RUNNING}, synchronize_session=False))
+                if taken == 1:  # the write lock is this transaction's now
+                    models.TrialModel.find_or_raise_by_id(trial_id, session).datetime_start = datetime.datetime.now()
+            return taken == 1
+
         def _get_stale_trial_ids(self, study_id: int) -> list[int]:
             stale = super()._get_stale_trial_ids(study_id)
             grace = grace_period(self)
