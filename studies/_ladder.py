@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from cifarlab.report.records import standard_error, tied_with_best  # noqa: F401 (the ladder's figures)
+
 
 @dataclass(frozen=True)
 class Rung:
@@ -168,17 +170,6 @@ def best_run(runs: list[Run]) -> Run | None:
 
 
 # ------------------------------------------------------------------------------------------------- fidelity
-
-
-def standard_error(accuracy: float, n: int) -> float:
-    """Binomial standard error of an accuracy measured on ``n`` validation images."""
-    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n else float("nan")
-
-
-def tied_with_best(scores: pd.Series, n: int) -> pd.Series:
-    """Whether each score lies within two standard errors (on ``n`` images, at the best's accuracy) of the best."""
-    best = scores.max()
-    return scores >= best - 2 * standard_error(best, n)
 
 
 def fidelity(pairs: pd.DataFrame) -> list[dict]:

@@ -369,10 +369,11 @@ def _strip_flags(argv: list[str], names: set[str]) -> list[str]:
 def _summary(study, arch, budget, target: int, console) -> None:
     """Trials per rung, the best at the highest rung reached against the seed's configuration there, and how far
     each rung's ranking held at the next; every score with its standard error on the validation split."""
+    import pandas as pd
     from rich.table import Table
 
     from cifarlab.config import train_argv
-    from studies._ladder import fidelity, rung_pairs, standard_error
+    from studies._ladder import fidelity, rung_pairs, standard_error, tied_with_best
     from studies._reports import study_record
 
     c = counts(study)
@@ -391,8 +392,7 @@ def _summary(study, arch, budget, target: int, console) -> None:
         done = [t for t in trials if t["state"] == "complete" and t["user_attrs"].get("rung", 0) == rung.index]
         best = max(done, key=lambda t: t["value"], default=None)
         # within two standard errors of the rung's best: the validation split cannot rank them apart
-        tied = None if best is None else sum(
-            t["value"] >= best["value"] - 2 * standard_error(best["value"], n_val) for t in done) - 1
+        tied = None if best is None else int(tied_with_best(pd.Series([t["value"] for t in done]), n_val).sum()) - 1
         cells = ["—"] * 6 if best is None else [
             f"#{best['number']}", best["params"]["optimizer"], f"{best['params']['max_lr']:.3g}",
             str(best["params"]["batch_size"]), f"{best['value']:.2%} ± {standard_error(best['value'], n_val):.2%}",

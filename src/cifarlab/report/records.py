@@ -160,3 +160,14 @@ def run_record(result, splits, *, status: str, train_subset, wall_seconds: float
                          "confusion": confusion.tolist(), "predictions": ev.predictions.tolist()}
     doc["test"] = test or None
     return doc
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """Binomial standard error of an accuracy measured on ``n`` validation images."""
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n) if n else float("nan")
+
+
+def tied_with_best(scores: pd.Series, n: int) -> pd.Series:
+    """Whether each score lies within two standard errors (on ``n`` images, at the best's accuracy) of the best."""
+    best = scores.max()
+    return scores >= best - 2 * standard_error(best, n)

@@ -16,18 +16,13 @@ from matplotlib.ticker import MaxNLocator
 from cifarlab.config import train_argv
 from cifarlab.report import html
 from cifarlab.report.figures import plt, save, sns
-from cifarlab.report.records import write_csv
+from cifarlab.report.records import standard_error, tied_with_best, write_csv
 
 
 def study_slug(name: str) -> str:
     """A file-system-safe folder name for a study, unique even when names differ only in odd characters."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:50].strip("._") or "study"
     return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
-def standard_error(accuracy, n) -> float:
-    """Binomial standard error of an accuracy measured on ``n`` images."""
-    return float(np.sqrt(accuracy * (1 - accuracy) / n)) if n and pd.notna(accuracy) else float("nan")
 
 
 def study_frame(study: dict) -> pd.DataFrame:
@@ -50,13 +45,12 @@ def study_frame(study: dict) -> pd.DataFrame:
         })
     frame = pd.DataFrame(rows)
     if len(frame):
-        frame["se"] = [standard_error(v, n_val) for v in frame["val_accuracy"]]
+        frame["se"] = [standard_error(v, n_val) if pd.notna(v) else float("nan") for v in frame["val_accuracy"]]
         done = frame["state"] == "complete"
-        best = frame[done].groupby("rung")["val_accuracy"].transform("max")  # each complete trial's rung's best
         frame["tied_with_best"] = False
         if n_val:
-            frame.loc[done, "tied_with_best"] = frame.loc[done, "val_accuracy"] >= best - 2 * best.map(
-                lambda b: standard_error(b, n_val))
+            frame.loc[done, "tied_with_best"] = frame[done].groupby("rung")["val_accuracy"].transform(
+                lambda scores: tied_with_best(scores, n_val))
     return frame
 
 
