@@ -75,17 +75,18 @@ def compare(final: dict) -> dict:
     final["spread"] = max(max(r["test_accuracy"] for r in c["runs"]) - min(r["test_accuracy"] for r in c["runs"])
                           for c in (best, seed))
     final["exceeds_spread"] = bool(len(best["runs"]) > 1 and abs(final["difference"]) > final["spread"])
+    final["verdict"] = ("more than the spread over seeds" if final["exceeds_spread"] else
+                        "within the spread over seeds" if len(best["runs"]) > 1 else
+                        "one seed each: no spread to judge it by")
     return final
 
 
 def final_sentence(arch: str, final: dict) -> str:
     best, seed = final["configs"]["best"], final["configs"]["seed"]
     n = len(best["runs"])
-    verdict = ("more than the spread over seeds" if final["exceeds_spread"] else
-               "within the spread over seeds" if n > 1 else "one seed each: no spread to judge it by")
     return (f"{arch}: {final['epochs']} epochs on {final['train_images']:,} images, {n} seed(s) each: best "
             f"{best['mean']:.2%} ± {best['std']:.2%}, seed's configuration {seed['mean']:.2%} ± {seed['std']:.2%}; "
-            f"difference {final['difference']:+.2%} ({verdict})")
+            f"difference {final['difference']:+.2%} ({final['verdict']})")
 
 
 def _final_seed(args, arch: str, k: int, study, params: dict, epochs: int, splits, holdout: int, out: Path, console,

@@ -124,11 +124,9 @@ def _final_section(final: dict | None) -> str:
             for name, c in (("best", final["configs"]["best"]), ("seed's", final["configs"].get("seed")))
             if c is not None]
     verdict = ""
-    if "difference" in final:
+    if "verdict" in final:  # written by studies._final.compare with the difference
         verdict = (f"<p>The best less the seed's configuration: <b>{final['difference']:+.2%}</b>, "
-                   + ("more than the spread over seeds" if final["exceeds_spread"] else
-                      "within the spread over seeds" if rows[0]["seeds"] > 1 else "one seed each: no spread to judge "
-                      "it by") + ".</p>")
+                   f"{html.esc(final['verdict'])}.</p>")
     return (f"<h2>Final retrains ({final['epochs']} epochs, {final.get('train_images', 0):,} training images)</h2>"
             + html.table(pd.DataFrame(rows)) + verdict)
 
