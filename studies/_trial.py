@@ -46,9 +46,11 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
     import optuna
 
     from cifarlab import faults
-    from cifarlab.config import TrainConfig
     from cifarlab.errors import TrainingDiverged
+    from cifarlab.keep import Kept, keeping
     from cifarlab.train import fit
+
+    worker_cache = Kept()  # one per worker process: each trial of a rung reuses its subset, its device copy, its basis
 
     def objective(trial: optuna.Trial) -> float:
         rung, promoted_from = trial.user_attrs.get("rung", 0), trial.user_attrs.get("promoted_from")
@@ -59,25 +61,11 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
         step = budget.rungs[rung]
         trial.set_user_attr("rung", rung)
         trial.set_user_attr("budget", step.budget)
-        optimizer = trial.suggest_categorical("optimizer", list(LR_RANGES))
-        lo, hi = LR_RANGES[optimizer]
-        max_lr = trial.suggest_float("max_lr", lo, hi, log=True)
-        batch_size = trial.suggest_categorical("batch_size", list(BATCH_SIZES))
-        frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
-        with warnings.catch_warnings():  # heartbeats' retry has been "experimental" since Optuna 2.8
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
-        if trial.number == 0 or retry_of == 0:
-            trial.set_user_attr("seed_config", True)
-        data = splits.with_train_subset(step.train_images, seed=args.seed)  # nested: a rung's holds the one below's
-        pct_start = warmup_share(args.pct_start, step.epochs * max(1, len(data.train_labels) // batch_size))
-        config = TrainConfig(arch=arch, epochs=step.epochs, batch_size=batch_size, optimizer=optimizer,
-                             max_lr=max_lr, weight_decay=args.weight_decay, pct_start=pct_start,
-                             label_smoothing=args.label_smoothing, precision=args.precision, device=args.device,
-                             seed=args.seed + trial.number)
-        trial.set_user_attr("config", config.to_dict())
-        trial.set_user_attr("train_images", len(data.train_labels))
-        trial.set_user_attr("worker", WORKER)  # host:pid, to tell machines and processes apart in a shared study
+        # Nested: a rung's subset holds the one below's. Kept, with what derives from it, for the worker's next trials.
+        data = worker_cache.get("training subset", (splits, step.train_images, args.seed),
+                        lambda: splits.with_train_subset(step.train_images, seed=args.seed))
+        config = trial_config(trial, arch, step, len(data.train_labels), args)
+        batch_size = config.batch_size
         records: list[dict] = []
 
         def on_epoch(rec) -> bool:
@@ -92,9 +80,10 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
             # A trial that ran its last epoch has its answer: pruning it then would only throw that away.
             return rec.epoch < step.epochs and trial.should_prune()
 
-        started, oom = time.perf_counter(), None
+        started, oom, built = time.perf_counter(), None, sum(worker_cache.built.values())
         try:
-            result = fit(config, data, on_epoch=on_epoch)
+            with keeping(worker_cache):
+                result = fit(config, data, on_epoch=on_epoch)
         except TrainingDiverged as exc:
             trial.set_user_attr("pruned_reason", f"diverged: {exc}")
             raise optuna.TrialPruned(str(exc)) from None
@@ -108,8 +97,10 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
                 raise
             oom = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         if oom is not None:  # out of the handler: its traceback, which held the failed frames' tensors, is gone
+            worker_cache.entries.clear()  # and what the worker kept for later trials: the retry builds what it needs
             return requeue_after_oom(trial, oom, batch_size)
         _store_timing(trial, records, result, time.perf_counter() - started)
+        trial.set_user_attr("kept_built", sum(worker_cache.built.values()) - built)  # 0: the worker had all it needed
         if result.stopped_early:
             trial.set_user_attr("pruned_reason", f"pruned after epoch {len(records)} by the {args.pruner} pruner "
                                                  f"(val accuracy {records[-1]['val_accuracy']:.3f})")
@@ -118,6 +109,34 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
         return records[-1]["val_accuracy"]
 
     return objective
+
+
+def trial_config(trial, arch: str, step, train_images: int, args):
+    """The trial's configuration: the sampled (or enqueued) optimizer, max LR and batch size at its rung's budget,
+    the rest from the command line; stored on the trial."""
+    import optuna
+
+    from cifarlab.config import TrainConfig
+
+    optimizer = trial.suggest_categorical("optimizer", list(LR_RANGES))
+    lo, hi = LR_RANGES[optimizer]
+    max_lr = trial.suggest_float("max_lr", lo, hi, log=True)
+    batch_size = trial.suggest_categorical("batch_size", list(BATCH_SIZES))
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    with warnings.catch_warnings():  # heartbeats' retry has been "experimental" since Optuna 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_of = optuna.storages.RetryFailedTrialCallback.retried_trial_number(frozen)
+    if trial.number == 0 or retry_of == 0:
+        trial.set_user_attr("seed_config", True)
+    pct_start = warmup_share(args.pct_start, step.epochs * max(1, train_images // batch_size))
+    config = TrainConfig(arch=arch, epochs=step.epochs, batch_size=batch_size, optimizer=optimizer, max_lr=max_lr,
+                         weight_decay=args.weight_decay, pct_start=pct_start, label_smoothing=args.label_smoothing,
+                         precision=args.precision, device=args.device, seed=args.seed + trial.number,
+                         compile=args.compile, compile_mode=args.compile_mode)
+    trial.set_user_attr("config", config.to_dict())
+    trial.set_user_attr("train_images", train_images)
+    trial.set_user_attr("worker", WORKER)  # host:pid, to tell machines and processes apart in a shared study
+    return config
 
 
 OOM_MESSAGES = ("out of memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED", "CUDA_ERROR_OUT_OF_MEMORY")

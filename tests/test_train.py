@@ -166,7 +166,7 @@ def test_a_setting_that_changes_no_result_may_differ_on_resume(small, tmp_path):
 
 def _slow_first_call_compile(seconds):
     """A stand-in for torch.compile whose first call in each session takes ``seconds`` more, as compiling does."""
-    def compile_(model, mode=None):
+    def compile_(model, mode=None, dynamic=None):
         calls = []
 
         def run(x):
@@ -550,3 +550,26 @@ def test_saved_weights_give_back_the_model_that_was_tested(small, tmp_path):
     (tmp_path / "notes.pt").write_text("not weights")
     with pytest.raises(ConfigError, match=r"cannot read weights from .*notes\.pt: not a torch file"):
         load_weights(tmp_path / "notes.pt")
+
+
+def test_a_worker_cache_changes_no_result_of_the_runs_that_share_it(tiny, monkeypatch):
+    # A study worker keeps subsets' statistics, whitening bases and device copies, and with --compile one model per
+    # shape whose weights each run reloads: every run must end as it would alone, whatever ran before it.
+    from cifarlab.keep import Kept, keeping
+
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    a, b = tiny.with_train_subset(64, seed=0), tiny.with_train_subset(96, seed=1)
+    runs = [(a, quick(epochs=1, compile=True, seed=1)), (b, quick(epochs=1, compile=True, seed=2)),
+            (a, quick(epochs=1, compile=True, seed=3))]
+    alone = [fit(config, data).records[-1] for data, config in runs]
+    assert len(compiled) == 3  # each lone run compiles for itself
+    compiled.clear()
+    cache = Kept()
+    with keeping(cache):
+        shared = [fit(config, data).records[-1] for data, config in runs]
+    assert len(compiled) == 1 and cache.reused["model of a compiled shape"] == 2  # one shape (batch 32): once
+    assert cache.built["whitening basis"] == 2 and cache.reused["whitening basis"] == 1  # one per subset
+    for lone, kept in zip(alone, shared):
+        assert (kept.train_loss, kept.val_loss, kept.val_accuracy) == (lone.train_loss, lone.val_loss,
+                                                                       lone.val_accuracy)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cifarlab.keep import memo
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations would otherwise ask the network
 
 
@@ -100,6 +102,18 @@ def _pixel_scale(norm: Normalization, device: torch.device) -> tuple[torch.Tenso
     return mean, inv_std
 
 
+def _padded_on(images: np.ndarray, pad: int, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC images as one NCHW tensor on ``device``, reflect-padded by ``pad`` (pinned first on CUDA, so that
+    the copy runs at the link's speed)."""
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect") if pad else images
+    host = torch.from_numpy(np.ascontiguousarray(padded.transpose(0, 3, 1, 2)))
+    return host.pin_memory().to(device) if device.type == "cuda" else host.to(device)
+
+
+def _labels_on(labels: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+
+
 GROUP_IMAGES_CUDA = 8192  # images augmented per set of kernels on CUDA
 
 
@@ -117,10 +131,9 @@ class BatchAugmenter:
         if group_images is None:
             group_images = GROUP_IMAGES_CUDA if device.type == "cuda" else 0
         self.group_images = group_images
-        p = cfg.pad
-        padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect") if p else images
-        self.images = torch.from_numpy(np.ascontiguousarray(padded.transpose(0, 3, 1, 2))).to(device)
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        self.images = memo("padded training images", (images, cfg.pad, str(device)),
+                           lambda: _padded_on(images, cfg.pad, device))
+        self.labels = memo("labels", (labels, str(device)), lambda: _labels_on(labels, device))
         self.size = images.shape[1]
         self.mean, self.inv_std = _pixel_scale(norm, device)
         self._flip_now: torch.Tensor | None = None  # this epoch's flip per image, for alternate_flip
@@ -218,8 +231,8 @@ class EvalBatches:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, norm: Normalization, device: torch.device,
                  channels_last: bool = False) -> None:
-        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device)
+        self.images = memo("evaluation images", (images, str(device)), lambda: _padded_on(images, 0, device))
+        self.labels = memo("labels", (labels, str(device)), lambda: _labels_on(labels, device))
         self.mean, self.inv_std = _pixel_scale(norm, device)
         self.channels_last = channels_last
 

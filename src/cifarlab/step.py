@@ -14,6 +14,7 @@ from torch import nn
 
 from cifarlab.config import TrainConfig
 from cifarlab.errors import ConfigError, TrainingDiverged
+from cifarlab.keep import memo
 from cifarlab.timing import synchronize
 
 
@@ -39,7 +40,9 @@ class TrainStep:
     def __init__(self, config: TrainConfig, model: nn.Module, device: torch.device, precision: str, *,
                  total_steps: int, num_classes: int, fused: bool | None = None, schedule: bool = True) -> None:
         self.config, self.model, self.device, self.precision = config, model, device, precision
-        self.forward = torch.compile(model, mode=config.compile_mode) if config.compile else model
+        # Static shapes: one graph per batch size, each compiled once per process and kept with its model.
+        self.forward = memo("compiled forward", (model, config.compile_mode), lambda: torch.compile(
+            model, mode=config.compile_mode, dynamic=False)) if config.compile else model
         self.optimizer = build_optimizer(config, model, fused=fused)
         self.total_steps = total_steps
         self.scheduler = build_scheduler(config, self.optimizer, total_steps) if schedule else None

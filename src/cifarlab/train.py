@@ -21,6 +21,7 @@ from cifarlab.choices import resolve_speed
 from cifarlab.config import TrainConfig
 from cifarlab.data import DataSplits
 from cifarlab.evaluate import NO_VALIDATION, EvalResult, EvaluationStopped, evaluate
+from cifarlab.keep import keeping, memo
 from cifarlab.models.recipe import build_model
 from cifarlab.step import TrainStep, seed_everything
 from cifarlab.timing import Timer, configure_device, resolve_device
@@ -67,6 +68,7 @@ StepCallback = Callable[[int, int, int, float, float], None]
 EpochCallback = Callable[[EpochRecord], "bool | None"]
 
 
+@keeping()  # a study worker's cache where one is open, else this run's own (it uploads the validation split once)
 def fit(config: TrainConfig, splits: DataSplits, *, on_epoch: EpochCallback | None = None,
         on_step: StepCallback | None = None, test: bool = False, test_tta: bool = False,
         checkpoint: Checkpointing | None = None) -> FitResult:
@@ -177,8 +179,8 @@ def setup_training(config: TrainConfig, splits: DataSplits, device: torch.device
     """The input normalisation, the batches and the training step of ``config`` as ``fit()`` builds them;
     ``bench.devices`` times and the LR range test sweeps exactly these. ``total_steps``: the schedule's length
     (default: the run's)."""
-    norm = Normalization.from_images(splits.train_images)
-    model = build_model(config, splits, norm, device, channels_last, generator=gen)
+    norm = memo("normalization", (splits.train_images,), lambda: Normalization.from_images(splits.train_images))
+    model = build_model(config, splits, norm, device, channels_last)
     batches = training_batches(config, splits, norm, device, channels_last, gen)
     step = TrainStep(config, model, device, precision, total_steps=total_steps or config.epochs * batches.steps,
                      num_classes=splits.num_classes, fused=fused, schedule=schedule)

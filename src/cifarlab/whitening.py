@@ -16,20 +16,22 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from cifarlab.augment import Normalization
+from cifarlab.keep import memo
 
 WHITEN_EPS = 1e-2  # Page's eps on the eigenvalues: bounds the gain of the noisiest directions at 10x
 
 
 def patch_whitening_basis(images: np.ndarray, norm: Normalization, kernel: int = 3, max_images: int = 10_000,
-                          eps: float = WHITEN_EPS, generator: torch.Generator | None = None) -> torch.Tensor:
+                          eps: float = WHITEN_EPS) -> torch.Tensor:
     """Whitening filters of the ``kernel`` x ``kernel`` patches of uint8 ``(N, H, W, C)`` images, normalised as
-    training normalises them (at most ``max_images``, a random subset): a ``(C*k*k, C*k*k)`` matrix whose row ``i``
-    is eigenvector ``i`` of the patch covariance over sqrt(eigenvalue_i + eps), in conv-weight order."""
+    training normalises them (at most ``max_images``, a fixed random subset): a ``(C*k*k, C*k*k)`` matrix whose row
+    ``i`` is eigenvector ``i`` of the patch covariance over sqrt(eigenvalue_i + eps), in conv-weight order. A function
+    of the images alone, so that a worker computes it once per training subset."""
     if images.ndim != 4 or len(images) == 0:
         raise ValueError(f"need a non-empty (N, H, W, C) uint8 array of training images, got shape {images.shape}")
     n = len(images)
     if n > max_images:
-        index = torch.randperm(n, generator=generator)[:max_images].sort().values.numpy()
+        index = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max_images].sort().values.numpy()
         images = images[index]
     mean = torch.tensor(norm.mean, dtype=torch.float64).view(1, -1, 1, 1)
     std = torch.tensor(norm.std, dtype=torch.float64).view(1, -1, 1, 1)
@@ -59,7 +61,7 @@ class PatchWhitening(nn.Module):
 
     def __init__(self, basis: torch.Tensor, weight_shape: torch.Size) -> None:
         super().__init__()
-        self.register_buffer("basis", basis)
+        self.register_buffer("basis", basis.clone())  # its own: loading a state dict writes into it
         self.weight_shape = tuple(weight_shape)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
@@ -78,8 +80,8 @@ def first_conv(model: nn.Module) -> nn.Conv2d:
     raise ValueError(f"{type(model).__name__} has no Conv2d to whiten")
 
 
-def whiten_first_conv(model: nn.Module, images: np.ndarray, norm: Normalization, *, eps: float = WHITEN_EPS,
-                      generator: torch.Generator | None = None) -> nn.Conv2d:
+def whiten_first_conv(model: nn.Module, images: np.ndarray, norm: Normalization, *,
+                      eps: float = WHITEN_EPS) -> nn.Conv2d:
     """Re-parametrise the model's first conv through the patch-whitening basis of ``images``; returns the conv.
 
     The learnt matrix starts as Page's 1x1 convolution starts (PyTorch's default init for 27 inputs), so the
@@ -90,8 +92,9 @@ def whiten_first_conv(model: nn.Module, images: np.ndarray, norm: Normalization,
         raise ValueError("the first convolution is already whitened")
     if conv.kernel_size[0] != conv.kernel_size[1] or conv.groups != 1:
         raise ValueError(f"cannot whiten a {conv.kernel_size} conv with {conv.groups} groups")
-    basis = patch_whitening_basis(images, norm, kernel=conv.kernel_size[0], eps=eps, generator=generator)
-    basis = basis.to(conv.weight.device)
+    device, kernel = conv.weight.device, conv.kernel_size[0]
+    basis = memo("whitening basis", (images, norm.mean, norm.std, kernel, eps, str(device)),
+                 lambda: patch_whitening_basis(images, norm, kernel=kernel, eps=eps).to(device))
     parametrize.register_parametrization(conv, "weight", PatchWhitening(basis, conv.weight.shape))
     latent = conv.parametrizations.weight.original
     with torch.no_grad():

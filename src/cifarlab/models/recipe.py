@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from cifarlab.config import TrainConfig
+from cifarlab.keep import memo
 from cifarlab.models.layers import use_activation, use_ghost_batch_norm
 from cifarlab.models.registry import create_model
 from cifarlab.whitening import whiten_first_conv
@@ -24,14 +25,22 @@ def recipe_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def build_model(config: TrainConfig, splits, norm, device: torch.device, channels_last: bool, *,
-                generator: torch.Generator | None = None) -> nn.Module:
+def build_model(config: TrainConfig, splits, norm, device: torch.device, channels_last: bool) -> nn.Module:
     """The model ``config`` trains on ``device``: the recipe's layers, the first conv whitened from ``splits``'
-    training images."""
+    training images. With ``--compile``, the model object this process compiled for the same shape, loaded with the
+    new weights: its compiled graph (and CUDA graphs, which hold its tensors' addresses) then serves this run too."""
     model = recipe_model(config, splits.num_classes).to(device)
     if config.whiten:
-        whiten_first_conv(model, splits.train_images, norm, generator=generator)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+        whiten_first_conv(model, splits.train_images, norm)
+    model = model.to(memory_format=torch.channels_last) if channels_last else model
+    if not config.compile:
+        return model
+    shape = (config.arch, splits.num_classes, config.activation, config.ghost_batch, config.bn_scale, config.whiten,
+             config.batch_size, str(device), channels_last)
+    kept = memo("model of a compiled shape", shape, lambda: model)
+    if kept is not model:
+        kept.load_state_dict(model.state_dict())  # copies into the kept tensors: their addresses stay
+    return kept
 
 
 def freeze_bn_scales(model: nn.Module) -> int:
