@@ -85,6 +85,10 @@ def positive_int(text: str) -> int:
     return _number(int, text, 1)
 
 
+def positive_int_or_auto(text: str) -> int | str:
+    return "auto" if text == "auto" else _number(int, text, 1)
+
+
 def non_negative_int(text: str) -> int:
     return _number(int, text, 0)
 

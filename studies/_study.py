@@ -218,11 +218,8 @@ def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> 
     study's own training split."""
     import json
 
-    from cifarlab.config import TrainConfig
-    from cifarlab.errors import ConfigError
-    from cifarlab.lr_finder import run_range_test
-    from cifarlab.report.records import write_lrfind_record
-    from cifarlab.timing import environment, resolve_device
+    from cifarlab.timing import resolve_device
+    from studies._workers import in_child
 
     if args.seed_max_lr is not None:
         return args.seed_max_lr, "--seed-max-lr"
@@ -233,14 +230,33 @@ def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> 
             continue
         if doc.get("optimizer") == "adam" and doc.get("suggestions", {}).get("steepest"):
             return float(doc["suggestions"]["steepest"]), f"LR range test {path.parent.name}"
-    steps = budget.lrfind_steps
-    console.print(f"{arch}: no stored Adam LR range test; running a {steps}-step one for the seed trial")
+    console.print(f"{arch}: no stored Adam LR range test; running a {budget.lrfind_steps}-step one for the seed trial")
+    # On a GPU in a child process: the parent then holds no CUDA context (and its memory) while its workers train.
+    on_gpu = resolve_device(args.device).type == "cuda"
+    lr, run_name, seconds = (in_child if on_gpu else _here)(seed_range_test, args, arch, splits, budget, out)
+    console.print(f"{arch}: LR range test done in {seconds:.0f} s")
+    return lr, f"LR range test {run_name}"
+
+
+def _here(fn, *args):
+    return fn(*args)
+
+
+def seed_range_test(args, arch: str, splits, budget: Budget, out: Path) -> tuple[float, str, float]:
+    """A short Adam LR range test on the study's training split, stored under ``out``/lrfind: the max LR it
+    suggests, the record's name, and its seconds."""
+    from cifarlab.config import TrainConfig
+    from cifarlab.errors import ConfigError
+    from cifarlab.lr_finder import run_range_test
+    from cifarlab.report.records import write_lrfind_record
+    from cifarlab.timing import environment, resolve_device
+
     config = TrainConfig(arch=arch, optimizer="adam", batch_size=min(512, len(splits.train_labels)), ema=0,
                          max_lr=1e-5, label_smoothing=0.0, logit_scale=0.125, precision=args.precision,
                          device=args.device, seed=args.seed)
     started = time.perf_counter()
     try:
-        result, precision = run_range_test(config, splits, start_lr=1e-5, end_lr=1.0, steps=steps)
+        result, precision = run_range_test(config, splits, start_lr=1e-5, end_lr=1.0, steps=budget.lrfind_steps)
     except (RuntimeError, ValueError) as exc:  # torch's own errors run to paragraphs: their first line says it
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ConfigError(f"the LR range test for the seed trial of {arch} failed ({first}); pass --seed-max-lr") \
@@ -253,8 +269,7 @@ def seed_max_lr(args, arch: str, splits, budget: Budget, out: Path, console) -> 
            "weight_decay": config.weight_decay, "logit_scale": config.logit_scale, "precision": precision,
            "data": splits.describe(), "environment": environment(resolve_device(args.device))}
     run_dir = write_lrfind_record(out, doc, result)
-    console.print(f"{arch}: LR range test done in {time.perf_counter() - started:.0f} s")
-    return float(lr), f"LR range test {run_dir.name}"
+    return float(lr), run_dir.name, time.perf_counter() - started
 
 
 def run_worker(study, storage, objective, target: int, budget: Budget, *, heartbeat: int, on_trial_done=None,

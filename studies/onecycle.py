@@ -3,8 +3,6 @@ itself is ``studies._study``. The same command again tops each study up to ``--t
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 
@@ -27,6 +25,7 @@ from studies._study import (
 from studies._study import LR_RANGES as LR_RANGES
 from studies._study import SEED_CONFIG as SEED_CONFIG
 from studies._trial import make_objective
+from studies._workers import spawn_workers, strip_flags
 
 PROG = "python -m studies.onecycle"
 
@@ -36,7 +35,7 @@ FINAL_FLAGS = [f"--{k.replace('_', '-')}" for k in FINAL_DEFAULTS]
 
 
 def build_parser():
-    from cifarlab.config import TrainConfig
+    from cifarlab.config import COMPILE_MODES, TrainConfig
 
     d = TrainConfig()
     p = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
@@ -84,9 +83,14 @@ def build_parser():
     p.add_argument("--deadline", type=float, default=None, help=_cli.argparse.SUPPRESS)  # a worker's, time.time()
     p.add_argument("--workers", type=_cli.positive_int, default=1,
                    help="worker processes on this machine sharing each study (default: 1)")
-    p.add_argument("--workers-per-gpu", type=_cli.positive_int, default=None,
+    p.add_argument("--workers-per-gpu", type=_cli.positive_int_or_auto, default=None, metavar="K|auto",
                    help="K worker processes on each visible GPU instead of --workers: a small trial leaves a GPU "
-                        "mostly idle; each worker sees one device of the CUDA_VISIBLE_DEVICES the command was given")
+                        "mostly idle; each worker sees one device of the CUDA_VISIBLE_DEVICES the command was given. "
+                        "auto: K from a few profiled steps of the top rung (the GPU's busy share and memory)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each trial's model: a worker compiles once per batch size and reuses the graph")
+    p.add_argument("--compile-mode", default=d.compile_mode, choices=COMPILE_MODES,
+                   help="with --compile; reduce-overhead adds CUDA graphs (default: %(default)s)")
     p.add_argument("--final", action="store_true",
                    help="retrain each architecture's best configuration and the seed's on every training image; "
                         "test accuracy of both and their difference")
@@ -158,7 +162,7 @@ def _main(args, raw_argv: list[str]) -> int:
             _prepare(study, args, arch, splits, budget, out, console)
         prepared = time.time() - prepared
         if (args.workers > 1 or args.workers_per_gpu) and not is_worker:
-            _spawn_workers(args, raw_argv, arch, study, console, arch_deadline)
+            spawn_workers(args, worker_argv, raw_argv, arch, splits, budget, console, arch_deadline)
             timed_out = arch_deadline is not None and time.time() >= arch_deadline
         else:
             timed_out = _run_here(study, storage, arch, splits, budget, args, console, quiet=args.quiet or is_worker,
@@ -297,73 +301,10 @@ def _best_text(study) -> str:
 def worker_argv(raw_argv: list[str], arch: str, index: int, deadline: float | None) -> list[str]:
     """A worker's flags: the command's, for one architecture, with the architecture's deadline in place of
     ``--timeout`` (each worker would otherwise start the clock again)."""
-    argv = _strip_flags(raw_argv, {"--workers", "--workers-per-gpu", "--arch", "--final", "--worker-index",
+    argv = strip_flags(raw_argv, {"--workers", "--workers-per-gpu", "--arch", "--final", "--worker-index",
                                    "--timeout", "--deadline", *FINAL_FLAGS, "--no-final-holdout"})
     argv += ["--arch", arch, "--workers", "1", "--worker-index", str(index)]
     return argv + (["--deadline", repr(deadline)] if deadline is not None else [])
-
-
-def worker_devices(workers: int, per_gpu: int | None, gpus: int, visible: str | None) -> list[str | None]:
-    """Each worker's ``CUDA_VISIBLE_DEVICES``: one entry of the mask the command was given (``visible``; every
-    device when unset), in turn, never renumbered (``2,3`` gives workers 2 and 3, not 0 and 1). ``per_gpu`` workers
-    on each of the ``gpus`` visible, else ``workers`` spread over them; None (the environment as it is) without a
-    GPU."""
-    if not gpus:
-        return [None] * workers
-    mask = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(gpus)]
-    mask = mask[:gpus]
-    return [mask[i % len(mask)] for i in range(per_gpu * len(mask) if per_gpu else workers)]
-
-
-def _spawn_workers(args, raw_argv, arch, study, console, deadline: float | None = None) -> None:
-    """K processes on this machine, one study; with GPUs each worker sees only its own."""
-    import torch
-
-    from cifarlab.errors import ConfigError
-    from cifarlab.timing import threads_per_worker
-
-    gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
-    if args.workers_per_gpu and not gpus:
-        raise ConfigError("--workers-per-gpu needs a CUDA device, and this machine has none visible; use --workers")
-    devices = worker_devices(args.workers, args.workers_per_gpu, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
-    threads = threads_per_worker(len(devices))
-    procs = []
-    for i, device in enumerate(devices):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        if device is not None:
-            env["CUDA_VISIBLE_DEVICES"] = device
-        cmd = [sys.executable, "-m", "studies.onecycle", *worker_argv(raw_argv, arch, i, deadline)]
-        procs.append(subprocess.Popen(cmd, env=env))
-    shared = {d: devices.count(d) for d in devices if d is not None}
-    on_gpus = ("" if not shared else ", one GPU each" if max(shared.values()) == 1 else
-               ", " + ", ".join(f"{n} on GPU {d}" for d, n in shared.items()))
-    console.print(f"{arch}: {len(devices)} workers started ({threads} thread{'s' if threads != 1 else ''} each"
-                  f"{on_gpus})", highlight=False)
-    try:
-        while any(p.poll() is None for p in procs):
-            time.sleep(2)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.terminate()
-        raise
-    bad = [p.returncode for p in procs if p.returncode != 0]
-    if bad:
-        raise RuntimeError(f"{len(bad)} of {len(devices)} workers failed (exit {bad}); rerun to resume")
-
-
-def _strip_flags(argv: list[str], names: set[str]) -> list[str]:
-    out, skip = [], False
-    valueless = {"--final", "--quiet", "--no-report", "--final-holdout", "--no-final-holdout"}
-    for tok in argv:
-        if skip:
-            skip = False
-            continue
-        name = tok.split("=", 1)[0]
-        if name in names:
-            skip = "=" not in tok and name not in valueless
-            continue
-        out.append(tok)
-    return out
 
 
 def _summary(study, arch, budget, target: int, console) -> None:

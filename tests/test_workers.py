@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import load_study_at as load
 
-from studies import onecycle
+from studies import _workers, onecycle
 
 
 @pytest.mark.parametrize(("workers", "per_gpu", "gpus", "mask", "expected"), [
@@ -19,7 +19,7 @@ from studies import onecycle
     (1, 2, 1, "1,4", ["1", "1"]),  # torch sees one of the two (the other taken): only that one
 ])
 def test_each_worker_sees_one_device_of_the_users_mask(workers, per_gpu, gpus, mask, expected):
-    assert onecycle.worker_devices(workers, per_gpu, gpus, mask) == expected
+    assert _workers.worker_devices(workers, per_gpu, gpus, mask) == expected
 
 
 def test_workers_per_gpu_without_a_gpu_is_refused(tmp_path, capsys):
@@ -73,3 +73,65 @@ def test_an_error_that_is_not_out_of_memory_still_stops_the_study(tmp_path, monk
             "--seed-max-lr", "0.003", "--quiet", "--no-report", "--out", str(tmp_path)]
     with pytest.raises(RuntimeError, match="expected scalar type"):
         onecycle.main(argv)
+
+
+@pytest.mark.parametrize(("busy", "peak_gib", "total_gib", "k", "bound"), [
+    (0.30, 6, 80, 3, "idle time"),  # a third busy: three fill it
+    (0.10, 30, 80, 2, "memory"),  # idle enough for ten, room for two
+    (0.05, 1, 80, 4, "cap of 4"),
+    (0.90, 2, 80, 1, "idle time"),  # one already fills it
+    (0.40, 90, 80, 1, "memory"),  # not even one fits 80%: still one, the trial's own OOM rule handles the rest
+])
+def test_auto_workers_per_gpu_fills_the_idle_time_within_memory(busy, peak_gib, total_gib, k, bound):
+    chosen, why = _workers.choose_workers_per_gpu(busy, peak_gib * 2**30, total_gib * 2**30, 512, 1024)
+    assert chosen == k and bound in why
+    assert f"busy {busy:.0%}" in why and f"{k} per GPU" in why
+
+
+def test_workers_per_gpu_auto_without_a_gpu_is_refused(tmp_path, capsys):
+    argv = ["--data", "synthetic:200:40", "--budget", "smoke", "--trials", "1", "--workers-per-gpu", "auto",
+            "--seed-max-lr", "0.003", "--device", "cpu", "--quiet", "--no-report", "--out", str(tmp_path)]
+    assert onecycle.main(argv) == 2
+    assert "--workers-per-gpu needs a CUDA device" in capsys.readouterr().err
+
+
+def _raise_config_error(message):
+    from cifarlab.errors import ConfigError
+
+    raise ConfigError(message)
+
+
+def test_work_in_a_child_process_returns_its_value_and_its_errors():
+    import os
+
+    from cifarlab.errors import ConfigError
+
+    assert _workers.in_child(os.getpid) != os.getpid()
+    with pytest.raises(ConfigError, match="pass --seed-max-lr"):
+        _workers.in_child(_raise_config_error, "the LR range test failed; pass --seed-max-lr")
+
+
+@pytest.mark.cuda
+def test_the_seed_range_test_leaves_no_cuda_context_in_the_parent(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    argv = ["--data", "synthetic:400:40", "--budget", "smoke", "--trials", "1", "--arch", "custom_resnet",
+            "--rungs", "1", "--workers-per-gpu", "1", "--device", "cuda", "--quiet", "--no-report",
+            "--out", str(tmp_path)]
+    assert onecycle.main(argv) == 0
+    assert not torch.cuda.is_initialized()  # the range test ran in a child, the trial in a worker
+    assert (tmp_path / "lrfind").is_dir()
+
+
+def test_a_worker_builds_a_subsets_data_once_and_reuses_it_in_later_trials(tmp_path):
+    argv = ["--data", "synthetic:300:40", "--budget", "smoke", "--trials", "3", "--arch", "custom_resnet",
+            "--rungs", "2", "--seed-max-lr", "0.003", "--quiet", "--no-report", "--out", str(tmp_path)]
+    assert onecycle.main(argv) == 0
+    trials = [t for t in load(tmp_path).trials if t.state.name == "COMPLETE"]
+    built = {rung: [t.user_attrs["kept_built"] for t in trials if t.user_attrs["rung"] == rung] for rung in (0, 1)}
+    # each rung's first trial builds its subset, statistics, whitening basis and device copies; the rest reuse them
+    assert built[0][0] >= 5 and built[0][1:] == [0, 0]
+    assert built[1] == [built[0][0] - 2]  # the validation images and labels were kept from rung 0
+    assert all(t.user_attrs["overhead_seconds"] >= 0 for t in trials)
