@@ -32,6 +32,20 @@ def build_parser():
     mode.add_argument("--choose", action="store_true",
                    help="time fp32/bf16 x NCHW/channels_last per architecture and store the fastest as the choice "
                         "that training's --precision auto / --channels-last auto use on this device")
+    mode.add_argument("--throughput", action="store_true",
+                      help="study throughput: trials per hour with K workers sharing each device (whole trials at "
+                           "--budget's top rung, each worker keeping its cache), the busy share, and on CUDA what "
+                           "compiling with --compile-mode costs and after how many trials it repays")
+    p.add_argument("--workers-per-device", type=_cli.positive_int, nargs="+", default=[1, 2, 4], metavar="K",
+                   help="with --throughput: worker counts to time (default: 1 2 4)")
+    p.add_argument("--budget", default="full", choices=("smoke", "quick", "full"),
+                   help="with --throughput: the study budget whose top rung each trial runs (default: full)")
+    p.add_argument("--trials-each", type=_cli.positive_int, default=2,
+                   help="with --throughput: trials per worker; from the second on a worker reuses its cache and "
+                        "compiled graph (default: 2)")
+    p.add_argument("--compile-mode", default="reduce-overhead",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="with --throughput on CUDA: the compiled round's mode (default: reduce-overhead, CUDA graphs)")
     p.add_argument("--peak-seconds", type=_cli.positive_float, default=1.0,
                    help="seconds of warm-up and of measurement per matmul peak probe (default: 1)")
     p.add_argument("--no-breakdown", action="store_true",
@@ -80,9 +94,9 @@ def _main(args) -> int:
 
     console = _cli.console()
     archs = _cli.parse_archs(args.arch)
-    if args.no_compile and not args.ablation:
-        raise ConfigError("--no-compile leaves torch.compile out of the --ablation ladder, the only run that compiles; "
-                          "add --ablation, or leave --no-compile out")
+    if args.no_compile and not (args.ablation or args.throughput):
+        raise ConfigError("--no-compile leaves torch.compile out of --ablation or --throughput, the only runs that "
+                          "compile; add one of them, or leave --no-compile out")
     if args.choose and args.precision != "auto":
         raise ConfigError(f"--choose times fp32 and bf16 itself and stores the faster; leave --precision "
                           f"{args.precision} out, or drop --choose to time {args.precision} alone")
@@ -99,6 +113,12 @@ def _main(args) -> int:
     devices = ["cpu"] if args.device in ("cpu", "all") else []
     if args.device in ("cuda", "all"):
         devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if args.throughput:
+        from bench.throughput import measure
+
+        measure(args, devices, splits, out, console)
+        _cli.rebuild_reports(out, console)
+        return 0
     tables = {"rows": [], "ops": [], "convs": [], "gaps": []}  # per measurement, op kind, conv and peak-gap part
     if args.device == "all" and not torch.cuda.is_available():
         tables["rows"].append({"arch": "all", "device": "cuda", "status": "no CUDA device on this machine"})

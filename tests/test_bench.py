@@ -335,3 +335,35 @@ def test_images_auto_times_a_whole_epoch_on_cuda_and_2048_images_on_the_cpu():
 def test_breakdown_milliseconds_keep_three_figures():
     # A CUDA step's parts are fractions of a millisecond: rounded to whole milliseconds they all printed as 0.
     assert [devices._ms(v) for v in (0.0123, 1.234, 12.34, 573.2, 1234.5)] == ["0.0123", "1.23", "12.3", "573", "1234"]
+
+
+def test_throughput_times_whole_trials_with_k_workers_sharing_the_device(tmp_path, capsys):
+    argv = ["--throughput", "--device", "cpu", "--arch", "custom_resnet", "--budget", "smoke", "--batch-size", "64",
+            "--workers-per-device", "1", "2", "--trials-each", "2", "--data", "synthetic:400:40", "--val-size", "64",
+            "--out", str(tmp_path)]
+    assert devices.main(argv) == 0
+    out = capsys.readouterr().out
+    [run] = (tmp_path / "devices").glob("*-throughput")
+    frame = pd.read_csv(run / "throughput.csv")
+    assert list(frame["workers"]) == [1, 2] and list(frame["trials"]) == [2, 4]
+    assert list(frame["train_images"]) == [288, 288] and list(frame["epochs"]) == [3, 3]  # smoke's top rung
+    assert frame["trials_per_hour"].to_numpy() == pytest.approx(frame["trials"] * 3600 / frame["wall_seconds"])
+    assert (frame["overhead_seconds"] < frame["trial_seconds"]).all() and (frame["overhead_seconds"] > 0).all()
+    assert frame["busy_share"].isna().all()  # a CPU is never idle while it trains: no busy share to report
+    assert "2 workers (eager)" in out and "trials/h" in out
+    assert "Study throughput" in (tmp_path / "index.html").read_text()
+    page = (run / "index.html").read_text()
+    assert "throughput.png" in page and "trials_per_hour" in page and (run / "throughput.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("eager", "compiled", "compile_s", "expected"), [
+    (20.0, 14.0, 18.0, "saves 6.0 s a trial (20.0 → 14.0 s): repaid after 3 trials"),
+    (20.0, 15.0, 18.0, "repaid after 4 trials"),  # 3.6 trials: the fourth repays it
+    (10.0, 10.5, 18.0, "0.5 s longer than an eager one: it never repays"),
+])
+def test_compilation_repays_after_the_trials_its_saving_takes(eager, compiled, compile_s, expected):
+    from bench.throughput import repay_sentence
+
+    sentence = repay_sentence(eager, compiled, compile_s, "reduce-overhead")
+    assert sentence.startswith("torch.compile (reduce-overhead) took 18.0 s once per worker and batch size")
+    assert expected in sentence

@@ -254,3 +254,12 @@ def profiling_sentence(rows: list[dict]) -> str:
         out += (f". The operators' profiled times came to {ops / scale * 1e3:,.0f} ms and are scaled by "
                 f"{scale:.2f}: {why}")
     return out + "."
+
+
+def busy_share(step: Callable[[], None], device: torch.device, steps: int = 20) -> float:
+    """The share of a CUDA device's time spent in kernels over ``steps`` calls of ``step`` (``op_breakdown``'s
+    rows less its idle time); NaN on the CPU, which is never idle while it runs the step."""
+    if device.type != "cuda":
+        return float("nan")
+    rows = op_breakdown(step, device, steps)
+    return 1.0 - next(r["share"] for r in rows if r["category"] == "device idle")

@@ -8,6 +8,7 @@ import pandas as pd
 
 from cifarlab.report import html
 from cifarlab.report.figures import plt, save, sns
+from cifarlab.report.records import read_json
 
 
 def devices_page(run_dir: Path, frame: pd.DataFrame, env: dict, *, ops: pd.DataFrame | None = None,
@@ -413,3 +414,27 @@ def _duration(seconds: float | None) -> str:
         return "—"
     minutes = seconds / 60
     return f"{minutes:,.0f} min" if minutes >= 10 else f"{minutes:.1f} min" if minutes >= 1 else f"{seconds:.1f} s"
+
+
+def throughput_page(run_dir: Path, frame: pd.DataFrame, sentences: list[str]) -> Path:
+    """``bench.devices --throughput``'s page: trials per hour by workers per device, the compile sentences, the
+    table."""
+    sns.set_theme(style="whitegrid")
+    shown = frame.assign(label=frame["arch"] + " · " + frame["mode"])
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    sns.barplot(data=shown, x="workers", y="trials_per_hour", hue="label", ax=ax)
+    ax.set(title="trials per hour at the top rung, by workers sharing the device", xlabel="workers per device",
+           ylabel="trials per hour")
+    save(fig, run_dir / "throughput.png")
+    columns = ["arch", "device", "device_name", "workers", "mode", "trials", "trials_per_hour", "trial_seconds",
+               "overhead_seconds", "compile_seconds", "busy_share", "epochs", "train_images", "batch_size",
+               "precision"]
+    body = (html.figure("throughput.png", "Trials per hour by workers per device")
+            + "".join(f"<p>{html.esc(s)}</p>" for s in sentences)
+            + html.table(frame[[c for c in columns if c in frame]]))
+    return html.write_page(run_dir / "index.html", "Study throughput", body)
+
+
+def redraw_throughput_page(run_dir: Path) -> Path:
+    doc = read_json(Path(run_dir) / "throughput.json")
+    return throughput_page(Path(run_dir), pd.DataFrame(doc["rows"]), doc.get("compile", []))

@@ -18,7 +18,7 @@ import pandas as pd
 from cifarlab import faults
 from cifarlab.data import atomic_write_text
 from cifarlab.report import html
-from cifarlab.report.devices import machines_page, redraw_devices_page
+from cifarlab.report.devices import machines_page, redraw_devices_page, redraw_throughput_page
 from cifarlab.report.figures import plt, run_curves_figure, save, sns
 from cifarlab.report.records import read_json, write_csv
 from cifarlab.report.study import study_frame, study_page, study_slug
@@ -196,6 +196,17 @@ def build_index(out: Path, studies: list[dict] | None = None, redrawn: list[Path
         names = ", ".join(dict.fromkeys(str(r.get("device_name") or r.get("device")) for r in ok))
         dev_rows.append((*_link(out, path, page), html.esc(names or doc.get("environment", {}).get("cpu_model", "")),
                          str(len(ok)), f"{best:.0f}" if best else "—"))
+    tp_rows = []
+    for path, doc, page in _records(out, "devices", "throughput.json", redraw_throughput_page, redrawn):
+        rows = doc.get("rows", [])
+        best = max(rows, key=lambda r: r["trials_per_hour"], default=None)
+        tp_rows.append((*_link(out, path, page), html.esc(", ".join(dict.fromkeys(r["device_name"] for r in rows))),
+                        html.esc(", ".join(dict.fromkeys(r["arch"] for r in rows))),
+                        f"{best['trials_per_hour']:.1f} ({best['workers']} workers, {html.esc(best['mode'])})"
+                        if best else "—"))
+    if tp_rows:
+        parts.append("<h2>Study throughput</h2>" + _rows(["time", "benchmark", "devices", "architectures",
+                                                          "best trials per hour"], tp_rows))
     if dev_rows or run_rows:
         machines = _draw_if_changed(out / "machines", _machines_key(out), lambda: machines_page(out), redrawn)
     if dev_rows:
