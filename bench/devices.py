@@ -36,14 +36,14 @@ def build_parser():
                       help="study throughput: trials per hour with K workers sharing each device (whole trials at "
                            "--budget's top rung, each worker keeping its cache), the busy share, and on CUDA what "
                            "compiling with --compile-mode costs and after how many trials it repays")
-    p.add_argument("--workers-per-device", type=_cli.positive_int, nargs="+", default=[1, 2, 4], metavar="K",
+    p.add_argument("--workers-per-device", type=_cli.positive_int, nargs="+", default=None, metavar="K",
                    help="with --throughput: worker counts to time (default: 1 2 4)")
-    p.add_argument("--budget", default="full", choices=("smoke", "quick", "full"),
+    p.add_argument("--budget", default=None, choices=("smoke", "quick", "full"),
                    help="with --throughput: the study budget whose top rung each trial runs (default: full)")
-    p.add_argument("--trials-each", type=_cli.positive_int, default=2,
+    p.add_argument("--trials-each", type=_cli.positive_int, default=None,
                    help="with --throughput: trials per worker; from the second on a worker reuses its cache and "
                         "compiled graph (default: 2)")
-    p.add_argument("--compile-mode", default="reduce-overhead",
+    p.add_argument("--compile-mode", default=None,
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="with --throughput on CUDA: the compiled round's mode (default: reduce-overhead, CUDA graphs)")
     p.add_argument("--peak-seconds", type=_cli.positive_float, default=1.0,
@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 CPU_AUTO_IMAGES = 2048
+# --throughput's flags parse to None, so that one given without --throughput is told; these are what they mean then.
+THROUGHPUT_DEFAULTS = {"workers_per_device": [1, 2, 4], "budget": "full", "trials_each": 2,
+                       "compile_mode": "reduce-overhead"}
 
 
 def _images(text: str, train: int, device_type: str = "cpu") -> int:
@@ -97,6 +100,13 @@ def _main(args) -> int:
     if args.no_compile and not (args.ablation or args.throughput):
         raise ConfigError("--no-compile leaves torch.compile out of --ablation or --throughput, the only runs that "
                           "compile; add one of them, or leave --no-compile out")
+    given = [f"--{k.replace('_', '-')}" for k in THROUGHPUT_DEFAULTS if getattr(args, k) is not None]
+    if given and not args.throughput:
+        raise ConfigError(f"{', '.join(given)} only {'shape' if len(given) > 1 else 'shapes'} --throughput; add "
+                          "--throughput, or leave the flag out")
+    for k, v in THROUGHPUT_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.choose and args.precision != "auto":
         raise ConfigError(f"--choose times fp32 and bf16 itself and stores the faster; leave --precision "
                           f"{args.precision} out, or drop --choose to time {args.precision} alone")

@@ -86,7 +86,11 @@ def positive_int(text: str) -> int:
 
 
 def positive_int_or_auto(text: str) -> int | str:
-    return "auto" if text == "auto" else _number(int, text, 1)
+    if text == "auto":
+        return text
+    if not text.strip().lstrip("+-").isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number or 'auto', got {text!r}")
+    return _number(int, text, 1)
 
 
 def non_negative_int(text: str) -> int:

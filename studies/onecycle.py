@@ -196,6 +196,9 @@ def _check(args) -> None:
         raise ConfigError(f"--label-smoothing must lie in [0, 1), got {args.label_smoothing}")
     if args.weight_decay < 0:
         raise ConfigError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.compile_mode != "default" and not args.compile:
+        raise ConfigError(f"--compile-mode {args.compile_mode} takes effect only with --compile; add --compile, or "
+                          "leave --compile-mode out")
     if not args.study_name.strip():
         raise ConfigError("--study-name must not be empty")
     given = [flag for flag, k in zip(FINAL_FLAGS, FINAL_DEFAULTS) if getattr(args, k) is not None]

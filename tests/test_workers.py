@@ -112,17 +112,24 @@ def test_work_in_a_child_process_returns_its_value_and_its_errors():
 
 
 @pytest.mark.cuda
-def test_the_seed_range_test_leaves_no_cuda_context_in_the_parent(tmp_path):
+def test_auto_workers_per_gpu_and_the_range_test_leave_no_cuda_context_in_the_parent(tmp_path):
+    import subprocess
+    import sys
+
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    argv = ["--data", "synthetic:400:40", "--budget", "smoke", "--trials", "1", "--arch", "custom_resnet",
-            "--rungs", "1", "--workers-per-gpu", "1", "--device", "cuda", "--quiet", "--no-report",
-            "--out", str(tmp_path)]
-    assert onecycle.main(argv) == 0
-    assert not torch.cuda.is_initialized()  # the range test ran in a child, the trial in a worker
-    assert (tmp_path / "lrfind").is_dir()
+    argv = ["--data", "synthetic:2000:40", "--budget", "smoke", "--trials", "2", "--arch", "custom_resnet",
+            "--rungs", "1", "--workers-per-gpu", "auto", "--device", "cuda", "--no-report", "--out", str(tmp_path)]
+    # A fresh process: this one may have used CUDA in other tests.
+    code = ("import sys, torch; from studies import onecycle; rc = onecycle.main(sys.argv[1:]); "
+            "print('cuda initialised in the parent:', torch.cuda.is_initialized()); sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--workers-per-gpu auto: one worker kept the GPU busy" in done.stdout
+    assert "cuda initialised in the parent: False" in done.stdout  # range test in a child, trials in workers
+    assert list((tmp_path / "lrfind").glob("*/lrfind.json"))
 
 
 def test_a_worker_builds_a_subsets_data_once_and_reuses_it_in_later_trials(tmp_path):

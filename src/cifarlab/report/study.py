@@ -40,6 +40,7 @@ def study_frame(study: dict) -> pd.DataFrame:
             "images_per_second": attrs.get("images_per_second"), "train_images": attrs.get("train_images"),
             "epochs_seconds": sum(attrs.get("epoch_seconds") or []) or None,
             "overhead_seconds": attrs.get("overhead_seconds"),
+            "eval_seconds": attrs.get("eval_seconds", np.nan),
             "seed_config": bool(attrs.get("seed_config")),
             "reason": attrs.get("pruned_reason") or attrs.get("fail_reason") or "",
         })
@@ -101,17 +102,19 @@ def _ladder_section(study: dict, frame: pd.DataFrame, out_dir: Path) -> str:
 
 
 def _overhead(done: pd.DataFrame) -> str:
-    """Per rung, what the trials spent in their epochs against what they spent around them (data subset, whitening
-    basis, model build, first-step warm-up, storage): the share a worker could save by keeping them."""
+    """Per rung, what the trials spent in their epochs (training, and of it evaluation) against what they spent
+    around them (data subset, whitening basis, model build, storage): the share a worker saves by keeping them."""
     timed = done.dropna(subset=["overhead_seconds", "epochs_seconds"])
     if timed.empty:
         return ""
     table = timed.groupby("rung").agg(trials=("trial", "count"), epochs=("epochs_seconds", "sum"),
-                                      overhead=("overhead_seconds", "sum")).reset_index()
+                                      evaluation=("eval_seconds", "sum"), overhead=("overhead_seconds", "sum"))
+    table = table.reset_index()
     table["overhead share"] = (table["overhead"] / (table["overhead"] + table["epochs"])).map("{:.1%}".format)
-    table[["epochs", "overhead"]] = table[["epochs", "overhead"]].round(1)
+    table[["epochs", "evaluation", "overhead"]] = table[["epochs", "evaluation", "overhead"]].round(1)
     return ("<h3>Time per rung: training epochs against per-trial overhead</h3>"
-            + html.table(table.rename(columns={"epochs": "in epochs (s)", "overhead": "around them (s)"})))
+            + html.table(table.rename(columns={"epochs": "in epochs (s)", "evaluation": "of them evaluating (s)",
+                                               "overhead": "around them (s)"})))
 
 
 def _final_section(final: dict | None) -> str:
