@@ -58,6 +58,10 @@ def run_round(r: Round) -> dict:
         "trials_per_hour": len(trials) * 3600 / wall,
         "trial_seconds": statistics.median(t["seconds"] for t in trials),
         "overhead_seconds": statistics.median(t["seconds"] - t["epoch_seconds"] for t in trials),
+        # outside the epochs in a worker's first trial (it builds its cache) and in its later ones (they reuse it)
+        "first_overhead_seconds": statistics.median(t["seconds"] - t["epoch_seconds"] for t in first),
+        "later_overhead_seconds": statistics.median(t["seconds"] - t["epoch_seconds"] for t in later)
+        if later else math.nan,
         # the first trial of each worker compiles; the later ones reuse its graph
         "compile_seconds": statistics.median(t["compile_seconds"] for t in first) if r.compile_mode else 0.0,
         "later_trial_seconds": statistics.median(t["seconds"] for t in later) if later else math.nan,
@@ -176,7 +180,8 @@ def _line(row: dict) -> str:
     busy = "" if math.isnan(row["busy_share"]) else f", GPU busy {row['busy_share']:.0%}"
     return (f"  {row['arch']} on {row['device']}, {row['workers']} worker{'s' if row['workers'] > 1 else ''} "
             f"({row['mode']}): {row['trials_per_hour']:.1f} trials/h, {row['trial_seconds']:.1f} s a trial "
-            f"({row['overhead_seconds']:.1f} s outside epochs){busy}")
+            f"(outside its epochs: {row['first_overhead_seconds']:.1f} s in a worker's first, "
+            f"{row['later_overhead_seconds']:.1f} s in a later one){busy}")
 
 
 def _repay(rows: list[dict]) -> str | None:

@@ -349,6 +349,7 @@ def test_throughput_times_whole_trials_with_k_workers_sharing_the_device(tmp_pat
     assert list(frame["train_images"]) == [288, 288] and list(frame["epochs"]) == [3, 3]  # smoke's top rung
     assert frame["trials_per_hour"].to_numpy() == pytest.approx(frame["trials"] * 3600 / frame["wall_seconds"])
     assert (frame["overhead_seconds"] < frame["trial_seconds"]).all() and (frame["overhead_seconds"] > 0).all()
+    assert (frame["later_overhead_seconds"] < frame["first_overhead_seconds"]).all()  # the kept cache is reused
     assert frame["busy_share"].isna().all()  # a CPU is never idle while it trains: no busy share to report
     assert "2 workers (eager)" in out and "trials/h" in out
     assert "Study throughput" in (tmp_path / "index.html").read_text()

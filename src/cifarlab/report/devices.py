@@ -427,8 +427,8 @@ def throughput_page(run_dir: Path, frame: pd.DataFrame, sentences: list[str]) ->
            ylabel="trials per hour")
     save(fig, run_dir / "throughput.png")
     columns = ["arch", "device", "device_name", "workers", "mode", "trials", "trials_per_hour", "trial_seconds",
-               "overhead_seconds", "compile_seconds", "busy_share", "epochs", "train_images", "batch_size",
-               "precision"]
+               "first_overhead_seconds", "later_overhead_seconds", "compile_seconds", "busy_share", "epochs",
+               "train_images", "batch_size", "precision"]
     body = (html.figure("throughput.png", "Trials per hour by workers per device")
             + "".join(f"<p>{html.esc(s)}</p>" for s in sentences)
             + html.table(frame[[c for c in columns if c in frame]]))
