@@ -99,11 +99,11 @@ def spawn_workers(args, worker_argv, raw_argv, arch, splits, budget, console, de
     gpus = torch.cuda.device_count() if args.device in ("auto", "cuda") else 0
     if args.workers_per_gpu and not gpus:
         raise ConfigError("--workers-per-gpu needs a CUDA device, and this machine has none visible; use --workers")
-    if args.workers_per_gpu == "auto":
-        profile = in_child(profile_one_worker, arch, splits, budget, args)
-        args.workers_per_gpu, why = choose_workers_per_gpu(**profile)
+    per_gpu = args.workers_per_gpu
+    if per_gpu == "auto":  # measured for each architecture: ResNet-18 keeps a GPU busier than the custom ResNet
+        per_gpu, why = choose_workers_per_gpu(**in_child(profile_one_worker, arch, splits, budget, args))
         console.print(f"{arch}: --workers-per-gpu auto: {why}", highlight=False)
-    devices = worker_devices(args.workers, args.workers_per_gpu, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    devices = worker_devices(args.workers, per_gpu, gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     threads = threads_per_worker(len(devices))
     procs = []
     for i, device in enumerate(devices):

@@ -305,7 +305,7 @@ def worker_argv(raw_argv: list[str], arch: str, index: int, deadline: float | No
     """A worker's flags: the command's, for one architecture, with the architecture's deadline in place of
     ``--timeout`` (each worker would otherwise start the clock again)."""
     argv = strip_flags(raw_argv, {"--workers", "--workers-per-gpu", "--arch", "--final", "--worker-index",
-                                   "--timeout", "--deadline", *FINAL_FLAGS, "--no-final-holdout"})
+                                  "--timeout", "--deadline", *FINAL_FLAGS, "--no-final-holdout"})
     argv += ["--arch", arch, "--workers", "1", "--worker-index", str(index)]
     return argv + (["--deadline", repr(deadline)] if deadline is not None else [])
 
