@@ -1,4 +1,5 @@
 
+import dataclasses
 import time
 
 import numpy as np
@@ -573,3 +574,22 @@ def test_a_worker_cache_changes_no_result_of_the_runs_that_share_it(tiny, monkey
     for lone, kept in zip(alone, shared):
         assert (kept.train_loss, kept.val_loss, kept.val_accuracy) == (lone.train_loss, lone.val_loss,
                                                                        lone.val_accuracy)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_a_worker_compiles_once_per_shape_and_its_graphs_serve_later_runs(tiny):
+    # CUDA graphs hold their inputs' addresses: a later run must train through the same graphs, not record anew,
+    # and end as a lone run of its seed does.
+    from cifarlab.keep import Kept, keeping
+
+    data = tiny.with_train_subset(128, seed=0)
+    config = quick(epochs=1, device="cuda", precision="bf16", compile=True, compile_mode="reduce-overhead")
+    cache = Kept()
+    with keeping(cache):
+        first = fit(dataclasses.replace(config, seed=1), data)
+        later = fit(dataclasses.replace(config, seed=2), data)
+    alone = fit(dataclasses.replace(config, seed=2), data)
+    assert cache.built["compiled forward"] == 1 and cache.reused["compiled forward"] == 1
+    assert later.compile_seconds < first.compile_seconds / 5, (first.compile_seconds, later.compile_seconds)
+    assert later.records[-1].train_loss == pytest.approx(alone.records[-1].train_loss, rel=1e-3)
