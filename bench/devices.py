@@ -100,13 +100,7 @@ def _main(args) -> int:
     if args.no_compile and not (args.ablation or args.throughput):
         raise ConfigError("--no-compile leaves torch.compile out of --ablation or --throughput, the only runs that "
                           "compile; add one of them, or leave --no-compile out")
-    given = [f"--{k.replace('_', '-')}" for k in THROUGHPUT_DEFAULTS if getattr(args, k) is not None]
-    if given and not args.throughput:
-        raise ConfigError(f"{', '.join(given)} only {'shape' if len(given) > 1 else 'shapes'} --throughput; add "
-                          "--throughput, or leave the flag out")
-    for k, v in THROUGHPUT_DEFAULTS.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    _cli.flags_of_a_mode(args, THROUGHPUT_DEFAULTS, args.throughput, "--throughput", "--throughput")
     if args.choose and args.precision != "auto":
         raise ConfigError(f"--choose times fp32 and bf16 itself and stores the faster; leave --precision "
                           f"{args.precision} out, or drop --choose to time {args.precision} alone")

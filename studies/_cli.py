@@ -85,6 +85,20 @@ def positive_int(text: str) -> int:
     return _number(int, text, 1)
 
 
+def flags_of_a_mode(args, defaults: dict, on: bool, mode: str, flag: str) -> None:
+    """Flags that only shape one mode parse to None, so that one given without ``flag`` is refused by name; with
+    it, those not given take their ``defaults``."""
+    from cifarlab.errors import ConfigError
+
+    given = [f"--{k.replace('_', '-')}" for k in defaults if getattr(args, k) is not None]
+    if given and not on:
+        raise ConfigError(f"{', '.join(given)} only {'shape' if len(given) > 1 else 'shapes'} {mode}; add {flag}, or "
+                          "leave the flag out")
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
 def positive_int_or_auto(text: str) -> int | str:
     if text == "auto":
         return text

@@ -201,13 +201,7 @@ def _check(args) -> None:
                           "leave --compile-mode out")
     if not args.study_name.strip():
         raise ConfigError("--study-name must not be empty")
-    given = [flag for flag, k in zip(FINAL_FLAGS, FINAL_DEFAULTS) if getattr(args, k) is not None]
-    if given and not args.final:
-        raise ConfigError(f"{', '.join(given)} only {'shape' if len(given) > 1 else 'shapes'} the --final retrains; "
-                          "add --final to run them, or leave the flag out")
-    for k, v in FINAL_DEFAULTS.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    _cli.flags_of_a_mode(args, FINAL_DEFAULTS, args.final, "the --final retrains", "--final to run them")
 
 
 def _clock(timestamp: float) -> str:
