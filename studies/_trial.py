@@ -172,11 +172,13 @@ def requeue_after_oom(trial, reason: str, batch_size: int) -> float:
 
 def _store_timing(trial, records: list[dict], result, seconds: float) -> None:
     """What a trial's time went to: training and evaluation in its epochs, the first step's compilation, and the
-    rest (data subset, whitening basis, model build, storage), which a worker pays per trial unless it keeps them."""
+    rest: building the run (statistics, whitening basis, model, device copies: ``setup_seconds``), the data subset,
+    storage; a worker pays it per trial unless it keeps what it built."""
     epochs = sum(r["epoch_seconds"] for r in records)
     trial.set_user_attr("epoch_seconds", [r["epoch_seconds"] for r in records])
     trial.set_user_attr("eval_seconds", sum(r["eval_seconds"] for r in records))
     trial.set_user_attr("compile_seconds", result.compile_seconds or 0.0)
+    trial.set_user_attr("setup_seconds", result.setup_seconds)
     trial.set_user_attr("overhead_seconds", max(0.0, seconds - epochs))
     trial.set_user_attr("images_per_second", statistics.median(r["images_per_second"] for r in records))
     trial.set_user_attr("device", result.device)

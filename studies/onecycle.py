@@ -311,6 +311,7 @@ def _summary(study, arch, budget, target: int, console) -> None:
     from rich.table import Table
 
     from cifarlab.config import train_argv
+    from cifarlab.report.study import study_throughput, throughput_sentence
     from studies._ladder import fidelity, rung_pairs, standard_error, tied_with_best
     from studies._reports import study_record
 
@@ -338,6 +339,9 @@ def _summary(study, arch, budget, target: int, console) -> None:
         table.add_row(str(rung.index), f"{rung.epochs} ep × {rung.train_images:,}",
                       str(c.get(f"rung {rung.index}", 0)), *cells)
     console.print(table)
+    rate = study_throughput(trials)
+    if rate:
+        console.print(throughput_sentence(rate), highlight=False)
     best = best_trial(study)
     if best is not None:
         rung = best.user_attrs.get("rung", 0)

@@ -10,9 +10,11 @@ import optuna
 import pytest
 from conftest import load_study_at as load
 
+from cifarlab.report.study import study_throughput
 from cifarlab.weights import load_weights
 from studies import _final, _study, onecycle
 from studies._ladder import Run, due_promotions
+from studies._reports import study_record
 from studies._storage import mask_url, open_storage, scrub
 
 # 64 training images: these tests are about the study runner, not about learning (test_train.py covers that).
@@ -81,6 +83,10 @@ def test_smoke_ladder_on_real_subset_runs_the_promotions_the_rule_dictates(real_
     assert f"best at the highest rung reached (rung 2): trial {top.number}, {top.value:.2%} ± " in out
     assert re.search(r"^(the ranking (held|changed) from rung 0 to rung 1: Spearman -?[\d.]+ over 3 configurations"
                      r"|rung 0 to rung 1: the 3 configurations score alike)", out, re.M), out
+    rate = re.search(r"^throughput: 13 trials finished in [\d.]+ (s|min|h), ([\d.]+) per hour; ([\d.]+)% of trial "
+                     r"time outside epochs$", out, re.M)
+    stored = study_throughput(study_record(study, importance=False)["trials"])
+    assert rate and float(rate[2]) == pytest.approx(stored["per_hour"], abs=0.05) and 0 < float(rate[3]) < 50
     command = re.search(r"^the best as one run .*: python -m studies\.train (.*)$", out, re.M)
     argv = command.group(1).split()
     assert argv[argv.index("--optimizer") + 1] == top.params["optimizer"]

@@ -303,3 +303,21 @@ def test_browser_renders_index_and_study_page_with_every_image(out, tmp_path):
             assert len(np.unique(np.asarray(im.convert("L")))) > 8  # not a blank page
         if os.environ.get("CIFARLAB_SCREENSHOTS"):  # keep them for a person to look at
             shutil.copy(shot, Path(os.environ["CIFARLAB_SCREENSHOTS"]) / shot.name)
+
+
+def test_study_throughput_counts_finished_trials_over_the_span_of_every_worker():
+    from cifarlab.report.study import study_throughput, throughput_sentence
+
+    def trial(state, start, end, seconds, overhead):
+        return {"state": state, "started": f"2026-12-06T10:{start}", "completed": f"2026-12-06T10:{end}",
+                "seconds": seconds, "user_attrs": {"overhead_seconds": overhead}}
+
+    # two workers side by side over 30 minutes; a failed trial counts neither as finished nor in the span
+    trials = [trial("complete", "00:00", "20:00", 1200, 60), trial("complete", "05:00", "30:00", 1500, 15),
+              trial("pruned", "20:00", "25:00", 300, 25), trial("fail", "25:00", "59:00", 2040, 0)]
+    rate = study_throughput(trials)
+    assert rate["trials"] == 3 and rate["hours"] == 0.5 and rate["per_hour"] == 6.0
+    assert rate["outside_epochs"] == 100 / 3000
+    assert throughput_sentence(rate) == ("throughput: 3 trials finished in 30.0 min, 6.0 per hour; 3.3% of trial "
+                                         "time outside epochs")
+    assert study_throughput(trials[:1]) is None

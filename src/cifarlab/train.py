@@ -58,6 +58,7 @@ class FitResult:
     speed_source: str = ""  # why this precision and memory format: flags, a stored measurement or the rule
     compile_seconds: float | None = None  # the first step of each session that compiled (a resume compiles again)
     wall_seconds: float = 0.0
+    setup_seconds: float = 0.0  # statistics, model, batches and step built (less what a worker kept)
     test: EvalResult | None = None
     test_tta: EvalResult | None = None
 
@@ -84,7 +85,7 @@ def fit(config: TrainConfig, splits: DataSplits, *, on_epoch: EpochCallback | No
     norm, batches, step = setup_training(config, splits, device, speed.precision, speed.channels_last, gen)
     result = FitResult(config=config, records=[], model=step.eval_model, device=str(device),
                        precision=speed.precision, channels_last=speed.channels_last, normalization=norm,
-                       speed_source=speed.source)
+                       speed_source=speed.source, setup_seconds=time.perf_counter() - wall_start)
     start = Start() if checkpoint is None else checkpoint.bind(
         config=config, step=step, gen=gen, batches=batches, result=result, steps_per_epoch=batches.steps)
 

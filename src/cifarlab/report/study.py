@@ -41,6 +41,7 @@ def study_frame(study: dict) -> pd.DataFrame:
             "epochs_seconds": sum(attrs.get("epoch_seconds") or []) or None,
             "overhead_seconds": attrs.get("overhead_seconds"),
             "eval_seconds": attrs.get("eval_seconds", np.nan),
+            "setup_seconds": attrs.get("setup_seconds", np.nan),
             "seed_config": bool(attrs.get("seed_config")),
             "reason": attrs.get("pruned_reason") or attrs.get("fail_reason") or "",
         })
@@ -101,6 +102,32 @@ def _ladder_section(study: dict, frame: pd.DataFrame, out_dir: Path) -> str:
     return out
 
 
+def study_throughput(trials: list[dict]) -> dict | None:
+    """Finished trials (complete or pruned) per hour from the first one's start to the last one's end, every worker
+    together, and the share of their time spent outside epochs; None before two trials have finished."""
+    import datetime as dt
+
+    done = [t for t in trials if t["state"] in ("complete", "pruned") and t["started"] and t["completed"]]
+    if len(done) < 2:
+        return None
+    span = (max(dt.datetime.fromisoformat(t["completed"]) for t in done)
+            - min(dt.datetime.fromisoformat(t["started"]) for t in done)).total_seconds()
+    timed = [t for t in done if t["user_attrs"].get("overhead_seconds") is not None and t["seconds"]]
+    outside = (sum(t["user_attrs"]["overhead_seconds"] for t in timed) / sum(t["seconds"] for t in timed)
+               if timed else float("nan"))
+    return {"trials": len(done), "hours": span / 3600, "per_hour": len(done) * 3600 / span if span else float("nan"),
+            "outside_epochs": outside}
+
+
+def throughput_sentence(row: dict) -> str:
+    share = "" if row["outside_epochs"] != row["outside_epochs"] else (
+        f"; {row['outside_epochs']:.1%} of trial time outside epochs")
+    seconds = row["hours"] * 3600
+    span = (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else
+            f"{row['hours']:.1f} h")
+    return f"throughput: {row['trials']} trials finished in {span}, {row['per_hour']:.1f} per hour{share}"
+
+
 def _overhead(done: pd.DataFrame) -> str:
     """Per rung, what the trials spent in their epochs (training, and of it evaluation) against what they spent
     around them (data subset, whitening basis, model build, storage): the share a worker saves by keeping them."""
@@ -108,13 +135,15 @@ def _overhead(done: pd.DataFrame) -> str:
     if timed.empty:
         return ""
     table = timed.groupby("rung").agg(trials=("trial", "count"), epochs=("epochs_seconds", "sum"),
-                                      evaluation=("eval_seconds", "sum"), overhead=("overhead_seconds", "sum"))
+                                      evaluation=("eval_seconds", "sum"), overhead=("overhead_seconds", "sum"),
+                                      setup=("setup_seconds", "sum"))
     table = table.reset_index()
     table["overhead share"] = (table["overhead"] / (table["overhead"] + table["epochs"])).map("{:.1%}".format)
-    table[["epochs", "evaluation", "overhead"]] = table[["epochs", "evaluation", "overhead"]].round(1)
+    seconds = ["epochs", "evaluation", "overhead", "setup"]
+    table[seconds] = table[seconds].round(1)
     return ("<h3>Time per rung: training epochs against per-trial overhead</h3>"
             + html.table(table.rename(columns={"epochs": "in epochs (s)", "evaluation": "of them evaluating (s)",
-                                               "overhead": "around them (s)"})))
+                                               "overhead": "around them (s)", "setup": "of it building the run (s)"})))
 
 
 def _final_section(final: dict | None) -> str:
@@ -161,7 +190,8 @@ def study_page(study: dict, out_dir: Path) -> Path:
             parts.append(f'<p class="note">The best as one run (<code>--epochs</code> for a longer one): '
                          f"<code>{html.esc(command)}</code></p>")
         parts.append(_final_section(study["user_attrs"].get("final")))
-        parts.append(_overhead(done))
+        rate = study_throughput(study["trials"])
+        parts.append(_overhead(done) + (f"<p>{html.esc(throughput_sentence(rate))}.</p>" if rate else ""))
         done = done.assign(**{"val acc (%)": done["val_accuracy"] * 100})
         sns.set_theme(style="whitegrid")
         lowest = done[done["rung"] == 0]  # every configuration, at one budget: what the sampler learns from
