@@ -62,13 +62,16 @@ def profile_one_worker(arch: str, splits, budget, args, steps: int = 20) -> dict
         _, batches, step = setup_training(config, data, device, speed.precision, speed.channels_last,
                                           seed_everything(args.seed), total_steps=10 * steps)
         epoch = iter(_forever(batches))
-        torch.cuda.reset_peak_memory_stats(device)
+        on_gpu = device.type == "cuda"  # elsewhere (the tests) the steps run, and no memory is counted
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
         for _ in range(5):  # warm-up: cuDNN's autotuner, a compiled graph
             step(*next(epoch))
         measured[batch] = (busy_share(lambda step=step, epoch=epoch: step(*next(epoch)), device, steps),
-                           torch.cuda.max_memory_allocated(device))
+                           torch.cuda.max_memory_allocated(device) if on_gpu else 0)
+        del batches, step  # before the next batch size's: the peak is one worker's
     return {"busy_share": measured[SEED_CONFIG["batch_size"]][0], "peak_bytes": measured[BATCH_SIZES[-1]][1],
-            "total_bytes": torch.cuda.get_device_properties(device).total_memory,
+            "total_bytes": torch.cuda.get_device_properties(device).total_memory if on_gpu else 0,
             "batch_size": SEED_CONFIG["batch_size"], "largest_batch": BATCH_SIZES[-1]}
 
 

@@ -368,3 +368,18 @@ def test_compilation_repays_after_the_trials_its_saving_takes(eager, compiled, c
     sentence = repay_sentence(eager, compiled, compile_s, "reduce-overhead")
     assert sentence.startswith("torch.compile (reduce-overhead) took 18.0 s once per worker and batch size")
     assert expected in sentence
+
+
+def test_the_repay_sentence_compares_one_eager_worker_with_the_compiled_round():
+    from bench.throughput import _repay
+
+    def row(workers, mode, later, trial=30.0, compile_s=0.0):
+        return {"workers": workers, "mode": mode, "later_trial_seconds": later, "trial_seconds": trial,
+                "compile_seconds": compile_s}
+
+    rows = [row(1, "eager", 20.0), row(2, "eager", 35.0), row(1, "reduce-overhead", 15.0, compile_s=18.0)]
+    assert "saves 5.0 s a trial (20.0 → 15.0 s): repaid after 4 trials" in _repay(rows)
+    # one trial per worker: a compiled trial's own time, less its compilation, is the steady one
+    once = [row(1, "eager", float("nan"), 20.0), row(1, "reduce-overhead", float("nan"), 34.0, 18.0)]
+    assert "(20.0 → 16.0 s): repaid after 5 trials" in _repay(once)
+    assert _repay(rows[:2]) is None  # no compiled round (the CPU, --no-compile)

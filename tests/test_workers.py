@@ -142,3 +142,21 @@ def test_a_worker_builds_a_subsets_data_once_and_reuses_it_in_later_trials(tmp_p
     assert built[0][0] >= 5 and built[0][1:] == [0, 0]
     assert built[1] == [built[0][0] - 2]  # the validation images and labels were kept from rung 0
     assert all(t.user_attrs["overhead_seconds"] >= 0 for t in trials)
+
+
+def test_the_auto_profile_runs_the_top_rungs_steps_at_the_seeds_and_the_largest_batch(monkeypatch):
+    # On the CPU the steps run as on a GPU (the busy share and memory are a GPU's, so they read NaN and 0 here);
+    # small batches stand in for the search space's 512 and 1,024.
+    import argparse
+
+    from cifarlab.data import load_splits
+    from studies._ladder import Budget, make_ladder
+
+    monkeypatch.setattr(_workers, "SEED_CONFIG", {"batch_size": 16})
+    monkeypatch.setattr(_workers, "BATCH_SIZES", (16, 32))
+    splits = load_splits("synthetic:300:40", val_size=64, seed=0)
+    budget = Budget("smoke", tuple(make_ladder(1, 200, 1, 3.0)), 3.0, 64, 8)
+    args = argparse.Namespace(device="cpu", precision="auto", compile=False, compile_mode="default", seed=0)
+    profile = _workers.profile_one_worker("custom_resnet", splits, budget, args, steps=2)
+    assert (profile["batch_size"], profile["largest_batch"]) == (16, 32)
+    assert profile["busy_share"] != profile["busy_share"] and profile["peak_bytes"] == 0
