@@ -11,7 +11,9 @@ PROG = "python -m bench.devices"
 
 
 def build_parser():
+    from cifarlab.config import COMPILE_MODES
     from cifarlab.models import list_models
+    from studies._ladder import PRESETS
 
     p = _cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--arch", default=",".join(list_models()), help="comma-separated architectures (default: all)")
@@ -38,13 +40,12 @@ def build_parser():
                            "compiling with --compile-mode costs and after how many trials it repays")
     p.add_argument("--workers-per-device", type=_cli.positive_int, nargs="+", default=None, metavar="K",
                    help="with --throughput: worker counts to time (default: 1 2 4)")
-    p.add_argument("--budget", default=None, choices=("smoke", "quick", "full"),
+    p.add_argument("--budget", default=None, choices=tuple(PRESETS),
                    help="with --throughput: the study budget whose top rung each trial runs (default: full)")
     p.add_argument("--trials-each", type=_cli.positive_int, default=None,
                    help="with --throughput: trials per worker; from the second on a worker reuses its cache and "
                         "compiled graph (default: 2)")
-    p.add_argument("--compile-mode", default=None,
-                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="with --throughput on CUDA: the compiled round's mode (default: reduce-overhead, CUDA graphs)")
     p.add_argument("--peak-seconds", type=_cli.positive_float, default=1.0,
                    help="seconds of warm-up and of measurement per matmul peak probe (default: 1)")
