@@ -28,15 +28,16 @@ def choose_workers_per_gpu(busy_share: float, peak_bytes: int, total_bytes: int,
                            largest_batch: int) -> tuple[int, str]:
     """K for ``--workers-per-gpu auto``: as many workers as fill the GPU's idle time (one keeps it busy
     ``busy_share`` of its wall time), as many as fit its memory at the largest batch, at most 4; and why."""
-    by_time = max(1, int(1 / max(busy_share, 1e-3)))
+    by_time = max(1, int(1 / max(busy_share, 1e-3))) if busy_share == busy_share else 1  # NaN: not measured
     by_memory = max(1, int(MEMORY_SHARE * total_bytes // max(peak_bytes, 1)))
     k = min(by_time, by_memory, MAX_WORKERS_PER_GPU)
-    limit = ("the GPU's idle time" if k == by_time else
-             f"{MEMORY_SHARE:.0%} of its memory" if k == by_memory else f"the cap of {MAX_WORKERS_PER_GPU}")
+    limit = (f"{MEMORY_SHARE:.0%} of its memory" if k == by_memory else "the GPU's idle time" if k == by_time
+             else f"the cap of {MAX_WORKERS_PER_GPU}")
     gib = 2**30
-    return k, (f"one worker kept the GPU busy {busy_share:.0%} of its time at batch {batch_size} and peaked at "
-               f"{peak_bytes / gib:.1f} of {total_bytes / gib:.0f} GiB at batch {largest_batch}: {k} per GPU "
-               f"(bound by {limit})")
+    busy = (f"kept the GPU busy {busy_share:.0%} of its time" if busy_share == busy_share else
+            "ran out of memory")
+    return k, (f"one worker {busy} at batch {batch_size} and peaked at {peak_bytes / gib:.1f} of "
+               f"{total_bytes / gib:.0f} GiB at batch {largest_batch}: {k} per GPU (bound by {limit})")
 
 
 def profile_one_worker(arch: str, splits, budget, args, steps: int = 20) -> dict:
@@ -50,29 +51,35 @@ def profile_one_worker(arch: str, splits, budget, args, steps: int = 20) -> dict
     from cifarlab.step import seed_everything
     from cifarlab.timing import configure_device, resolve_device
     from cifarlab.train import setup_training
+    from studies._trial import out_of_memory
 
     device = resolve_device(args.device)
     configure_device(device)
+    on_gpu = device.type == "cuda"  # elsewhere (the tests) the steps run, and no memory is counted
+    total = torch.cuda.get_device_properties(device).total_memory if on_gpu else 0
     data = splits.with_train_subset(budget.rungs[-1].train_images, seed=args.seed)
     measured = {}
     for batch in (SEED_CONFIG["batch_size"], BATCH_SIZES[-1]):
         config = TrainConfig(arch=arch, batch_size=batch, precision=args.precision, device=args.device,
                              compile=args.compile, compile_mode=args.compile_mode, seed=args.seed)
         speed = resolve_speed(arch, device, config.precision, config.channels_last)
-        _, batches, step = setup_training(config, data, device, speed.precision, speed.channels_last,
-                                          seed_everything(args.seed), total_steps=10 * steps)
-        epoch = iter(_forever(batches))
-        on_gpu = device.type == "cuda"  # elsewhere (the tests) the steps run, and no memory is counted
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(5):  # warm-up: cuDNN's autotuner, a compiled graph
-            step(*next(epoch))
-        measured[batch] = (busy_share(lambda step=step, epoch=epoch: step(*next(epoch)), device, steps),
-                           torch.cuda.max_memory_allocated(device) if on_gpu else 0)
-        del batches, step  # before the next batch size's: the peak is one worker's
+        try:
+            _, batches, step = setup_training(config, data, device, speed.precision, speed.channels_last,
+                                              seed_everything(args.seed), total_steps=10 * steps)
+            epoch = iter(_forever(batches))
+            for _ in range(5):  # warm-up: cuDNN's autotuner, a compiled graph
+                step(*next(epoch))
+            busy = busy_share(lambda: step(*next(epoch)), device, steps)  # noqa: B023 - called here, in this pass
+            measured[batch] = (busy, torch.cuda.max_memory_allocated(device) if on_gpu else 0)
+        except RuntimeError as exc:
+            if not (on_gpu and out_of_memory(exc)):
+                raise
+            measured[batch] = (float("nan"), total)  # one worker alone runs out: K is 1
+        batches = step = epoch = None  # freed before the next batch size: the peak is one worker's
     return {"busy_share": measured[SEED_CONFIG["batch_size"]][0], "peak_bytes": measured[BATCH_SIZES[-1]][1],
-            "total_bytes": torch.cuda.get_device_properties(device).total_memory if on_gpu else 0,
-            "batch_size": SEED_CONFIG["batch_size"], "largest_batch": BATCH_SIZES[-1]}
+            "total_bytes": total, "batch_size": SEED_CONFIG["batch_size"], "largest_batch": BATCH_SIZES[-1]}
 
 
 def _forever(batches):

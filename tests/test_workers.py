@@ -81,11 +81,12 @@ def test_an_error_that_is_not_out_of_memory_still_stops_the_study(tmp_path, monk
     (0.05, 1, 80, 4, "cap of 4"),
     (0.90, 2, 80, 1, "idle time"),  # one already fills it
     (0.40, 90, 80, 1, "memory"),  # not even one fits 80%: still one, the trial's own OOM rule handles the rest
+    (float("nan"), 80, 80, 1, "memory"),  # the seed's batch itself ran out of memory alone
 ])
 def test_auto_workers_per_gpu_fills_the_idle_time_within_memory(busy, peak_gib, total_gib, k, bound):
     chosen, why = _workers.choose_workers_per_gpu(busy, peak_gib * 2**30, total_gib * 2**30, 512, 1024)
-    assert chosen == k and bound in why
-    assert f"busy {busy:.0%}" in why and f"{k} per GPU" in why
+    assert chosen == k and bound in why and f"{k} per GPU" in why
+    assert (f"busy {busy:.0%}" if busy == busy else "one worker ran out of memory at batch 512") in why
 
 
 def test_workers_per_gpu_auto_without_a_gpu_is_refused(tmp_path, capsys):
