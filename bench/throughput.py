@@ -106,7 +106,8 @@ def worker_trials(r: Round, index: int, threads: int) -> dict:
         start = time.time()
         with keeping(cache):
             result = fit(config, data)
-        trials.append({"start": start, "end": time.time(), "seconds": time.time() - start,
+        end = time.time()
+        trials.append({"start": start, "end": end, "seconds": end - start,
                        "epoch_seconds": sum(rec.epoch_seconds for rec in result.records),
                        "compile_seconds": result.compile_seconds or 0.0})
     stop.set()
@@ -147,7 +148,7 @@ def measure(args, devices: list[str], splits, out, console) -> None:
     from studies._ladder import PRESETS
 
     preset = PRESETS[args.budget]
-    train_images = min(preset.train_images or len(splits.train_labels), len(splits.train_labels))
+    train_images = preset.top_images(len(splits.train_labels))
     console.print(f"throughput at the {args.budget} budget's top rung: {preset.epochs} epochs x {train_images:,} "
                   f"images, validation {len(splits.val_labels):,}; {args.trials_each} trials per worker")
     rows, sentences = [], []

@@ -34,6 +34,10 @@ class Preset:
     val_size: int
     lrfind_steps: int
 
+    def top_images(self, available: int) -> int:
+        """The top rung's training images on a split of ``available``: the preset's, or all there are."""
+        return min(self.train_images or available, available)
+
 
 PRESETS = {
     # smoke: seconds a trial, for tests and a first look.
@@ -96,7 +100,7 @@ def resolve_budget(args, name: str, available: int, val_images: int) -> tuple[Bu
     if args.train_subset is not None:
         top = resolve_count(args.train_subset, available, what="--train-subset")
     else:
-        top = min(preset.train_images or available, available)
+        top = preset.top_images(available)
     capped = "" if args.train_subset is not None or (preset.train_images or available) <= available else (
         f"the training split holds {available:,} images, fewer than the {name} budget's {preset.train_images:,}: "
         "the rungs are capped at what is there")

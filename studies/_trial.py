@@ -63,7 +63,7 @@ def make_objective(arch: str, splits, budget: Budget, args, progress_cb=None, ta
         trial.set_user_attr("budget", step.budget)
         # Nested: a rung's subset holds the one below's. Kept, with what derives from it, for the worker's next trials.
         data = worker_cache.get("training subset", (splits, step.train_images, args.seed),
-                        lambda: splits.with_train_subset(step.train_images, seed=args.seed))
+                                lambda: splits.with_train_subset(step.train_images, seed=args.seed))
         config = trial_config(trial, arch, step, len(data.train_labels), args)
         batch_size = config.batch_size
         records: list[dict] = []

@@ -41,50 +41,35 @@ def choose_workers_per_gpu(busy_share: float, peak_bytes: int, total_bytes: int,
 
 
 def profile_one_worker(arch: str, splits, budget, args, steps: int = 20) -> dict:
-    """What ``choose_workers_per_gpu`` needs, measured on the top rung's data in this (child) process: the busy
-    share over ``steps`` profiled steps of the seed's batch, and the peak memory of steps at the largest batch."""
+    """What ``choose_workers_per_gpu`` needs, timed by the benchmark's ``time_cases`` on the top rung's data in this
+    (child) process: the busy share over ``steps`` profiled steps of the seed's batch, and the peak memory at the
+    largest batch."""
     import torch
 
+    from cifarlab.bench import Case, time_cases
     from cifarlab.breakdown import busy_share
     from cifarlab.choices import resolve_speed
-    from cifarlab.config import TrainConfig
-    from cifarlab.step import seed_everything
-    from cifarlab.timing import configure_device, resolve_device
-    from cifarlab.train import setup_training
+    from cifarlab.timing import resolve_device
     from studies._trial import out_of_memory
 
     device = resolve_device(args.device)
-    configure_device(device)
     on_gpu = device.type == "cuda"  # elsewhere (the tests) the steps run, and no memory is counted
     total = torch.cuda.get_device_properties(device).total_memory if on_gpu else 0
+    speed = resolve_speed(arch, device, args.precision, "auto")
     data = splits.with_train_subset(budget.rungs[-1].train_images, seed=args.seed)
     measured = {}
     for batch in (SEED_CONFIG["batch_size"], BATCH_SIZES[-1]):
-        config = TrainConfig(arch=arch, batch_size=batch, precision=args.precision, device=args.device,
-                             compile=args.compile, compile_mode=args.compile_mode, seed=args.seed)
-        speed = resolve_speed(arch, device, config.precision, config.channels_last)
-        if on_gpu:
-            torch.cuda.reset_peak_memory_stats(device)
+        case = Case(arch, str(device), batch, speed.precision, speed.channels_last, compile=args.compile,
+                    compile_mode=args.compile_mode)
         try:
-            _, batches, step = setup_training(config, data, device, speed.precision, speed.channels_last,
-                                              seed_everything(args.seed), total_steps=10 * steps)
-            epoch = iter(_forever(batches))
-            for _ in range(5):  # warm-up: cuDNN's autotuner, a compiled graph
-                step(*next(epoch))
-            busy = busy_share(lambda: step(*next(epoch)), device, steps)  # noqa: B023 - called here, in this pass
-            measured[batch] = (busy, torch.cuda.max_memory_allocated(device) if on_gpu else 0)
+            [result] = time_cases([case], data, images=batch, repeats=1, eval_images=batch, profile_steps=steps)
+            measured[batch] = (busy_share(result.breakdown), result.peak_memory_mb * 2**20 if on_gpu else 0)
         except RuntimeError as exc:
             if not (on_gpu and out_of_memory(exc)):
                 raise
             measured[batch] = (float("nan"), total)  # one worker alone runs out: K is 1
-        batches = step = epoch = None  # freed before the next batch size: the peak is one worker's
     return {"busy_share": measured[SEED_CONFIG["batch_size"]][0], "peak_bytes": measured[BATCH_SIZES[-1]][1],
             "total_bytes": total, "batch_size": SEED_CONFIG["batch_size"], "largest_batch": BATCH_SIZES[-1]}
-
-
-def _forever(batches):
-    while True:
-        yield from batches.epoch()
 
 
 def worker_devices(workers: int, per_gpu: int | None, gpus: int, visible: str | None) -> list[str | None]:

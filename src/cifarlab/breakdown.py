@@ -256,10 +256,8 @@ def profiling_sentence(rows: list[dict]) -> str:
     return out + "."
 
 
-def busy_share(step: Callable[[], None], device: torch.device, steps: int = 20) -> float:
-    """The share of a CUDA device's time spent in kernels over ``steps`` calls of ``step`` (``op_breakdown``'s
-    rows less its idle time); NaN on the CPU, which is never idle while it runs the step."""
-    if device.type != "cuda":
-        return float("nan")
-    rows = op_breakdown(step, device, steps)
-    return 1.0 - next(r["share"] for r in rows if r["category"] == "device idle")
+def busy_share(rows: list[dict]) -> float:
+    """The share of a CUDA step's time spent in kernels, from ``op_breakdown``'s rows (less their idle time); NaN
+    for a CPU's rows, which have none: the CPU is never idle while it runs the step."""
+    idle = [r["share"] for r in rows if r["category"] == "device idle"]
+    return 1.0 - idle[0] if idle else float("nan")
